@@ -1,0 +1,47 @@
+# `make run` and `make test` each build their own environment (.venv) first, from scratch if needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXPERIMENT ?= defect-detection
+# Extra `mlflow run` arguments, e.g. make run ARGS="-P epochs=1 -P hparams=small"
+ARGS ?=
+
+# The store: MLFLOW_TRACKING_URI from the environment, else from .env, else MLflow's SQLite default.
+-include .env
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+export MLFLOW_TRACKING_URI
+
+.PHONY: venv run test test-fast bench-pipeline ui clean
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(BIN)/.installed
+
+## The whole pipeline on the default data (ELPV, fetched from the installed package on first run).
+run: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e main --env-manager local \
+		--experiment-name pipeline/$(EXPERIMENT) -P experiment=$(EXPERIMENT) $(ARGS)
+
+## The default test suite: unit, data, model and end-to-end `mlflow run` tests.
+test: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+
+## Everything but the end-to-end `mlflow run` tests.
+test-fast: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not e2e"
+
+## Time the default pipeline on the full ELPV set in a fresh store; results go to BENCHMARKS.md.
+bench-pipeline: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_pipeline.py --write $(ARGS)
+
+## The MLflow UI on the store, at http://127.0.0.1:5000
+ui: venv
+	$(BIN)/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) .pytest_cache

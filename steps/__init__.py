@@ -1,0 +1,1 @@
+"""The defect-detection pipeline: one module per MLproject entry point (prepare, train, evaluate, infer, main)."""

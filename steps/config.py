@@ -1,0 +1,303 @@
+"""Typed configuration: dataclasses loaded from ``conf/*.yaml``, with ``-P`` overrides.
+
+``conf/pipeline.yaml`` holds the pipeline settings and ``conf/hparams.yaml`` the named
+hyperparameter sets. An override is a dotted key and a string (as ``mlflow run -P`` passes it):
+``{"train.epochs": "3"}``. Unknown keys, wrong types and out-of-range values raise
+``ConfigError`` naming the key, what it expected and what it got, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_DIR / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or out of range."""
+
+
+@dataclass(frozen=True)
+class HParams:
+    """One hyperparameter set of ``conf/hparams.yaml``."""
+
+    filters: tuple[int, ...]
+    dense_units: int
+    dropout: float
+    learning_rate: float
+    batch_size: int
+    epochs: int
+
+    def __post_init__(self) -> None:
+        _check(
+            len(self.filters) >= 1 and min(self.filters) >= 1, "filters", "one or more positive integers", self.filters
+        )
+        _check(self.dense_units >= 1, "dense_units", "an integer >= 1", self.dense_units)
+        _check(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)", self.dropout)
+        _check(0.0 < self.learning_rate < 1.0, "learning_rate", "a number in (0, 1)", self.learning_rate)
+        _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str
+    defect_class: str
+    good_class: str
+    val_fraction: float
+    # Fill an empty default data directory from the installed elpv-dataset package.
+    bootstrap_elpv: bool
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dir), "data.dir", "a directory", self.dir)
+        _check(
+            self.defect_class != self.good_class,
+            "data.good_class",
+            "a name other than data.defect_class",
+            self.good_class,
+        )
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", "a number in (0, 1)", self.val_fraction)
+
+    @property
+    def classes(self) -> tuple[str, str]:
+        """Class folder names by label: index 0 is good, index 1 is defect (the positive class)."""
+        return (self.good_class, self.defect_class)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    hparams: tuple[str, ...]
+    image_size: int
+    # None: each hyperparameter set's own epochs; an integer overrides them all.
+    epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(len(self.hparams) >= 1, "train.hparams", "one or more hyperparameter set names", self.hparams)
+        _check(16 <= self.image_size <= 1024, "train.image_size", "an integer in [16, 1024]", self.image_size)
+        _check(self.epochs is None or self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    threshold: float
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.threshold <= 1.0, "evaluate.threshold", "a number in [0, 1]", self.threshold)
+        _check(self.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", self.batch_size)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    output: str
+    batch_size: int
+    # None: "<data.dir>/test" and "models:/<registry.production>@<registry.alias>" (Config.infer_*).
+    input: str | None = None
+    model_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.output), "infer.output", "a file path", self.output)
+        _check(
+            self.model_uri is None or self.model_uri.startswith(("models:/", "runs:/")),
+            "infer.model_uri",
+            "a models:/ or runs:/ URI",
+            self.model_uri,
+        )
+        _check(self.batch_size >= 1, "infer.batch_size", "an integer >= 1", self.batch_size)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    production: str
+    testing: str
+    alias: str
+
+    def __post_init__(self) -> None:
+        _check(
+            self.production != self.testing, "registry.testing", "a name other than registry.production", self.testing
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    experiment: str
+    seed: int
+    data: DataConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    infer: InferConfig
+    registry: RegistryConfig
+    hparam_sets: Mapping[str, HParams] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(
+            bool(self.experiment) and "/" not in self.experiment, "experiment", "a name without '/'", self.experiment
+        )
+        _check(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)", self.seed)
+        unknown = [name for name in self.train.hparams if name not in self.hparam_sets]
+        if unknown:
+            raise ConfigError(
+                f"train.hparams: unknown hyperparameter set {', '.join(map(repr, unknown))}; "
+                f"conf/hparams.yaml defines {', '.join(map(repr, self.hparam_sets))}"
+            )
+
+    def selected_hparams(self) -> dict[str, HParams]:
+        """The hyperparameter sets to train, with the ``train.epochs`` override applied."""
+        chosen = {name: self.hparam_sets[name] for name in self.train.hparams}
+        if self.train.epochs is not None:
+            chosen = {name: dataclasses.replace(hp, epochs=self.train.epochs) for name, hp in chosen.items()}
+        return chosen
+
+    @property
+    def infer_input(self) -> str:
+        return self.infer.input or str(Path(self.data.dir) / "test")
+
+    @property
+    def infer_model_uri(self) -> str:
+        return self.infer.model_uri or f"models:/{self.registry.production}@{self.registry.alias}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (lists, not tuples) for logging the resolved configuration."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --- Loading -----------------------------------------------------------------------------
+
+
+def load_config(overrides: Mapping[str, str] | None = None, conf_dir: Path = CONF_DIR) -> Config:
+    """Read ``conf/pipeline.yaml`` and ``conf/hparams.yaml``, apply dotted-key overrides."""
+    raw = _read_yaml(conf_dir / "pipeline.yaml")
+    for key, text in (overrides or {}).items():
+        _apply_override(raw, key, text)
+    hparam_raw = _read_yaml(conf_dir / "hparams.yaml")
+    hparam_sets = {name: _build(HParams, values, f"hparams.yaml: {name}") for name, values in hparam_raw.items()}
+    return _build(Config, {**raw, "hparam_sets": hparam_sets}, "")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], dotted: str, text: str) -> None:
+    """Set ``raw[a][b] = text`` for ``a.b``; the string is parsed later against the field's type."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part!r} is not a section")
+    node[leaf] = _FromCli(text)
+
+
+class _FromCli(str):
+    """A string that came from the command line, to be parsed into the field's type."""
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types recursively."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where or 'configuration'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{_join(where, unknown[0])}: unknown key; expected one of {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: missing")
+            continue
+        kwargs[name] = _coerce(hints[name], values[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        # Nested checks name the key relative to their section; hparam sets need the set's name.
+        if where.startswith("hparams.yaml") and not str(err).startswith("hparams.yaml"):
+            raise ConfigError(f"{where}.{err}") from None
+        raise
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, _FromCli) and value.lower() in ("", "none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is tuple:
+        if isinstance(value, _FromCli):
+            value = [_FromCli(part.strip()) for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, key) for v in value)
+    if origin in (Mapping, dict) or tp is Mapping:
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, _FromCli) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, _FromCli):
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {str(value)!r}") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, _FromCli):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {str(value)!r}") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"{key}: unsupported configuration type {tp!r}")  # a bug in this module

@@ -1,0 +1,64 @@
+"""The names every stage writes to MLflow, in one place (../shared/design/pipeline-contract.md).
+
+Stages, tests and users read runs through these names, so nothing else in the code spells them.
+Registry names and the alias are configuration (``conf/pipeline.yaml``: ``registry``), since the
+contract lets ``conf/`` rename them.
+"""
+
+from __future__ import annotations
+
+# Experiments are "<stage>/<experiment>", e.g. "train/defect-detection".
+STAGE_PIPELINE = "pipeline"
+STAGE_PREPARE = "prepare"  # not in the contract: the optional data step
+STAGE_TRAIN = "train"
+STAGE_EVAL = "eval"
+STAGE_INFER = "infer"
+
+
+def experiment_name(stage: str, experiment: str) -> str:
+    return f"{stage}/{experiment}"
+
+
+# Run tags.
+TAG_TRAIN_RUN_ID = "train_run_id"
+TAG_BEST_RUN_ID = "best_run_id"
+TAG_EVAL_RUN_ID = "eval_run_id"
+TAG_INFER_RUN_ID = "infer_run_id"
+TAG_REGISTERED_MODEL = "registered_model"
+TAG_REGISTERED_VERSION = "registered_version"
+TAG_DATA_DIGEST = "data_digest"
+TAG_HPARAM_SET = "hparam_set"
+TAG_SOURCE_RUN_ID = "source_run_id"
+TAG_PROMOTED = "promoted"
+TAG_MODEL_URI = "model_uri"
+TAG_MODEL_VERSION = "model_version"
+# Not in the contract: main's record of why it did not run infer (no `prod` alias yet).
+TAG_INFER_SKIPPED = "infer_skipped"
+
+# Model-version tags in the registry.
+VERSION_TAG_ACC = "acc"
+VERSION_TAG_TEST_DIGEST = "test_digest"
+VERSION_TAG_SOURCE_RUN_ID = "source_run_id"
+VERSION_TAG_EVAL_RUN_ID = "eval_run_id"
+
+# Metrics.
+METRIC_LOSS = "loss"
+METRIC_ACCURACY = "accuracy"
+METRIC_VAL_LOSS = "val_loss"
+METRIC_VAL_ACCURACY = "val_accuracy"
+METRIC_BEST_VAL_ACCURACY = "best_val_accuracy"
+METRIC_TEST_ACCURACY = "test_accuracy"
+METRIC_PRECISION = "precision"
+METRIC_RECALL = "recall"
+METRIC_F1 = "f1"
+METRIC_ROC_AUC = "roc_auc"
+METRIC_N_IMAGES = "n_images"
+METRIC_N_DEFECT = "n_defect"
+METRIC_N_ERRORS = "n_errors"
+
+# Artifact paths.
+MODEL_ARTIFACT = "model"
+CONFIG_ARTIFACT = "config.yaml"
+MANIFEST_ARTIFACT = "manifest.csv"
+METRICS_ARTIFACT = "metrics.json"
+CONFUSION_ARTIFACT = "confusion_matrix.png"

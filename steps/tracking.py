@@ -1,0 +1,157 @@
+"""The MLflow edge: where the store is, the stage experiments, and the run each stage writes to.
+
+The tracking URI comes from ``MLFLOW_TRACKING_URI``, else from a ``.env`` file in the working
+directory, else MLflow's own default ``sqlite:///mlflow.db``; no server is needed for that default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import mlflow
+import pandas as pd
+import yaml
+from mlflow.entities import Run
+
+from steps import contract
+from steps.config import Config
+from steps.data import digest
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot go on; the message says what to run or fix first."""
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines of a ``.env`` file; comments, blank lines and ``export`` prefixes allowed."""
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.removeprefix("export ").split("=", 1)
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def configure(dotenv: Path = Path(".env")) -> str:
+    """Settle the tracking URI (environment, then ``.env``, then the SQLite default) and return it."""
+    if dotenv.is_file():
+        for key, value in read_dotenv(dotenv).items():
+            os.environ.setdefault(key, value)  # the real environment wins over the file
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    # Child processes (mlflow.run of the next stage) inherit the same store through the environment.
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts beside a SQLite store (``<db dir>/mlruns``), so a store moves as one folder.
+
+    None for servers and other stores: they have their own artifact root.
+    """
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme != "sqlite":
+        return None
+    db_path = Path(unquote(tracking_uri[len("sqlite:///") :])).resolve()
+    return (db_path.parent / "mlruns").as_uri()
+
+
+def ensure_experiment(name: str) -> str:
+    """The experiment's ID, creating it (artifacts beside a SQLite store) if it does not exist."""
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    root = artifact_root(mlflow.get_tracking_uri())
+    location = f"{root}/{name.replace('/', '_')}" if root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Another stage created it between our look-up and our create.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, experiment: str, run_name: str | None = None) -> Iterator[Run]:
+    """The stage's run in ``<stage>/<experiment>``.
+
+    Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) and is resumed: MLflow created
+    it in the experiment given to ``mlflow run``, which cannot be changed afterwards, so a run
+    outside ``<stage>/<experiment>`` is only warned about. Called directly, a new run is started.
+    """
+    wanted = contract.experiment_name(stage, experiment)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        with mlflow.start_run() as run:
+            actual = mlflow.MlflowClient().get_experiment(run.info.experiment_id).name
+            if actual != wanted:
+                logger.warning(
+                    "this %s run is in experiment %r, not %r: pass --experiment-name %s to mlflow run",
+                    stage,
+                    actual,
+                    wanted,
+                    wanted,
+                )
+            yield run
+        return
+    experiment_id = ensure_experiment(wanted)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        yield run
+
+
+def log_config(config: Config) -> None:
+    """The resolved configuration: as ``config.yaml`` and as params named ``conf.<key>``.
+
+    Prefixed, because ``mlflow run`` has already logged the raw ``-P`` values under the plain
+    names (``seed``, often empty), and MLflow refuses to change a logged param.
+    """
+    resolved = config.as_dict()
+    mlflow.log_text(yaml.safe_dump(resolved, sort_keys=False), contract.CONFIG_ARTIFACT)
+    flat = {}
+    for section, values in resolved.items():
+        if section == "hparam_sets":
+            continue  # each child run logs its own set
+        if isinstance(values, dict):
+            flat.update({f"conf.{section}.{k}": v for k, v in values.items()})
+        else:
+            flat[f"conf.{section}"] = values
+    mlflow.log_params({k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in flat.items()})
+
+
+def log_dataset(frame: pd.DataFrame, name: str, source: Path, context: str) -> str:
+    """Log a manifest as the active run's dataset input and as a CSV artifact; return its digest."""
+    value = digest(frame)
+    with warnings.catch_warnings():
+        # MLflow registers two local-path source types with the same name and warns it picked one.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_pandas(frame, source=str(source), name=name, digest=value)
+    mlflow.log_input(dataset, context=context)
+    mlflow.log_text(frame.to_csv(index=False), f"{name}_{contract.MANIFEST_ARTIFACT}")
+    return value
+
+
+def get_run(run_id: str) -> Run:
+    """The run, or a ``PipelineError`` saying it does not exist in this store."""
+    try:
+        return mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+            raise PipelineError(
+                f"run {run_id!r} does not exist in {mlflow.get_tracking_uri()}; run "
+                "`mlflow run . -e train` first and pass its best_run_id tag as -P run_id=..."
+            ) from None
+        raise

@@ -1,0 +1,169 @@
+"""Entry point ``train``: fit the CNN once per hyperparameter set and record the best.
+
+Parameters (an empty value keeps ``conf/``): ``hparams`` (comma-separated set names of
+``conf/hparams.yaml``), ``epochs`` (overrides every set's), ``image_size``, ``data_dir``, ``seed``,
+``experiment``.
+
+A seeded validation split stratified by class is kept out of ``<data_dir>/train``; ``test`` is never
+read. Writes, in experiment ``train/<experiment>``:
+
+- the parent run: tags ``best_run_id`` (the child with the highest final ``val_accuracy``; ties go
+  to the lower ``val_loss``) and ``data_digest``; metric ``best_val_accuracy``; artifacts
+  ``config.yaml`` (the resolved configuration) and the train/val manifests, also logged as the
+  run's dataset inputs with their digests;
+- one nested child run per set: tag ``hparam_set``; its hyperparameters as params; per-epoch
+  ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``; the model under ``model`` (a Keras model
+  with its preprocessing inside, a signature, and the class names in its metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+import keras
+import mlflow
+import numpy as np
+
+from steps import cli, contract
+from steps.config import Config, HParams
+from steps.data import Sample, load_images, manifest, scan_split, stratified_split
+from steps.model import make_model, set_seed
+from steps.prepare import ensure_data
+from steps.tracking import log_config, log_dataset, stage_run
+
+logger = logging.getLogger(__name__)
+
+
+def split_train_val(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Seeded validation split of the training samples, stratified by class."""
+    keep, held = stratified_split([s.label for s in samples], val_fraction, seed)
+    return [samples[i] for i in keep], [samples[i] for i in held]
+
+
+def pick_best(results: Mapping[str, tuple[float, float]]) -> str:
+    """The run ID with the highest validation accuracy; ties go to the lower validation loss.
+
+    ``results`` maps run ID to ``(val_accuracy, val_loss)``.
+    """
+    if not results:
+        raise ValueError("no training results to choose from")
+    return max(results, key=lambda run_id: (results[run_id][0], -results[run_id][1]))
+
+
+def model_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    # Any image size: the model resizes. -1 marks a variable dimension.
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1))]),
+    )
+
+
+def model_requirements() -> list[str]:
+    """What a serving environment installs: this Keras and this TensorFlow (by platform)."""
+    requirements = [f"keras=={keras.__version__}"]
+    for name in ("tensorflow", "tensorflow-macos", "tensorflow-metal"):
+        try:
+            requirements.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pass
+    return requirements
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Logs every epoch's metrics (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``) to the active run."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
+
+
+def fit_one(
+    name: str,
+    hp: HParams,
+    config: Config,
+    train_xy: tuple[np.ndarray, np.ndarray],
+    val_xy: tuple[np.ndarray, np.ndarray],
+) -> tuple[str, float, float]:
+    """Train one set in a nested run; return ``(run_id, val_accuracy, val_loss)`` of the last epoch."""
+    parent = mlflow.active_run()
+    # The parent's experiment, explicitly: a nested run otherwise goes to the *active* experiment,
+    # which is "Default" when train is called as a function rather than under `mlflow run`.
+    with mlflow.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id) as child:
+        mlflow.set_tag(contract.TAG_HPARAM_SET, name)
+        mlflow.log_params({**dataclasses.asdict(hp), "image_size": config.train.image_size, "seed": config.seed})
+        set_seed(config.seed)  # every set starts from the same seed, so sets differ only by their params
+        model = make_model(hp, config.train.image_size, config.seed)
+        logger.info("training %r: %s", name, hp)
+        history = model.fit(
+            *train_xy,
+            validation_data=val_xy,
+            batch_size=hp.batch_size,
+            epochs=hp.epochs,
+            shuffle=True,
+            callbacks=[EpochLogger()],
+            verbose=1 if sys.stdout.isatty() else 2,  # a progress bar on a terminal, a line per epoch in logs
+        )
+        good, defect = config.data.classes
+        mlflow.keras.log_model(
+            model,
+            name=contract.MODEL_ARTIFACT,
+            signature=model_signature(),  # not input_example: it fails for Keras models (MLflow #16183)
+            pip_requirements=model_requirements(),
+            metadata={"classes": [good, defect], "image_size": config.train.image_size, "hparam_set": name},
+        )
+        val_accuracy = float(history.history["val_accuracy"][-1])
+        val_loss = float(history.history["val_loss"][-1])
+        return child.info.run_id, val_accuracy, val_loss
+
+
+def train(config: Config) -> str:
+    """Train every selected set; return the parent run's ID (its ``best_run_id`` tag names the best)."""
+    data_dir = ensure_data(config)
+    samples = scan_split(data_dir, "train", config.data.classes)
+    fit_samples, val_samples = split_train_val(samples, config.data.val_fraction, config.seed)
+    if not {s.label for s in val_samples} >= {0, 1}:
+        logger.warning("the validation split lacks a class; add images or raise data.val_fraction")
+    size = config.train.image_size
+    logger.info(
+        "decoding %d training and %d validation images at %dx%d", len(fit_samples), len(val_samples), size, size
+    )
+    # Decoded once, shared by every hyperparameter set.
+    train_xy = (load_images([s.path for s in fit_samples], size), np.array([s.label for s in fit_samples], "float32"))
+    val_xy = (load_images([s.path for s in val_samples], size), np.array([s.label for s in val_samples], "float32"))
+
+    with stage_run(contract.STAGE_TRAIN, config.experiment) as parent:
+        log_config(config)
+        data_digest = log_dataset(manifest(fit_samples, "train", data_dir), "train", data_dir, context="training")
+        log_dataset(manifest(val_samples, "val", data_dir), "val", data_dir, context="validation")
+        mlflow.set_tag(contract.TAG_DATA_DIGEST, data_digest)
+
+        results = {}
+        for name, hp in config.selected_hparams().items():
+            run_id, val_accuracy, val_loss = fit_one(name, hp, config, train_xy, val_xy)
+            results[run_id] = (val_accuracy, val_loss)
+            logger.info("%s: val_accuracy=%.4f val_loss=%.4f (run %s)", name, val_accuracy, val_loss, run_id)
+
+        best = pick_best(results)
+        mlflow.set_tag(contract.TAG_BEST_RUN_ID, best)
+        mlflow.log_metric(contract.METRIC_BEST_VAL_ACCURACY, results[best][0])
+        logger.info("best run %s with val_accuracy %.4f", best, results[best][0])
+        return parent.info.run_id
+
+
+OVERRIDES = {
+    "hparams": "train.hparams",
+    "epochs": "train.epochs",
+    "image_size": "train.image_size",
+    "data_dir": "data.dir",
+    "seed": "seed",
+    "experiment": "experiment",
+}
+
+if __name__ == "__main__":
+    cli.main(train, "Train the defect CNN once per hyperparameter set.", OVERRIDES)

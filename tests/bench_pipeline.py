@@ -1,0 +1,153 @@
+"""Benchmark: the default `main` on the full ELPV set, timed, with its test metrics read back from MLflow.
+
+Run with ``make bench-pipeline`` (or ``python tests/bench_pipeline.py --write``). It runs
+``mlflow run . -e main --env-manager local`` against a fresh temporary SQLite store, so earlier
+runs and registry versions cannot change the outcome, and reports the wall time of the whole
+pipeline and of each stage run, plus the evaluation metrics of the model it registered. With
+``--write`` the results replace the "pipeline" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import mlflow
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_DIR))
+
+from steps import contract  # noqa: E402
+
+BEGIN, END = "<!-- pipeline:begin -->", "<!-- pipeline:end -->"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import keras
+    import tensorflow as tf
+
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+        f"MLflow {mlflow.__version__}"
+    )
+
+
+def run(args: list[str]) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        store = f"sqlite:///{tmp}/mlflow.db"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            env.pop(name, None)
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(PROJECT_DIR),
+            "-e",
+            "main",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "pipeline/bench",
+            "-P",
+            "experiment=bench",
+            "-P",
+            f"output={tmp}/predictions.csv",
+            *args,
+        ]
+        start = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True)
+        wall = time.perf_counter() - start
+
+        mlflow.set_tracking_uri(store)
+        client = mlflow.MlflowClient()
+        experiment = client.get_experiment_by_name("pipeline/bench")
+        main_run = client.search_runs([experiment.experiment_id], max_results=1)[0]
+        tags = main_run.data.tags
+
+        def seconds(run_id: str) -> float:
+            info = client.get_run(run_id).info
+            return (info.end_time - info.start_time) / 1000
+
+        train = client.get_run(tags[contract.TAG_TRAIN_RUN_ID])
+        children = client.search_runs([train.info.experiment_id], f"tags.`mlflow.parentRunId` = '{train.info.run_id}'")
+        evaluation = client.get_run(tags[contract.TAG_EVAL_RUN_ID])
+        return {
+            "wall": wall,
+            "train": seconds(tags[contract.TAG_TRAIN_RUN_ID]),
+            "evaluate": seconds(tags[contract.TAG_EVAL_RUN_ID]),
+            "infer": seconds(tags[contract.TAG_INFER_RUN_ID]) if contract.TAG_INFER_RUN_ID in tags else float("nan"),
+            "children": sorted(
+                (c.data.tags[contract.TAG_HPARAM_SET], c.data.metrics["val_accuracy"], seconds(c.info.run_id))
+                for c in children
+            ),
+            "best": train.data.tags[contract.TAG_BEST_RUN_ID],
+            "best_set": client.get_run(train.data.tags[contract.TAG_BEST_RUN_ID]).data.tags[contract.TAG_HPARAM_SET],
+            "metrics": evaluation.data.metrics,
+            "registered": f"{tags[contract.TAG_REGISTERED_MODEL]} v{tags[contract.TAG_REGISTERED_VERSION]}",
+        }
+
+
+def report(result: dict[str, object], args: list[str]) -> str:
+    m = result["metrics"]
+    wall, stages = result["wall"], (result["train"], result["evaluate"], result["infer"])
+    prf = " / ".join(f"{m[k]:.4f}" for k in (contract.METRIC_PRECISION, contract.METRIC_RECALL, contract.METRIC_F1))
+    command = "make bench-pipeline" + (f' ARGS="{" ".join(args)}"' if args else "")
+    lines = [
+        BEGIN,
+        f"Measured {date.today().isoformat()} with `{command}` on {machine()}.",
+        "",
+        "| what | value |",
+        "| --- | --- |",
+        f"| `main` wall time (3 sets trained, evaluate, infer) | {wall / 60:.1f} min ({wall:.0f} s) |",
+        "| train run / evaluate run / infer run | " + " / ".join(f"{s:.0f} s" for s in stages) + " |",
+        f"| best set (by val_accuracy) | {result['best_set']} |",
+        f"| test accuracy | {m[contract.METRIC_TEST_ACCURACY]:.4f} |",
+        f"| precision / recall / F1 (defect positive) | {prf} |",
+        f"| ROC-AUC | {m.get(contract.METRIC_ROC_AUC, float('nan')):.4f} |",
+        f"| registered as | {result['registered']} |",
+        "",
+        "| hyperparameter set | val_accuracy | training time |",
+        "| --- | --- | --- |",
+        *[f"| {name} | {acc:.4f} | {secs:.0f} s |" for name, acc, secs in result["children"]],
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="replace the pipeline section of BENCHMARKS.md")
+    options, mlflow_args = parser.parse_known_args()  # the rest goes to `mlflow run`, e.g. -P epochs=1
+    text = report(run(mlflow_args), mlflow_args)
+    print(text)
+    if options.write:
+        path = PROJECT_DIR / "BENCHMARKS.md"
+        current = path.read_text()
+        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+        path.write_text(
+            pattern.sub(lambda _: text, current) if pattern.search(current) else current + "\n" + text + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()

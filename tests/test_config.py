@@ -1,0 +1,109 @@
+"""Unit: configuration loading, overrides and the clear errors for bad values."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from steps import cli
+from steps.config import CONF_DIR, ConfigError, load_config
+
+pytestmark = pytest.mark.unit
+
+
+def test_default_config_has_three_sets_and_the_contract_defaults():
+    config = load_config()
+    assert config.train.hparams == ("small", "medium", "wide")
+    assert len(config.selected_hparams()) == 3
+    assert config.evaluate.threshold == 0.60
+    assert config.registry.production == "Production_Reg"
+    assert config.registry.testing == "Testing_Reg"
+    assert config.infer_model_uri == "models:/Production_Reg@prod"
+    assert config.infer_input == "data/test"
+    assert config.data.classes == ("ok_front", "def_front")
+
+
+def test_overrides_are_parsed_into_their_types():
+    config = load_config({"train.epochs": "3", "train.hparams": "small,wide", "evaluate.threshold": "0.75"})
+    assert {name: hp.epochs for name, hp in config.selected_hparams().items()} == {"small": 3, "wide": 3}
+    assert config.evaluate.threshold == 0.75
+    assert config.train.epochs == 3
+
+
+def test_epochs_null_keeps_each_sets_own_epochs():
+    config = load_config()
+    assert [hp.epochs for hp in config.selected_hparams().values()] == [
+        config.hparam_sets[name].epochs for name in config.train.hparams
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.epochs": "abc"}, "train.epochs: expected an integer, got 'abc'"),
+        ({"train.epochs": "0"}, "train.epochs: expected an integer >= 1, got 0"),
+        ({"train.image_size": "1.5"}, "train.image_size: expected an integer, got '1.5'"),
+        ({"train.hparams": "small,huge"}, "train.hparams: unknown hyperparameter set 'huge'"),
+        ({"evaluate.threshold": "1.5"}, "evaluate.threshold: expected a number in [0, 1], got 1.5"),
+        ({"evaluate.threshold": "1.01"}, "evaluate.threshold: expected a number in [0, 1], got 1.01"),
+        ({"evaluate.threshold": "-0.1"}, "evaluate.threshold: expected a number in [0, 1], got -0.1"),
+        ({"evaluate.threshold": "high"}, "evaluate.threshold: expected a number, got 'high'"),
+        ({"seed": "-1"}, "seed: expected an integer in [0, 2**32), got -1"),
+        ({"train.epoch": "3"}, "train.epoch: unknown key; expected one of epochs, hparams, image_size"),
+        ({"infer.model_uri": "Production_Reg"}, "infer.model_uri: expected a models:/ or runs:/ URI"),
+        ({"experiment": "a/b"}, "experiment: expected a name without '/'"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key_and_the_value(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides)
+    assert message in str(err.value)
+
+
+@pytest.fixture
+def conf_copy(tmp_path):
+    target = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, target)
+    return target
+
+
+def test_unknown_key_in_a_conf_file_is_rejected(conf_copy):
+    path = conf_copy / "pipeline.yaml"
+    path.write_text(path.read_text().replace("  val_fraction:", "  val_fractoin:"))
+    with pytest.raises(ConfigError, match=r"data.val_fractoin: unknown key; expected one of .*val_fraction"):
+        load_config(conf_dir=conf_copy)
+
+
+def test_wrong_type_in_a_hparam_set_names_the_set(conf_copy):
+    path = conf_copy / "hparams.yaml"
+    path.write_text(path.read_text().replace("learning_rate: 0.001", "learning_rate: fast", 1))
+    with pytest.raises(ConfigError, match=r"hparams.yaml: small.learning_rate: expected a number, got 'fast'"):
+        load_config(conf_dir=conf_copy)
+
+
+def test_out_of_range_value_in_a_hparam_set_names_the_set(conf_copy):
+    path = conf_copy / "hparams.yaml"
+    path.write_text(path.read_text().replace("dropout: 0.3", "dropout: 1.5", 1))
+    with pytest.raises(ConfigError, match=r"hparams.yaml: small.dropout: expected a number in \[0, 1\)"):
+        load_config(conf_dir=conf_copy)
+
+
+def test_cli_rejects_a_bad_parameter_before_the_step_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    called = []
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(lambda config: called.append(config), "test", {"epochs": "train.epochs"}, argv=["--epochs", "abc"])
+    assert exit_info.value.code == 2
+    assert called == []
+    assert capsys.readouterr().err.strip() == "error: train.epochs: expected an integer, got 'abc'"
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started
+
+
+def test_cli_empty_parameter_keeps_the_conf_value():
+    config, own = cli.parse(
+        "test", {"epochs": "train.epochs", "seed": "seed"}, ["--epochs", "", "--seed", "7"], own=("run_id",)
+    )
+    assert config.train.epochs is None
+    assert config.seed == 7
+    assert own == {"run_id": ""}

@@ -1,0 +1,137 @@
+"""End to end: `mlflow run . -e main --env-manager local` on a tiny real-image set, checked through the client.
+
+Every stage runs as its own process, exactly as a user or CI runs it, against a temporary SQLite store.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from steps import contract
+from steps.config import PROJECT_DIR
+
+pytestmark = pytest.mark.e2e
+
+
+def mlflow_run(entry_point: str, params: dict[str, str], store: str, experiment: str | None = None):
+    """`mlflow run` in a subprocess with this interpreter's environment; returns the completed process."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` of the stages
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", entry_point, "--env-manager", "local"]
+    if experiment:
+        cmd += ["--experiment-name", experiment]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_main(tiny_data: Path, store: str, tmp_path: Path, threshold: str, seed: str) -> dict[str, str]:
+    output = tmp_path / f"predictions-{threshold}-{seed}.csv"
+    params = {
+        "data_dir": str(tiny_data),
+        "epochs": "1",
+        "image_size": "32",
+        "experiment": "e2e",
+        "threshold": threshold,
+        "seed": seed,
+        "output": str(output),
+    }
+    done = mlflow_run("main", params, store, experiment="pipeline/e2e")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("pipeline/e2e")
+    latest = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert latest.info.status == "FINISHED"
+    return {**latest.data.tags, "output": str(output)}
+
+
+def test_main_trains_evaluates_registers_promotes_and_infers(tiny_data, store, tmp_path):
+    client = mlflow.MlflowClient()
+
+    first = run_main(tiny_data, store, tmp_path, threshold="0.0", seed="42")
+
+    # Three nested train runs under the train parent, and best_run_id names the best of them.
+    train_run = client.get_run(first[contract.TAG_TRAIN_RUN_ID])
+    assert client.get_experiment(train_run.info.experiment_id).name == "train/e2e"
+    children = client.search_runs(
+        [train_run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{train_run.info.run_id}'"
+    )
+    assert len(children) == 3
+    best = max(children, key=lambda c: (c.data.metrics["val_accuracy"], -c.data.metrics["val_loss"]))
+    assert train_run.data.tags[contract.TAG_BEST_RUN_ID] == best.info.run_id == first[contract.TAG_BEST_RUN_ID]
+
+    # The evaluated model lands in Production_Reg with acc equal to the eval run's test accuracy.
+    eval_run = client.get_run(first[contract.TAG_EVAL_RUN_ID])
+    assert client.get_experiment(eval_run.info.experiment_id).name == "eval/e2e"
+    assert eval_run.data.tags[contract.TAG_SOURCE_RUN_ID] == best.info.run_id
+    assert first[contract.TAG_REGISTERED_MODEL] == "Production_Reg"
+    version = client.get_model_version("Production_Reg", first[contract.TAG_REGISTERED_VERSION])
+    assert float(version.tags["acc"]) == eval_run.data.metrics["test_accuracy"]
+    assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(version.version)
+
+    # Infer ran with prod and wrote one row per test image.
+    infer_run = client.get_run(first[contract.TAG_INFER_RUN_ID])
+    assert client.get_experiment(infer_run.info.experiment_id).name == "infer/e2e"
+    n_test = len(list((tiny_data / "test").rglob("*.png")))
+    rows = list(csv.DictReader(open(first["output"])))
+    assert len(rows) == n_test == infer_run.data.metrics["n_images"]
+    assert infer_run.data.tags[contract.TAG_MODEL_VERSION] == str(version.version)
+
+    # A second pipeline run (another seed): prod points at the highest-acc production version.
+    second = run_main(tiny_data, store, tmp_path, threshold="0.0", seed="7")
+    assert second[contract.TAG_REGISTERED_MODEL] == "Production_Reg"
+    versions = client.search_model_versions("name = 'Production_Reg'")
+    assert len(versions) == 2
+    prod = client.get_model_version_by_alias("Production_Reg", "prod")
+    assert float(prod.tags["acc"]) == max(float(v.tags["acc"]) for v in versions)
+
+    # A bar no model can pass (1.0, the highest legal threshold): Testing_Reg, and prod does not move.
+    third = run_main(tiny_data, store, tmp_path, threshold="1.0", seed="42")
+    assert third[contract.TAG_REGISTERED_MODEL] == "Testing_Reg"
+    testing = client.get_model_version("Testing_Reg", third[contract.TAG_REGISTERED_VERSION])
+    assert float(testing.tags["acc"]) < 1.0
+    assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(prod.version)
+    assert client.get_run(third[contract.TAG_EVAL_RUN_ID]).data.tags[contract.TAG_PROMOTED] == "false"
+
+
+def test_main_with_no_production_model_skips_infer_and_says_why(tiny_data, store, tmp_path):
+    tags = run_main(tiny_data, store, tmp_path, threshold="1.0", seed="42")
+    assert tags[contract.TAG_REGISTERED_MODEL] == "Testing_Reg"
+    assert contract.TAG_INFER_RUN_ID not in tags
+    assert "no Production_Reg@prod yet" in tags[contract.TAG_INFER_SKIPPED]
+
+
+@pytest.mark.parametrize(
+    ("entry_point", "params", "message"),
+    [
+        ("train", {"epochs": "abc"}, "error: train.epochs: expected an integer, got 'abc'"),
+        ("train", {"hparams": "small,huge"}, "error: train.hparams: unknown hyperparameter set 'huge'"),
+        (
+            "evaluate",
+            {"run_id": "x", "threshold": "1.01"},
+            "error: evaluate.threshold: expected a number in [0, 1], got 1.01",
+        ),
+        ("evaluate", {"run_id": "0123abc"}, "error: run '0123abc' does not exist in"),
+        (
+            "infer",
+            {},
+            "error: no model at models:/Production_Reg@prod: no version of 'Production_Reg' has the alias 'prod' yet",
+        ),
+    ],
+)
+def test_bad_input_through_mlflow_run_fails_with_one_clear_line(entry_point, params, message, store, tiny_data):
+    params = {"data_dir": str(tiny_data), **params} if entry_point != "infer" else {"input": str(tiny_data / "test")}
+    done = mlflow_run(entry_point, params, store)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(message), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr

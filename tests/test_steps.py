@@ -1,0 +1,161 @@
+"""Model tier: the stage functions themselves, in-process, on the tiny real-image set.
+
+Training runs once per module; every test then works on its own copy of that SQLite store.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import mlflow
+import pytest
+
+from steps import cli, contract, evaluate, infer
+from steps.config import load_config
+from steps.tracking import PipelineError, configure
+from steps.train import train
+
+pytestmark = pytest.mark.model
+
+
+def tiny(tiny_data, **overrides: str):
+    values = {"data.dir": str(tiny_data), "train.image_size": "32", "train.epochs": "1", "experiment": "test"}
+    return load_config({**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data):
+    """A store holding one finished train run: (db path, parent run ID)."""
+    root = tmp_path_factory.mktemp("trained")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    configure()
+    parent = train(tiny(tiny_data))
+    mp.undo()
+    return root / "mlflow.db", parent
+
+
+@pytest.fixture
+def trained_store(trained, tmp_path, monkeypatch):
+    db, parent = trained
+    shutil.copy(db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    return parent
+
+
+def test_train_logs_three_children_and_names_the_best(trained_store):
+    client = mlflow.MlflowClient()
+    parent = client.get_run(trained_store)
+    assert parent.info.status == "FINISHED"
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.name == "train/test"
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.data.tags[contract.TAG_HPARAM_SET] for c in children) == ["medium", "small", "wide"]
+    for child in children:
+        for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert len(client.get_metric_history(child.info.run_id, metric)) == 1  # one per epoch
+        assert child.data.params["epochs"] == "1"  # logged params come back as strings
+        assert mlflow.models.get_model_info(f"runs:/{child.info.run_id}/model").signature is not None
+    best = max(children, key=lambda c: (c.data.metrics["val_accuracy"], -c.data.metrics["val_loss"]))
+    assert parent.data.tags[contract.TAG_BEST_RUN_ID] == best.info.run_id
+    assert parent.data.metrics[contract.METRIC_BEST_VAL_ACCURACY] == best.data.metrics["val_accuracy"]
+    digests = {d.dataset.name: d.dataset.digest for d in parent.inputs.dataset_inputs}
+    assert digests["train"] == parent.data.tags[contract.TAG_DATA_DIGEST] and "val" in digests
+    assert parent.data.params["conf.train.image_size"] == "32"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "train_manifest.csv", "val_manifest.csv"} <= artifacts
+
+
+def test_evaluate_registers_by_threshold_and_moves_prod_only_in_production(trained_store, tiny_data):
+    client = mlflow.MlflowClient()
+    eval_id = evaluate.evaluate(tiny(tiny_data, **{"evaluate.threshold": "0.0"}), trained_store)
+    run = client.get_run(eval_id)
+    assert client.get_experiment(run.info.experiment_id).name == "eval/test"
+    assert run.data.tags[contract.TAG_REGISTERED_MODEL] == "Production_Reg"
+    assert run.data.tags[contract.TAG_PROMOTED] == "true"
+    version = client.get_model_version("Production_Reg", run.data.tags[contract.TAG_REGISTERED_VERSION])
+    assert float(version.tags["acc"]) == run.data.metrics["test_accuracy"]
+    assert version.tags["eval_run_id"] == eval_id
+    assert version.tags["source_run_id"] == run.data.tags["source_run_id"]
+    assert version.tags["test_digest"] == run.inputs.dataset_inputs[0].dataset.digest
+    assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(version.version)
+    for metric in ("precision", "recall", "f1", "roc_auc"):
+        assert 0.0 <= run.data.metrics[metric] <= 1.0
+    assert {"metrics.json", "confusion_matrix.png", "test_manifest.csv"} <= {
+        a.path for a in client.list_artifacts(eval_id)
+    }
+
+    # The same model held to an unreachable bar goes to Testing_Reg and prod stays put.
+    eval_id = evaluate.evaluate(tiny(tiny_data, **{"evaluate.threshold": "1.0"}), trained_store)
+    run = client.get_run(eval_id)
+    assert run.data.tags[contract.TAG_REGISTERED_MODEL] == "Testing_Reg"
+    assert run.data.tags[contract.TAG_PROMOTED] == "false"
+    assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(version.version)
+
+
+def test_evaluate_of_a_train_parent_scores_its_best_run(trained_store, tiny_data):
+    eval_id = evaluate.evaluate(tiny(tiny_data, **{"evaluate.threshold": "0.0"}), trained_store)
+    best = mlflow.get_run(trained_store).data.tags[contract.TAG_BEST_RUN_ID]
+    assert mlflow.get_run(eval_id).data.tags[contract.TAG_SOURCE_RUN_ID] == best
+
+
+def test_evaluate_with_an_unknown_run_id_says_what_to_run_first(trained_store, tiny_data, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(
+            evaluate.evaluate,
+            "",
+            evaluate.OVERRIDES,
+            argv=["--run_id", "0123abc", "--data_dir", str(tiny_data)],
+            own=("run_id",),
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: run '0123abc' does not exist in sqlite:///") and "mlflow run . -e train" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_evaluate_of_a_run_without_a_model_says_so(trained_store, tiny_data):
+    with mlflow.start_run() as empty:
+        pass
+    with pytest.raises(PipelineError, match=f"run '{empty.info.run_id}' has no logged model 'model'.*-e train"):
+        evaluate.evaluate(tiny(tiny_data), empty.info.run_id)
+    assert mlflow.MlflowClient().search_registered_models() == []  # nothing half-registered
+
+
+def test_infer_before_any_prod_alias_says_what_to_run_first(trained_store, tiny_data):
+    with pytest.raises(
+        PipelineError, match=r"no version of 'Production_Reg' has the alias 'prod' yet; run `mlflow run . -e main`"
+    ):
+        infer.infer(tiny(tiny_data))
+
+
+def test_infer_writes_one_row_per_image_and_survives_a_bad_file(trained_store, tiny_data, tmp_path):
+    evaluate.evaluate(tiny(tiny_data, **{"evaluate.threshold": "0.0"}), trained_store)
+    images = tmp_path / "incoming"
+    shutil.copytree(tiny_data / "test", images)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    output = tmp_path / "out" / "predictions.csv"
+    run_id = infer.infer(tiny(tiny_data, **{"infer.input": str(images), "infer.output": str(output)}))
+
+    rows = list(csv.DictReader(output.open()))
+    n_images = len(list(images.rglob("*.png")))
+    assert len(rows) == n_images
+    broken = [r for r in rows if r["path"].endswith("broken.png")]
+    assert broken[0]["error"] and broken[0]["predicted_class"] == ""
+    good = [r for r in rows if not r["error"]]
+    assert {r["predicted_class"] for r in good} <= {"ok_front", "def_front"}
+    assert all(0.0 <= float(r["defect_probability"]) <= 1.0 for r in good)
+    run = mlflow.get_run(run_id)
+    assert run.data.metrics == {
+        "n_images": n_images,
+        "n_errors": 1,
+        "n_defect": sum(r["predicted_class"] == "def_front" for r in rows),
+    }
+    assert run.data.tags[contract.TAG_MODEL_URI] == "models:/Production_Reg@prod"
+    assert run.data.tags[contract.TAG_MODEL_VERSION] == "1"
+    assert "predictions.csv" in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
