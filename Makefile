@@ -8,8 +8,11 @@ EXPERIMENT ?= defect-detection
 ARGS ?=
 
 # The store: MLFLOW_TRACKING_URI from the environment, else from .env, else MLflow's SQLite default.
--include .env
-export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+# Exported, because `mlflow run` itself creates main's run and does not read .env.
+ifndef MLFLOW_TRACKING_URI
+MLFLOW_TRACKING_URI := $(shell sed -n 's/^\(export \)\{0,1\}MLFLOW_TRACKING_URI=//p' .env 2>/dev/null | tail -n 1 | tr -d "\"'")
+endif
+MLFLOW_TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 export MLFLOW_TRACKING_URI
 
 .PHONY: venv run test test-fast bench-pipeline ui clean

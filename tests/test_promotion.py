@@ -68,3 +68,13 @@ def test_promote_moves_prod_to_the_best_version_in_a_real_registry(store):
     assert promote(client, REGISTRY) == v4 and alias_version() == v4
     _version(client, "0.80")  # a tie keeps the current holder
     assert promote(client, REGISTRY) == v4 and alias_version() == v4
+
+
+@pytest.mark.unit
+def test_pick_best_takes_the_highest_val_accuracy_and_breaks_ties_on_val_loss():
+    from steps.train import pick_best
+
+    assert pick_best({"a": (0.70, 0.5), "b": (0.80, 0.9), "c": (0.75, 0.1)}) == "b"
+    assert pick_best({"a": (0.80, 0.6), "b": (0.80, 0.4)}) == "b"
+    with pytest.raises(ValueError, match="no training results"):
+        pick_best({})
