@@ -33,7 +33,7 @@ from steps import cli, contract
 from steps.config import Config, RegistryConfig
 from steps.data import load_images, manifest, scan_split
 from steps.prepare import ensure_data
-from steps.tracking import PipelineError, get_run, log_config, log_dataset, stage_run
+from steps.tracking import PipelineError, alias_version, get_run, log_config, log_dataset, stage_run
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +114,7 @@ def promote(client: mlflow.MlflowClient, registry: RegistryConfig) -> str | None
     """Point the alias at the production version with the highest ``acc``; return that version."""
     # Versions as strings: MLflow returns them as int from some calls and str from others.
     versions = client.search_model_versions(f"name = '{registry.production}'")
-    try:
-        current = str(client.get_model_version_by_alias(registry.production, registry.alias).version)
-    except mlflow.exceptions.MlflowException:
-        current = None
+    current = alias_version(registry.production, registry.alias)
     champion = pick_champion([(str(v.version), v.tags.get(contract.VERSION_TAG_ACC)) for v in versions], current)
     if champion is not None and champion != current:
         client.set_registered_model_alias(registry.production, registry.alias, champion)
@@ -187,20 +184,19 @@ def evaluate(config: Config, run_id: str) -> str:
         )
         registered = str(version.version)
         mlflow.set_tags({contract.TAG_REGISTERED_MODEL: name, contract.TAG_REGISTERED_VERSION: registered})
-        champion = promote(mlflow.MlflowClient(), config.registry) if name == config.registry.production else None
-        promoted = champion == registered
+        if name == config.registry.production:
+            champion = promote(mlflow.MlflowClient(), config.registry)
+            promoted = champion == registered
+        else:
+            # Version numbers restart per registered model: Testing_Reg v1 is not Production_Reg v1.
+            champion = alias_version(config.registry.production, config.registry.alias)
+            promoted = False
         mlflow.set_tag(contract.TAG_PROMOTED, str(promoted).lower())
 
-    print(
-        f"test accuracy {accuracy:.4f} (threshold {config.evaluate.threshold}) -> {name} version {registered}; "
-        + (
-            f"now {config.registry.production}@{config.registry.alias}"
-            if promoted
-            else f"{config.registry.production}@{config.registry.alias} stays on version {champion}"
-            if champion
-            else f"no {config.registry.production}@{config.registry.alias} yet"
-        )
-    )
+    prod = f"{config.registry.production}@{config.registry.alias}"
+    where = f"now {prod}" if promoted else f"{prod} stays on version {champion}" if champion else f"no {prod} yet"
+    threshold = config.evaluate.threshold
+    print(f"test accuracy {accuracy:.4f} (threshold {threshold}) -> {name} version {registered}; {where}")
     print(json.dumps({k: v for k, v in result.items() if k != "confusion_matrix"}, indent=None))
     return eval_run_id
 

@@ -25,7 +25,7 @@ import numpy as np
 from steps import cli, contract
 from steps.config import Config
 from steps.data import decode_gray, is_image
-from steps.tracking import PipelineError, log_config, stage_run
+from steps.tracking import PipelineError, alias_version, log_config, stage_run
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,12 @@ def load_production_model(model_uri: str):
     version = None
     if model_uri.startswith("models:/") and "@" in model_uri:
         name, alias = model_uri.removeprefix("models:/").split("@", 1)
-        try:
-            version = str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
-        except mlflow.exceptions.MlflowException:
+        version = alias_version(name, alias)
+        if version is None:
             raise PipelineError(
                 f"no model at {model_uri}: no version of {name!r} has the alias {alias!r} yet; run "
                 "`mlflow run . -e main` (or evaluate a run that passes the threshold) first"
-            ) from None
+            )
         model_uri = f"models:/{name}/{version}"  # pin the version we report, even if the alias moves
     try:
         metadata = mlflow.models.get_model_info(model_uri).metadata

@@ -23,7 +23,7 @@ import mlflow
 
 from steps import cli, contract
 from steps.config import PROJECT_DIR, Config
-from steps.tracking import PipelineError, ensure_experiment, log_config, stage_run
+from steps.tracking import PipelineError, alias_version, ensure_experiment, log_config, stage_run
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +78,6 @@ def run_stage(stage: str, parameters: dict[str, str], config: Config, env_manage
     return submitted.run_id
 
 
-def prod_exists(config: Config) -> bool:
-    try:
-        mlflow.MlflowClient().get_model_version_by_alias(config.registry.production, config.registry.alias)
-    except mlflow.exceptions.MlflowException:
-        return False
-    return True
-
-
 def main(config: Config, env_manager: str = "") -> dict[str, str]:
     """Run the whole pipeline; return the tags written on main's run."""
     env_manager = env_manager or "local"
@@ -115,7 +107,7 @@ def main(config: Config, env_manager: str = "") -> dict[str, str]:
         tags[contract.TAG_REGISTERED_VERSION] = eval_tags[contract.TAG_REGISTERED_VERSION]
         mlflow.set_tags(tags)
 
-        if prod_exists(config):
+        if alias_version(config.registry.production, config.registry.alias) is not None:
             tags[contract.TAG_INFER_RUN_ID] = run_stage(
                 contract.STAGE_INFER, params[contract.STAGE_INFER], config, env_manager
             )

@@ -144,6 +144,14 @@ def log_dataset(frame: pd.DataFrame, name: str, source: Path, context: str) -> s
     return value
 
 
+def alias_version(name: str, alias: str) -> str | None:
+    """The version an alias points at, as a string (MLflow returns int or str by call), or None."""
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None  # no such registered model, or no such alias on it
+
+
 def get_run(run_id: str) -> Run:
     """The run, or a ``PipelineError`` saying it does not exist in this store."""
     try:

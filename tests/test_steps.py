@@ -71,7 +71,7 @@ def test_train_logs_three_children_and_names_the_best(trained_store):
     assert {"config.yaml", "train_manifest.csv", "val_manifest.csv"} <= artifacts
 
 
-def test_evaluate_registers_by_threshold_and_moves_prod_only_in_production(trained_store, tiny_data):
+def test_evaluate_registers_by_threshold_and_moves_prod_only_in_production(trained_store, tiny_data, capsys):
     client = mlflow.MlflowClient()
     eval_id = evaluate.evaluate(tiny(tiny_data, **{"evaluate.threshold": "0.0"}), trained_store)
     run = client.get_run(eval_id)
@@ -96,6 +96,8 @@ def test_evaluate_registers_by_threshold_and_moves_prod_only_in_production(train
     assert run.data.tags[contract.TAG_REGISTERED_MODEL] == "Testing_Reg"
     assert run.data.tags[contract.TAG_PROMOTED] == "false"
     assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(version.version)
+    stays = f"-> Testing_Reg version 1; Production_Reg@prod stays on version {version.version}"
+    assert stays in capsys.readouterr().out
 
 
 def test_evaluate_of_a_train_parent_scores_its_best_run(trained_store, tiny_data):
