@@ -87,7 +87,7 @@ def ensure_experiment(name: str) -> str:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, experiment: str, run_name: str | None = None) -> Iterator[Run]:
+def stage_run(stage: str, experiment: str) -> Iterator[Run]:
     """The stage's run in ``<stage>/<experiment>``.
 
     Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) and is resumed: MLflow created
@@ -109,7 +109,7 @@ def stage_run(stage: str, experiment: str, run_name: str | None = None) -> Itera
             yield run
         return
     experiment_id = ensure_experiment(wanted)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         yield run
 
 
