@@ -15,7 +15,7 @@ endif
 MLFLOW_TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 export MLFLOW_TRACKING_URI
 
-.PHONY: venv run test test-fast bench-pipeline ui clean
+.PHONY: venv run test test-fast lint bench-pipeline ui clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ run: venv
 ## The default test suite: unit, data, model and end-to-end `mlflow run` tests.
 test: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+
+## Style (ruff) and types (mypy) over steps/ and tests/.
+lint: venv
+	$(BIN)/ruff check steps tests
+	$(BIN)/ruff format --check steps tests
+	$(BIN)/mypy
 
 ## Everything but the end-to-end `mlflow run` tests.
 test-fast: venv

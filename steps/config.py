@@ -256,7 +256,7 @@ def _join(where: str, name: str) -> str:
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, _FromCli) and value.lower() in ("", "none", "null")):

@@ -58,7 +58,7 @@ def scan_split(data_dir: Path, split: str, classes: Sequence[str]) -> list[Sampl
         raise DataError(
             f"{split_dir}: no class folder {', '.join(repr(m) for m in missing)}; " + layout_help(data_dir, classes)
         )
-    samples = []
+    samples: list[Sample] = []
     for label, cls in enumerate(classes):
         files = sorted(p for p in (split_dir / cls).rglob("*") if is_image(p))
         if not files:
@@ -106,8 +106,8 @@ def decode_gray(path: Path) -> np.ndarray:
     RGB, RGBA and palette images are converted to luminance; 16-bit images are scaled, not
     clipped, to 8 bits; EXIF orientation is applied, as a viewer would show the image.
     """
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened)
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             wide = np.asarray(image, dtype=np.int64)
             top = 65535 if image.mode.startswith("I;16") or wide.max() > 255 else 255

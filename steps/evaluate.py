@@ -41,21 +41,20 @@ logger = logging.getLogger(__name__)
 # --- Pure rules --------------------------------------------------------------------------
 
 
-def score(y_true: np.ndarray, prob: np.ndarray, cutoff: float = 0.5) -> dict[str, object]:
-    """Classification metrics with the defect class (label 1) as positive."""
+def score(y_true: np.ndarray, prob: np.ndarray, cutoff: float = 0.5) -> tuple[dict[str, float], list[list[int]]]:
+    """Metrics with the defect class (label 1) as positive, and the confusion matrix [true][predicted]."""
     from sklearn import metrics
 
     y_pred = (prob >= cutoff).astype(int)
-    result: dict[str, object] = {
+    result = {
         contract.METRIC_TEST_ACCURACY: float(metrics.accuracy_score(y_true, y_pred)),
         contract.METRIC_PRECISION: float(metrics.precision_score(y_true, y_pred, zero_division=0)),
         contract.METRIC_RECALL: float(metrics.recall_score(y_true, y_pred, zero_division=0)),
         contract.METRIC_F1: float(metrics.f1_score(y_true, y_pred, zero_division=0)),
-        "confusion_matrix": metrics.confusion_matrix(y_true, y_pred, labels=[0, 1]).tolist(),
     }
     if len(set(y_true.tolist())) == 2:  # ROC-AUC is undefined with one class
         result[contract.METRIC_ROC_AUC] = float(metrics.roc_auc_score(y_true, prob))
-    return result
+    return result, metrics.confusion_matrix(y_true, y_pred, labels=[0, 1]).tolist()
 
 
 def choose_registry(accuracy: float, threshold: float, registry: RegistryConfig) -> str:
@@ -165,10 +164,11 @@ def evaluate(config: Config, run_id: str) -> str:
         x = load_images([s.path for s in samples], image_size)
         prob = model.predict(x, batch_size=config.evaluate.batch_size, verbose=0).reshape(-1)
         y = np.array([s.label for s in samples])
-        result = score(y, prob)
-        mlflow.log_metrics({k: v for k, v in result.items() if isinstance(v, float)})
-        mlflow.log_dict({**result, "classes": list(classes), "n_test": len(samples)}, contract.METRICS_ARTIFACT)
-        log_confusion_png(result["confusion_matrix"], classes)
+        result, confusion = score(y, prob)
+        mlflow.log_metrics(result)
+        report = {**result, "confusion_matrix": confusion, "classes": list(classes), "n_test": len(samples)}
+        mlflow.log_dict(report, contract.METRICS_ARTIFACT)
+        log_confusion_png(confusion, classes)
         accuracy = result[contract.METRIC_TEST_ACCURACY]
 
         name = choose_registry(accuracy, config.evaluate.threshold, config.registry)
@@ -197,7 +197,7 @@ def evaluate(config: Config, run_id: str) -> str:
     where = f"now {prod}" if promoted else f"{prod} stays on version {champion}" if champion else f"no {prod} yet"
     threshold = config.evaluate.threshold
     print(f"test accuracy {accuracy:.4f} (threshold {threshold}) -> {name} version {registered}; {where}")
-    print(json.dumps({k: v for k, v in result.items() if k != "confusion_matrix"}, indent=None))
+    print(json.dumps(result))
     return eval_run_id
 
 

@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlparse
 import mlflow
 import pandas as pd
 import yaml
+from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import Run
 
 from steps import contract
@@ -138,7 +139,7 @@ def log_dataset(frame: pd.DataFrame, name: str, source: Path, context: str) -> s
     with warnings.catch_warnings():
         # MLflow registers two local-path source types with the same name and warns it picked one.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        dataset = mlflow.data.from_pandas(frame, source=str(source), name=name, digest=value)
+        dataset = from_pandas(frame, source=str(source), name=name, digest=value)
     mlflow.log_input(dataset, context=context)
     mlflow.log_text(frame.to_csv(index=False), f"{name}_{contract.MANIFEST_ARTIFACT}")
     return value

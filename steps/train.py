@@ -92,6 +92,7 @@ def fit_one(
 ) -> tuple[str, float, float]:
     """Train one set in a nested run; return ``(run_id, val_accuracy, val_loss)`` of the last epoch."""
     parent = mlflow.active_run()
+    assert parent is not None, "fit_one runs inside train's parent run"
     # The parent's experiment, explicitly: a nested run otherwise goes to the *active* experiment,
     # which is "Default" when train is called as a function rather than under `mlflow run`.
     with mlflow.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id) as child:

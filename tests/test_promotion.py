@@ -78,3 +78,19 @@ def test_pick_best_takes_the_highest_val_accuracy_and_breaks_ties_on_val_loss():
     assert pick_best({"a": (0.80, 0.6), "b": (0.80, 0.4)}) == "b"
     with pytest.raises(ValueError, match="no training results"):
         pick_best({})
+
+
+@pytest.mark.unit
+def test_score_counts_defect_as_the_positive_class():
+    import numpy as np
+
+    from steps.evaluate import score
+
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    prob = np.array([0.9, 0.8, 0.2, 0.6, 0.1, 0.1, 0.3, 0.4])
+    metrics, confusion = score(y, prob)
+    assert confusion == [[4, 1], [1, 2]]  # [true good, true defect] x [predicted good, predicted defect]
+    assert metrics["test_accuracy"] == 6 / 8
+    assert metrics["precision"] == metrics["recall"] == metrics["f1"] == 2 / 3
+    assert metrics["roc_auc"] == pytest.approx(12 / 15)  # 12 of 15 (defect, good) pairs ranked right
+    assert "roc_auc" not in score(np.zeros(3, int), np.array([0.1, 0.2, 0.9]))[0]  # undefined for one class

