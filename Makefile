@@ -15,7 +15,7 @@ endif
 MLFLOW_TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 export MLFLOW_TRACKING_URI
 
-.PHONY: venv run test test-fast lint bench-pipeline ui clean
+.PHONY: venv run test test-fast lint bench-pipeline server ui clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,7 @@ venv: $(BIN)/.installed
 
 ## The whole pipeline on the default data (ELPV, fetched from the installed package on first run).
 run: venv
+	$(BIN)/python -m steps.tracking
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e main --env-manager local \
 		--experiment-name pipeline/$(EXPERIMENT) -P experiment=$(EXPERIMENT) $(ARGS)
 
@@ -47,6 +48,13 @@ test-fast: venv
 ## Time the default pipeline on the full ELPV set in a fresh store; results go to BENCHMARKS.md.
 bench-pipeline: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_pipeline.py --write $(ARGS)
+
+## A tracking server on loopback for the pipeline to use over HTTP: SQLite backend, artifacts
+## served by the server itself. Then: MLFLOW_TRACKING_URI=http://127.0.0.1:$(PORT) make run
+PORT ?= 5000
+server: venv
+	$(BIN)/mlflow server --backend-store-uri sqlite:///server.db --artifacts-destination ./mlartifacts \
+		--host 127.0.0.1 --port $(PORT)
 
 ## The MLflow UI on the store, at http://127.0.0.1:5000
 ui: venv

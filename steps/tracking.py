@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,10 +54,35 @@ def configure(dotenv: Path = Path(".env")) -> str:
         for key, value in read_dotenv(dotenv).items():
             os.environ.setdefault(key, value)  # the real environment wins over the file
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if urlparse(uri).scheme in ("http", "https"):
+        check_server(uri)
     # Child processes (mlflow.run of the next stage) inherit the same store through the environment.
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the URI, when the server does not answer.
+
+    Without this, MLflow's client retries an unreachable server with backoff for minutes.
+    """
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise PipelineError(
+                f"the tracking server at {uri} refused the request (HTTP {err.code}); "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+            ) from None
+        # Any other answer means a server is there; MLflow reports its own errors from here on.
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise PipelineError(
+            f"cannot reach the tracking server at {uri} ({reason}); start it (make server) "
+            "or point MLFLOW_TRACKING_URI (environment or .env) at a running one"
+        ) from None
 
 
 def artifact_root(tracking_uri: str) -> str | None:
@@ -164,3 +192,12 @@ def get_run(run_id: str) -> Run:
                 "`mlflow run . -e train` first and pass its best_run_id tag as -P run_id=..."
             ) from None
         raise
+
+
+if __name__ == "__main__":
+    # `python -m steps.tracking`: say which store the pipeline will use, or why it cannot.
+    try:
+        print(f"tracking store: {configure()}")
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -13,7 +13,6 @@ import argparse
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ import mlflow
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
+from helpers import mlflow_run  # noqa: E402
 from steps import contract  # noqa: E402
 
 BEGIN, END = "<!-- pipeline:begin -->", "<!-- pipeline:end -->"
@@ -49,33 +49,17 @@ def machine() -> str:
     )
 
 
-def run(args: list[str]) -> dict[str, object]:
+def run(params: dict[str, str]) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         store = f"sqlite:///{tmp}/mlflow.db"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            env.pop(name, None)
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "run",
-            str(PROJECT_DIR),
-            "-e",
-            "main",
-            "--env-manager",
-            "local",
-            "--experiment-name",
-            "pipeline/bench",
-            "-P",
-            "experiment=bench",
-            "-P",
-            f"output={tmp}/predictions.csv",
-            *args,
-        ]
         start = time.perf_counter()
-        subprocess.run(cmd, env=env, check=True)
+        mlflow_run(
+            "main",
+            {"experiment": "bench", "output": f"{tmp}/predictions.csv", **params},
+            store,
+            "pipeline/bench",
+            check=True,
+        )
         wall = time.perf_counter() - start
 
         mlflow.set_tracking_uri(store)
@@ -107,11 +91,12 @@ def run(args: list[str]) -> dict[str, object]:
         }
 
 
-def report(result: dict[str, object], args: list[str]) -> str:
+def report(result: dict[str, object], params: dict[str, str]) -> str:
     m = result["metrics"]
     wall, stages = result["wall"], (result["train"], result["evaluate"], result["infer"])
     prf = " / ".join(f"{m[k]:.4f}" for k in (contract.METRIC_PRECISION, contract.METRIC_RECALL, contract.METRIC_F1))
-    command = "make bench-pipeline" + (f' ARGS="{" ".join(args)}"' if args else "")
+    args = " ".join(f"-P {k}={v}" for k, v in params.items())
+    command = "make bench-pipeline" + (f' ARGS="{args}"' if args else "")
     lines = [
         BEGIN,
         f"Measured {date.today().isoformat()} with `{command}` on {machine()}.",
@@ -137,8 +122,10 @@ def report(result: dict[str, object], args: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="replace the pipeline section of BENCHMARKS.md")
-    options, mlflow_args = parser.parse_known_args()  # the rest goes to `mlflow run`, e.g. -P epochs=1
-    text = report(run(mlflow_args), mlflow_args)
+    parser.add_argument("-P", dest="params", action="append", default=[], metavar="NAME=VALUE", help="as mlflow run -P")
+    options = parser.parse_args()
+    params = dict(p.split("=", 1) for p in options.params)
+    text = report(run(params), params)
     print(text)
     if options.write:
         path = PROJECT_DIR / "BENCHMARKS.md"

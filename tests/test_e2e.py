@@ -6,32 +6,15 @@ Every stage runs as its own process, exactly as a user or CI runs it, against a 
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
+from helpers import mlflow_run
 from steps import contract
-from steps.config import PROJECT_DIR
 
 pytestmark = pytest.mark.e2e
-
-
-def mlflow_run(entry_point: str, params: dict[str, str], store: str, experiment: str | None = None):
-    """`mlflow run` in a subprocess with this interpreter's environment; returns the completed process."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` of the stages
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", entry_point, "--env-manager", "local"]
-    if experiment:
-        cmd += ["--experiment-name", experiment]
-    for key, value in params.items():
-        cmd += ["-P", f"{key}={value}"]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def run_main(tiny_data: Path, store: str, tmp_path: Path, threshold: str, seed: str) -> dict[str, str]:

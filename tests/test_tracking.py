@@ -40,3 +40,30 @@ def test_stage_experiments_keep_their_artifacts_in_the_store_folder(store, tmp_p
     assert tracking.ensure_experiment("train/unit") == experiment_id  # found, not created twice
     location = mlflow.MlflowClient().get_experiment(experiment_id).artifact_location
     assert location == (tmp_path / "mlruns").as_uri() + "/train_unit"
+
+
+def test_an_unreachable_server_fails_at_once_naming_the_uri(monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(tracking.PipelineError, match=f"cannot reach the tracking server at {uri} "):
+        tracking.configure()
+
+
+def test_the_store_check_command_gives_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from steps.config import PROJECT_DIR
+
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "steps.tracking"], cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach the tracking server at http://127.0.0.1:9 (")

@@ -1,0 +1,92 @@
+"""End to end against a real tracking server: `mlflow server` on loopback, the pipeline over HTTP.
+
+The server has a SQLite backend and serves the artifacts itself (the artifacts proxy), as
+`make server` starts it; nothing reaches the store but through HTTP.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+
+from helpers import PROJECT_DIR, mlflow_run
+from steps import contract
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
+    log = open(tmp_path / "server.log", "w")
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
+        time.sleep(0.5)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def test_the_whole_pipeline_runs_against_a_tracking_server(server, tiny_data, tmp_path):
+    output = tmp_path / "predictions.csv"
+    params = {"data_dir": str(tiny_data), "epochs": "1", "image_size": "32", "hparams": "small,medium",
+              "experiment": "server", "threshold": "0.0", "output": str(output)}  # fmt: skip
+    done = mlflow_run("main", params, server, experiment="pipeline/server")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    client = mlflow.MlflowClient()  # over HTTP
+    experiment = client.get_experiment_by_name("pipeline/server")
+    main_run = client.search_runs([experiment.experiment_id])[0]
+    tags = main_run.data.tags
+    train_run = client.get_run(tags[contract.TAG_TRAIN_RUN_ID])
+    children = client.search_runs(
+        [train_run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{train_run.info.run_id}'"
+    )
+    assert sorted(c.data.tags[contract.TAG_HPARAM_SET] for c in children) == ["medium", "small"]
+
+    version = client.get_model_version("Production_Reg", tags[contract.TAG_REGISTERED_VERSION])
+    eval_run = client.get_run(tags[contract.TAG_EVAL_RUN_ID])
+    assert float(version.tags["acc"]) == eval_run.data.metrics["test_accuracy"]
+    assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(version.version)
+
+    # infer loaded the model back from the server, and its predictions went to the server too.
+    infer_run = client.get_run(tags[contract.TAG_INFER_RUN_ID])
+    assert infer_run.data.tags[contract.TAG_MODEL_VERSION] == str(version.version)
+    downloaded = mlflow.artifacts.download_artifacts(
+        run_id=infer_run.info.run_id, artifact_path="predictions.csv", dst_path=str(tmp_path / "back")
+    )
+    assert open(downloaded).read() == output.read_text()
+
+    # Every artifact went through the server into its own artifact store, none beside the project.
+    assert any((tmp_path / "artifacts").rglob("MLmodel"))
+    assert eval_run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    assert not (PROJECT_DIR / "mlruns" / "train_server").exists()
