@@ -6,6 +6,7 @@ directory, else MLflow's own default ``sqlite:///mlflow.db``; no server is neede
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -63,18 +64,25 @@ def configure(dotenv: Path = Path(".env")) -> str:
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, naming the URI, when the server does not answer.
+    """Fail in seconds, in one line naming the URI, when the server does not answer or refuses us.
 
-    Without this, MLflow's client retries an unreachable server with backoff for minutes.
+    Without this, MLflow's client retries an unreachable server with backoff for minutes, and a
+    server with authentication fails the first call deep inside a stage with a traceback.
     """
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-            pass
+        # /health answers without credentials; one small API call then checks ours.
+        urllib.request.urlopen(f"{base}/health", timeout=timeout).close()
+        probe = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1")
+        for header, value in _auth_headers().items():
+            probe.add_header(header, value)
+        urllib.request.urlopen(probe, timeout=timeout).close()
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
+            given = "the credentials given were refused" if _auth_headers() else "no credentials were given"
             raise PipelineError(
-                f"the tracking server at {uri} refused the request (HTTP {err.code}); "
-                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+                f"the tracking server at {uri} answered HTTP {err.code}: {given}; set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
             ) from None
         # Any other answer means a server is there; MLflow reports its own errors from here on.
     except (urllib.error.URLError, OSError) as err:
@@ -83,6 +91,18 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
             f"cannot reach the tracking server at {uri} ({reason}); start it (make server) "
             "or point MLFLOW_TRACKING_URI (environment or .env) at a running one"
         ) from None
+
+
+def _auth_headers() -> dict[str, str]:
+    """The credentials MLflow's client would send, from the same environment variables."""
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {pair}"}
+    return {}
 
 
 def artifact_root(tracking_uri: str) -> str | None:

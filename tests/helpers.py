@@ -11,14 +11,19 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def mlflow_run(
-    entry_point: str, params: dict[str, str], store: str, experiment: str | None = None, check: bool = False
+    entry_point: str,
+    params: dict[str, str],
+    store: str,
+    experiment: str | None = None,
+    check: bool = False,
+    env_manager: str = "local",
 ) -> subprocess.CompletedProcess:
     """`mlflow run . -e ENTRY --env-manager local` against ``store``; output captured unless ``check``."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the stages' `python`
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", entry_point, "--env-manager", "local"]
+    cmd = [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", entry_point, "--env-manager", env_manager]
     if experiment:
         cmd += ["--experiment-name", experiment]
     for key, value in params.items():

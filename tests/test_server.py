@@ -7,6 +7,7 @@ it. Nothing reaches the store but through HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -21,7 +22,7 @@ import mlflow
 import pytest
 
 from helpers import PROJECT_DIR, mlflow_run
-from steps import contract
+from steps import contract, tracking
 
 pytestmark = pytest.mark.e2e
 
@@ -77,32 +78,41 @@ def backend(request, tmp_path):
     return request.getfixturevalue("postgres")
 
 
-@pytest.fixture
-def server(backend, tmp_path, monkeypatch):
+@contextlib.contextmanager
+def running_server(tmp_path: Path, backend: str, *extra: str, env: dict[str, str] | None = None):
+    """`mlflow server` on a free loopback port, as `make server` starts it; yields its URI."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", backend, "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
-    log = open(tmp_path / "server.log", "w")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    deadline = time.monotonic() + 90
-    while True:
+           "--backend-store-uri", backend, "--artifacts-destination", str(tmp_path / "artifacts"), *extra]  # fmt: skip
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ, **(env or {})}
+        )
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    urllib.request.urlopen(f"{uri}/health", timeout=2).close()
                     break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
-        time.sleep(0.5)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+                except OSError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("mlflow server did not start:\n" + log_path.read_text()[-3000:])
+                time.sleep(0.5)
+            yield uri
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+@pytest.fixture
+def server(backend, tmp_path, monkeypatch):
+    with running_server(tmp_path, backend) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        yield uri
 
 
 def test_the_whole_pipeline_runs_against_a_tracking_server(server, backend, tiny_data, tmp_path):
@@ -139,3 +149,30 @@ def test_the_whole_pipeline_runs_against_a_tracking_server(server, backend, tiny
     assert any((tmp_path / "artifacts").rglob("MLmodel"))
     assert eval_run.info.artifact_uri.startswith("mlflow-artifacts:/")
     assert not (PROJECT_DIR / "mlruns" / "train_server").exists()
+
+
+def test_a_server_with_authentication_refuses_wrong_credentials_in_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("flask_wtf", reason="the basic-auth server needs mlflow[auth] (requirements-dev.txt)")
+    config = tmp_path / "auth.ini"
+    config.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+        "admin_username = admin\nadmin_password = right-password-1234\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only"}
+    with running_server(tmp_path, f"sqlite:///{tmp_path / 'server.db'}", "--app-name", "basic-auth", env=env) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+        with pytest.raises(tracking.PipelineError) as err:
+            tracking.configure()
+        assert str(err.value).startswith(f"the tracking server at {uri} answered HTTP 401: the credentials given")
+
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        with pytest.raises(tracking.PipelineError, match="answered HTTP 401: no credentials were given; set"):
+            tracking.configure()
+
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "right-password-1234")
+        assert tracking.configure() == uri
