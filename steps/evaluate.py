@@ -10,8 +10,9 @@ Writes, in experiment ``eval/<experiment>``, one run with:
   positive class, cut-off 0.5 on the defect probability);
 - tags ``source_run_id``, ``registered_model``, ``registered_version``, ``promoted`` (``true`` when
   ``prod`` now points at this version);
-- artifacts ``metrics.json`` (with the confusion matrix), ``confusion_matrix.png`` and the test
-  manifest, also logged as the run's dataset input with its digest.
+- artifacts ``metrics.json`` (with the confusion matrix), ``confusion_matrix.png``,
+  ``roc_pr_curves.png``, ``misclassified.png`` (the most confidently wrong test images) and the
+  test manifest, also logged as the run's dataset input with its digest.
 
 In the registry: a new version of ``Production_Reg`` when test accuracy >= ``threshold``, else of
 ``Testing_Reg``, tagged ``acc`` (the test accuracy, as a string), ``test_digest``,
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 import mlflow
 import numpy as np
 
-from steps import cli, contract
+from steps import cli, contract, plots
 from steps.config import Config, RegistryConfig
 from steps.data import load_images, manifest, scan_split
 from steps.prepare import ensure_data
@@ -121,25 +122,19 @@ def promote(client: mlflow.MlflowClient, registry: RegistryConfig) -> str | None
     return champion
 
 
-def log_confusion_png(matrix: list[list[int]], classes: Sequence[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks([0, 1], labels=classes)
-    ax.set_yticks([0, 1], labels=classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(2):
-        for j in range(2):
-            ax.text(j, i, str(matrix[i][j]), ha="center", va="center")
-    ax.set_title("test confusion matrix")
-    fig.tight_layout()
-    mlflow.log_figure(fig, contract.CONFUSION_ARTIFACT)
-    plt.close(fig)
+def log_figures(
+    images: np.ndarray, y: np.ndarray, prob: np.ndarray, confusion: list[list[int]], classes: Sequence[str]
+) -> None:
+    """The confusion matrix, ROC and precision-recall curves, and the worst mistakes, as PNGs."""
+    figures = {contract.CONFUSION_ARTIFACT: plots.confusion(confusion, classes)}
+    if len(set(y.tolist())) == 2:  # curves need both classes
+        figures[contract.CURVES_ARTIFACT] = plots.curves(y, prob)
+    mistakes = plots.misclassified(images, y, prob, classes)
+    if mistakes is not None:
+        figures[contract.MISCLASSIFIED_ARTIFACT] = mistakes
+    for name, fig in figures.items():
+        mlflow.log_figure(fig, name)
+        plots.close(fig)
 
 
 def evaluate(config: Config, run_id: str) -> str:
@@ -168,7 +163,7 @@ def evaluate(config: Config, run_id: str) -> str:
         mlflow.log_metrics(result)
         report = {**result, "confusion_matrix": confusion, "classes": list(classes), "n_test": len(samples)}
         mlflow.log_dict(report, contract.METRICS_ARTIFACT)
-        log_confusion_png(confusion, classes)
+        log_figures(x, y, prob, confusion, classes)
         accuracy = result[contract.METRIC_TEST_ACCURACY]
 
         name = choose_registry(accuracy, config.evaluate.threshold, config.registry)

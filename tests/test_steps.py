@@ -86,7 +86,7 @@ def test_evaluate_registers_by_threshold_and_moves_prod_only_in_production(train
     assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(version.version)
     for metric in ("precision", "recall", "f1", "roc_auc"):
         assert 0.0 <= run.data.metrics[metric] <= 1.0
-    assert {"metrics.json", "confusion_matrix.png", "test_manifest.csv"} <= {
+    assert {"metrics.json", "confusion_matrix.png", "roc_pr_curves.png", "misclassified.png", "test_manifest.csv"} <= {
         a.path for a in client.list_artifacts(eval_id)
     }
 

@@ -1,0 +1,79 @@
+"""Figures for people to look at: how the model does on the test set. Each returns a matplotlib figure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def confusion(matrix: list[list[int]], classes: Sequence[str]) -> Figure:
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks([0, 1], labels=classes)
+    ax.set_yticks([0, 1], labels=classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, str(matrix[i][j]), ha="center", va="center")
+    ax.set_title("test confusion matrix")
+    fig.tight_layout()
+    return fig
+
+
+def curves(y_true: np.ndarray, prob: np.ndarray) -> Figure:
+    """ROC and precision-recall curves side by side, defect as the positive class."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(8, 4))
+    fpr, tpr, _ = roc_curve(y_true, prob)
+    roc.plot(fpr, tpr, label=f"AUC {roc_auc_score(y_true, prob):.3f}")
+    roc.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    roc.set(xlabel="false positive rate", ylabel="true positive rate (defect recall)", title="ROC")
+    precision, recall, _ = precision_recall_curve(y_true, prob)
+    pr.plot(recall, precision, label=f"AP {average_precision_score(y_true, prob):.3f}")
+    pr.axhline(y_true.mean(), linestyle=":", color="grey")  # what guessing "defect" always gives
+    pr.set(xlabel="recall", ylabel="precision", title="precision-recall")
+    for ax in (roc, pr):
+        ax.legend(loc="lower right")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+    fig.tight_layout()
+    return fig
+
+
+def misclassified(
+    images: np.ndarray,
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    classes: Sequence[str],
+    cutoff: float = 0.5,
+    most: int = 16,
+) -> Figure | None:
+    """The most confidently wrong test images, worst first; None when nothing is wrong."""
+    wrong = np.flatnonzero((prob >= cutoff).astype(int) != y_true)
+    if wrong.size == 0:
+        return None
+    worst = wrong[np.argsort(-np.abs(prob[wrong] - y_true[wrong]))][:most]
+    cols = min(4, worst.size)
+    rows = -(-worst.size // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), worst, strict=False):
+        ax.imshow(images[i, :, :, 0], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"true {classes[int(y_true[i])]}\np(defect) {prob[i]:.2f}", fontsize=8)
+    fig.suptitle(f"misclassified test images ({wrong.size}), worst first")
+    fig.tight_layout()
+    return fig
+
+
+def close(fig: Figure) -> None:
+    plt.close(fig)
