@@ -107,3 +107,14 @@ def test_cli_empty_parameter_keeps_the_conf_value():
     assert config.train.epochs is None
     assert config.seed == 7
     assert own == {"run_id": ""}
+
+
+def test_main_rejects_an_unknown_env_manager_before_any_stage(store):
+    import mlflow
+
+    from steps.main import main
+    from steps.tracking import PipelineError
+
+    with pytest.raises(PipelineError, match="env_manager: expected one of local, uv, virtualenv, conda, got 'docker'"):
+        main(load_config(), env_manager="docker")
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []  # no run was started
