@@ -40,6 +40,13 @@ def run_main(tiny_data: Path, store: str, tmp_path: Path, threshold: str, seed: 
 def test_main_trains_evaluates_registers_promotes_and_infers(tiny_data, store, tmp_path):
     client = mlflow.MlflowClient()
 
+    # Before any model passed: a bar no model can pass (1.0, the highest legal threshold) sends the
+    # model to Testing_Reg, and with no prod alias yet main skips infer and says why.
+    blocked = run_main(tiny_data, store, tmp_path, threshold="1.0", seed="42")
+    assert blocked[contract.TAG_REGISTERED_MODEL] == "Testing_Reg"
+    assert contract.TAG_INFER_RUN_ID not in blocked
+    assert "no Production_Reg@prod yet" in blocked[contract.TAG_INFER_SKIPPED]
+
     first = run_main(tiny_data, store, tmp_path, threshold="0.0", seed="42")
 
     # Three nested train runs under the train parent, and best_run_id names the best of them.
@@ -77,20 +84,15 @@ def test_main_trains_evaluates_registers_promotes_and_infers(tiny_data, store, t
     prod = client.get_model_version_by_alias("Production_Reg", "prod")
     assert float(prod.tags["acc"]) == max(float(v.tags["acc"]) for v in versions)
 
-    # A bar no model can pass (1.0, the highest legal threshold): Testing_Reg, and prod does not move.
-    third = run_main(tiny_data, store, tmp_path, threshold="1.0", seed="42")
-    assert third[contract.TAG_REGISTERED_MODEL] == "Testing_Reg"
-    testing = client.get_model_version("Testing_Reg", third[contract.TAG_REGISTERED_VERSION])
+    # Now that prod exists, the unreachable bar again: Testing_Reg, and prod does not move.
+    # (evaluate alone, through mlflow run, on the first train run: the whole pipeline is shown above.)
+    params = {"run_id": first[contract.TAG_TRAIN_RUN_ID], "threshold": "1.0", "data_dir": str(tiny_data)}
+    done = mlflow_run("evaluate", {**params, "experiment": "e2e"}, store, experiment="eval/e2e")
+    assert done.returncode == 0, done.stderr[-5000:]
+    testing = client.search_model_versions("name = 'Testing_Reg'", order_by=["version_number DESC"])[0]
     assert float(testing.tags["acc"]) < 1.0
     assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(prod.version)
-    assert client.get_run(third[contract.TAG_EVAL_RUN_ID]).data.tags[contract.TAG_PROMOTED] == "false"
-
-
-def test_main_with_no_production_model_skips_infer_and_says_why(tiny_data, store, tmp_path):
-    tags = run_main(tiny_data, store, tmp_path, threshold="1.0", seed="42")
-    assert tags[contract.TAG_REGISTERED_MODEL] == "Testing_Reg"
-    assert contract.TAG_INFER_RUN_ID not in tags
-    assert "no Production_Reg@prod yet" in tags[contract.TAG_INFER_SKIPPED]
+    assert client.get_run(testing.tags["eval_run_id"]).data.tags[contract.TAG_PROMOTED] == "false"
 
 
 @pytest.mark.parametrize(
