@@ -35,7 +35,7 @@ run: venv
 test: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
-## Style (ruff) and types (mypy) over steps/ and tests/.
+## Style (ruff) over steps/ and tests/, types (mypy) over steps/.
 lint: venv
 	$(BIN)/ruff check steps tests
 	$(BIN)/ruff format --check steps tests

@@ -70,16 +70,15 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
     server with authentication fails the first call deep inside a stage with a traceback.
     """
     base = uri.rstrip("/")
+    headers = _auth_headers()
     try:
         # /health answers without credentials; one small API call then checks ours.
         urllib.request.urlopen(f"{base}/health", timeout=timeout).close()
-        probe = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1")
-        for header, value in _auth_headers().items():
-            probe.add_header(header, value)
+        probe = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
         urllib.request.urlopen(probe, timeout=timeout).close()
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
-            given = "the credentials given were refused" if _auth_headers() else "no credentials were given"
+            given = "the credentials given were refused" if headers else "no credentials were given"
             raise PipelineError(
                 f"the tracking server at {uri} answered HTTP {err.code}: {given}; set "
                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
