@@ -15,7 +15,7 @@ endif
 MLFLOW_TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 export MLFLOW_TRACKING_URI
 
-.PHONY: venv run test test-fast lint bench-pipeline server ui clean
+.PHONY: venv run test test-fast lint bench-pipeline server ui prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ server: venv
 ## The MLflow UI on the store, at http://127.0.0.1:5000
 ui: venv
 	$(BIN)/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port 5000
+
+## Every move of Production_Reg@prod, oldest first: by evaluate (the rule) or promote (by hand).
+prod-history: venv
+	$(BIN)/python -m steps.promote history
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from steps.scoring import OBJECTIVES
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_DIR / "conf"
 
@@ -79,20 +81,33 @@ class TrainConfig:
     image_size: int
     # None: each hyperparameter set's own epochs; an integer overrides them all.
     epochs: int | None = None
+    # What the decision threshold on the defect probability is tuned for, on the validation split.
+    threshold_objective: str = "balanced_accuracy"
 
     def __post_init__(self) -> None:
         _check(len(self.hparams) >= 1, "train.hparams", "one or more hyperparameter set names", self.hparams)
         _check(16 <= self.image_size <= 1024, "train.image_size", "an integer in [16, 1024]", self.image_size)
         _check(self.epochs is None or self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
+        _check(
+            self.threshold_objective in OBJECTIVES,
+            "train.threshold_objective",
+            f"one of {', '.join(OBJECTIVES)}",
+            self.threshold_objective,
+        )
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     threshold: float
     batch_size: int
+    # A challenger takes prod only if it beats the champion's accuracy (same test set) by this much.
+    min_improvement: float = 0.0
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.threshold <= 1.0, "evaluate.threshold", "a number in [0, 1]", self.threshold)
+        _check(
+            0.0 <= self.min_improvement < 1.0, "evaluate.min_improvement", "a number in [0, 1)", self.min_improvement
+        )
         _check(self.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", self.batch_size)
 
 

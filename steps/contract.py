@@ -13,6 +13,7 @@ STAGE_PREPARE = "prepare"  # not in the contract: the optional data step
 STAGE_TRAIN = "train"
 STAGE_EVAL = "eval"
 STAGE_INFER = "infer"
+STAGE_PROMOTE = "promote"  # not in the contract: moving prod by hand (rollback)
 
 
 def experiment_name(stage: str, experiment: str) -> str:
@@ -30,6 +31,17 @@ TAG_DATA_DIGEST = "data_digest"
 TAG_HPARAM_SET = "hparam_set"
 TAG_SOURCE_RUN_ID = "source_run_id"
 TAG_PROMOTED = "promoted"
+# Not in the contract (issue 3): why evaluate did or did not promote, the numbers compared, and
+# the prod version it was compared with.
+TAG_PROMOTION_REASON = "promotion_reason"
+TAG_CHAMPION_VERSION = "champion_version"
+TAG_CHAMPION_RESCORED = "champion_rescored"
+# The promote run: the version it moved prod to, the one it replaced, who asked, the versions it
+# blocked from automatic promotion so the choice sticks.
+TAG_PROMOTED_VERSION = "promoted_version"
+TAG_REPLACED_VERSION = "replaced_version"
+TAG_REQUESTED_BY = "requested_by"
+TAG_BLOCKED_VERSIONS = "blocked_versions"
 TAG_MODEL_URI = "model_uri"
 TAG_MODEL_VERSION = "model_version"
 # Not in the contract: main's record of why it did not run infer (no `prod` alias yet).
@@ -40,6 +52,14 @@ VERSION_TAG_ACC = "acc"
 VERSION_TAG_TEST_DIGEST = "test_digest"
 VERSION_TAG_SOURCE_RUN_ID = "source_run_id"
 VERSION_TAG_EVAL_RUN_ID = "eval_run_id"
+# Not in the contract (issue 3): "acc.<test_digest>" holds the score on each test set a version was
+# scored on (steps.registry.score_tag); acc and test_digest always hold the latest of them.
+VERSION_TAG_DECISION_THRESHOLD = "decision_threshold"
+VERSION_TAG_PROD_SINCE = "prod_since"
+VERSION_TAG_PROD_UNTIL = "prod_until"
+VERSION_TAG_REPLACED_VERSION = "replaced_version"
+# Set on a version that a rollback passed over: the rule never gives it prod again on its own.
+VERSION_TAG_BLOCKED = "prod_blocked"
 
 # Metrics.
 METRIC_LOSS = "loss"
@@ -52,6 +72,12 @@ METRIC_PRECISION = "precision"
 METRIC_RECALL = "recall"
 METRIC_F1 = "f1"
 METRIC_ROC_AUC = "roc_auc"
+# Not in the contract (issue 3): the same metrics at the model's own decision threshold (tuned on
+# the validation split), balanced accuracy at both cut-offs, and the champion's score.
+METRIC_BALANCED_ACCURACY = "balanced_accuracy"
+TUNED_PREFIX = "tuned_"
+METRIC_DECISION_THRESHOLD = "decision_threshold"
+METRIC_CHAMPION_TEST_ACCURACY = "champion_test_accuracy"
 METRIC_N_IMAGES = "n_images"
 METRIC_N_DEFECT = "n_defect"
 METRIC_N_ERRORS = "n_errors"

@@ -1,39 +1,50 @@
 """Entry point ``evaluate``: score one training run's model on the unseen test set, register it, promote.
 
 Parameters (an empty value keeps ``conf/``): ``run_id`` (required: a train child run with a
-model, or a train parent run, whose ``best_run_id`` is then followed), ``threshold``,
-``data_dir``, ``experiment``.
+model, or a train parent run, whose ``best_run_id`` is then followed), ``threshold`` (the floor for
+``Production_Reg``), ``min_improvement`` (over the champion), ``data_dir``, ``experiment``.
 
 Writes, in experiment ``eval/<experiment>``, one run with:
 
-- metrics ``test_accuracy``, ``precision``, ``recall``, ``f1``, ``roc_auc`` (defect is the
-  positive class, cut-off 0.5 on the defect probability);
+- metrics ``test_accuracy``, ``balanced_accuracy``, ``precision``, ``recall``, ``f1``, ``roc_auc``
+  (defect is the positive class, cut-off 0.5 on the defect probability), the same prefixed
+  ``tuned_`` at the model's own ``decision_threshold`` (tuned on the validation split by train,
+  logged as a metric too), and ``champion_test_accuracy`` (the prod version it was compared with,
+  on this test set);
 - tags ``source_run_id``, ``registered_model``, ``registered_version``, ``promoted`` (``true`` when
-  ``prod`` now points at this version);
-- artifacts ``metrics.json`` (with the confusion matrix), ``confusion_matrix.png``,
-  ``roc_pr_curves.png``, ``misclassified.png`` (the most confidently wrong test images) and the
-  test manifest, also logged as the run's dataset input with its digest.
+  ``prod`` now points at this version), ``promotion_reason`` (the numbers compared),
+  ``champion_version``, and ``champion_rescored`` when the champion had to be scored on this test set;
+- artifacts ``metrics.json`` (every metric, both confusion matrices, the decision and its reason),
+  ``confusion_matrix.png`` (at 0.5 and at the tuned threshold), ``roc_pr_curves.png``,
+  ``misclassified.png`` (the most confidently wrong test images) and the test manifest, also
+  logged as the run's dataset input with its digest.
 
 In the registry: a new version of ``Production_Reg`` when test accuracy >= ``threshold``, else of
-``Testing_Reg``, tagged ``acc`` (the test accuracy, as a string), ``test_digest``,
-``source_run_id`` and ``eval_run_id``. Then the alias ``prod`` of ``Production_Reg`` is pointed at
-the version with the highest ``acc`` (a tie keeps the current holder).
+``Testing_Reg``, tagged ``acc`` (the test accuracy at 0.5, as a string), ``test_digest``,
+``acc.<test_digest>``, ``decision_threshold``, ``source_run_id`` and ``eval_run_id``. Then, in
+``Production_Reg`` only, ``steps.registry.settle`` applies the promotion rule: scores are compared
+on this test set only (a champion scored on another one is scored on this one first), a tie keeps
+the champion, a challenger must gain at least ``min_improvement``; the alias is re-read and
+re-decided until stable, and every move is recorded in the registry's history.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import mlflow
 import numpy as np
 
-from steps import cli, contract, plots
+from steps import cli, contract, plots, registry
 from steps.config import Config, RegistryConfig
-from steps.data import load_images, manifest, scan_split
+from steps.data import Sample, load_images, manifest, scan_split
 from steps.prepare import ensure_data
+from steps.scoring import score
 from steps.tracking import PipelineError, alias_version, get_run, log_config, log_dataset, stage_run
 
 logger = logging.getLogger(__name__)
@@ -42,47 +53,20 @@ logger = logging.getLogger(__name__)
 # --- Pure rules --------------------------------------------------------------------------
 
 
-def score(y_true: np.ndarray, prob: np.ndarray, cutoff: float = 0.5) -> tuple[dict[str, float], list[list[int]]]:
-    """Metrics with the defect class (label 1) as positive, and the confusion matrix [true][predicted]."""
-    from sklearn import metrics
-
-    y_pred = (prob >= cutoff).astype(int)
-    result = {
-        contract.METRIC_TEST_ACCURACY: float(metrics.accuracy_score(y_true, y_pred)),
-        contract.METRIC_PRECISION: float(metrics.precision_score(y_true, y_pred, zero_division=0)),
-        contract.METRIC_RECALL: float(metrics.recall_score(y_true, y_pred, zero_division=0)),
-        contract.METRIC_F1: float(metrics.f1_score(y_true, y_pred, zero_division=0)),
-    }
-    if len(set(y_true.tolist())) == 2:  # ROC-AUC is undefined with one class
-        result[contract.METRIC_ROC_AUC] = float(metrics.roc_auc_score(y_true, prob))
-    return result, metrics.confusion_matrix(y_true, y_pred, labels=[0, 1]).tolist()
-
-
 def choose_registry(accuracy: float, threshold: float, registry: RegistryConfig) -> str:
     """Production at or above the threshold, testing below it."""
     return registry.production if accuracy >= threshold else registry.testing
 
 
-def parse_acc(value: str | None) -> float | None:
-    """A version's ``acc`` tag as a number, or None when it is missing or not a finite number."""
-    try:
-        acc = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return acc if acc is not None and math.isfinite(acc) else None
-
-
-def pick_champion(versions: Sequence[tuple[str, str | None]], current: str | None) -> str | None:
-    """The version with the highest ``acc``; a tie keeps ``current``, else the earliest version.
-
-    ``versions`` holds ``(version, acc tag)``; versions without a usable ``acc`` never win.
-    """
-    scored = [(v, a) for v, a in ((v, parse_acc(a)) for v, a in versions) if a is not None]
-    if not scored:
-        return None
-    best = max(a for _, a in scored)
-    tied = [v for v, a in scored if a == best]
-    return current if current in tied else min(tied, key=int)
+def report(y: np.ndarray, prob: np.ndarray, cutoff: float) -> tuple[dict[str, float], dict[str, list[list[int]]]]:
+    """Metrics at 0.5 (the contract's names) and at the model's own cut-off (``tuned_``), and the confusion matrices."""
+    at_half, confusion = score(y, prob)
+    tuned, tuned_confusion = score(y, prob, cutoff)
+    metrics = {**at_half, contract.METRIC_DECISION_THRESHOLD: cutoff}
+    # ROC-AUC does not depend on the cut-off: once is enough.
+    metrics.update({contract.TUNED_PREFIX + k: v for k, v in tuned.items() if k != contract.METRIC_ROC_AUC})
+    # Keyed by cut-off; one entry when the tuned cut-off is 0.5 itself.
+    return metrics, {f"{c:.3f}": m for c, m in ((0.5, confusion), (cutoff, tuned_confusion))}
 
 
 # --- MLflow edge -------------------------------------------------------------------------
@@ -110,31 +94,123 @@ def load_model_info(run_id: str):
         ) from None
 
 
-def promote(client: mlflow.MlflowClient, registry: RegistryConfig) -> str | None:
-    """Point the alias at the production version with the highest ``acc``; return that version."""
-    # Versions as strings: MLflow returns them as int from some calls and str from others.
-    versions = client.search_model_versions(f"name = '{registry.production}'")
-    current = alias_version(registry.production, registry.alias)
-    champion = pick_champion([(str(v.version), v.tags.get(contract.VERSION_TAG_ACC)) for v in versions], current)
-    if champion is not None and champion != current:
-        client.set_registered_model_alias(registry.production, registry.alias, champion)
-        logger.info("%s@%s: version %s -> %s", registry.production, registry.alias, current, champion)
-    return champion
-
-
 def log_figures(
-    images: np.ndarray, y: np.ndarray, prob: np.ndarray, confusion: list[list[int]], classes: Sequence[str]
+    images: np.ndarray,
+    y: np.ndarray,
+    prob: np.ndarray,
+    confusions: Mapping[str, list[list[int]]],
+    cutoff: float,
+    classes: Sequence[str],
 ) -> None:
-    """The confusion matrix, ROC and precision-recall curves, and the worst mistakes, as PNGs."""
-    figures = {contract.CONFUSION_ARTIFACT: plots.confusion(confusion, classes)}
+    """The confusion matrices, ROC and precision-recall curves, and the worst mistakes, as PNGs."""
+    figures = {contract.CONFUSION_ARTIFACT: plots.confusion(confusions, classes)}
     if len(set(y.tolist())) == 2:  # curves need both classes
-        figures[contract.CURVES_ARTIFACT] = plots.curves(y, prob)
-    mistakes = plots.misclassified(images, y, prob, classes)
+        figures[contract.CURVES_ARTIFACT] = plots.curves(y, prob, cutoffs=sorted({0.5, cutoff}))
+    mistakes = plots.misclassified(images, y, prob, classes, cutoff=cutoff)
     if mistakes is not None:
         figures[contract.MISCLASSIFIED_ARTIFACT] = mistakes
     for name, fig in figures.items():
         mlflow.log_figure(fig, name)
         plots.close(fig)
+
+
+class TestSet:
+    """The test images, decoded once per image size, and the models scored on them."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, samples: Sequence[Sample], batch_size: int) -> None:
+        self.samples = samples
+        self.y = np.array([s.label for s in samples])
+        self.batch_size = batch_size
+        self._images: dict[int, np.ndarray] = {}
+
+    def images(self, size: int) -> np.ndarray:
+        if size not in self._images:
+            self._images[size] = load_images([s.path for s in self.samples], size)
+        return self._images[size]
+
+    def predict(self, model_uri: str, image_size: int) -> np.ndarray:
+        model = mlflow.keras.load_model(model_uri)
+        return model.predict(self.images(image_size), batch_size=self.batch_size, verbose=0).reshape(-1)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Where the model went and what happened to ``prod``."""
+
+    registered_model: str
+    version: str
+    promoted: bool
+    reason: str
+    champion: str | None  # the prod version the model was compared with
+    champion_acc: float | None  # its accuracy on this test set
+
+
+def rescore(client: mlflow.MlflowClient, reg: RegistryConfig, test: TestSet, digest: str, version: str) -> float | None:
+    """Score a production version on this test set and record it; None (and a warning) when it cannot be."""
+    uri = f"models:/{reg.production}/{version}"
+    before = client.get_model_version(reg.production, version).tags
+    try:
+        size = int((mlflow.models.get_model_info(uri).metadata or {})["image_size"])
+        acc = score(test.y, test.predict(uri, size))[0][contract.METRIC_TEST_ACCURACY]
+    except Exception as err:  # noqa: BLE001 - a hand-registered version may hold anything
+        logger.warning("cannot score prod version %s on this test set (%s); it counts as unscored", version, err)
+        mlflow.set_tag(contract.TAG_CHAMPION_RESCORED, f"version {version}: failed ({type(err).__name__}: {err})"[:500])
+        return None
+    registry.record_score(client, reg.production, version, acc, digest)
+    was = f"{before.get(contract.VERSION_TAG_ACC)} on test set {before.get(contract.VERSION_TAG_TEST_DIGEST)}"
+    mlflow.set_tag(contract.TAG_CHAMPION_RESCORED, f"version {version}: acc {acc!r} on test set {digest} (was {was})")
+    logger.info("prod version %s scores %.4f on this test set (was %s)", version, acc, was)
+    return acc
+
+
+def register_and_promote(
+    client: mlflow.MlflowClient,
+    config: Config,
+    model_uri: str,
+    accuracy: float,
+    digest: str,
+    tags: Mapping[str, str],
+    *,
+    eval_run_id: str | None = None,
+    rescore: Callable[[str], float | None] | None = None,
+    before_write: Callable[[], None] | None = None,
+) -> Outcome:
+    """Register by the threshold, then settle ``prod`` by the promotion rule (steps.registry)."""
+    reg = config.registry
+    name = choose_registry(accuracy, config.evaluate.threshold, reg)
+    version_tags = {
+        contract.VERSION_TAG_ACC: repr(accuracy),  # repr: float(tag) == the metric, exactly
+        contract.VERSION_TAG_TEST_DIGEST: digest,
+        registry.score_tag(digest): repr(accuracy),
+        **tags,
+    }
+    version = str(mlflow.register_model(model_uri, name, tags=version_tags).version)
+    if name != reg.production:
+        # Version numbers restart per registered model: Testing_Reg v1 is not Production_Reg v1.
+        reason = (
+            f"test accuracy {accuracy:.4f} is below the threshold {config.evaluate.threshold}: registered in "
+            f"{name}, which never holds {reg.alias}"
+        )
+        return Outcome(name, version, False, reason, alias_version(reg.production, reg.alias), None)
+
+    start, holder = registry.settle(
+        client,
+        reg,
+        digest,
+        config.evaluate.min_improvement,
+        run_id=eval_run_id,
+        rescore=rescore,
+        before_write=before_write,
+    )
+    scored = {e.version: e for e in registry.read_versions(client, reg.production, digest)}
+    me = scored[version]
+    # Promoted: compared with the holder before us. Not: with the holder that kept prod.
+    champion = start if holder == version else holder
+    other = None if champion is None else scored.get(champion, registry.Scored(champion, None))
+    _, reason = registry.judge(me, other, config.evaluate.min_improvement)
+    return Outcome(name, version, holder == version, reason, champion, other.acc if other else None)
 
 
 def evaluate(config: Config, run_id: str) -> str:
@@ -143,60 +219,85 @@ def evaluate(config: Config, run_id: str) -> str:
         raise PipelineError("evaluate needs -P run_id=<train run ID>; run `mlflow run . -e train` first")
     model_run_id = resolve_model_run(run_id)
     info = load_model_info(model_run_id)
-    image_size = int(info.metadata["image_size"])
+    metadata = info.metadata or {}
+    image_size = int(metadata["image_size"])
+    cutoff = float(metadata.get("decision_threshold", 0.5))  # models from before tuning: 0.5
     classes = config.data.classes
     data_dir = ensure_data(config)
-    samples = scan_split(data_dir, "test", classes)
+    test = TestSet(scan_split(data_dir, "test", classes), config.evaluate.batch_size)
+    client = mlflow.MlflowClient()
+    reg = config.registry
 
     with stage_run(contract.STAGE_EVAL, config.experiment) as run:
         eval_run_id = run.info.run_id
         mlflow.set_tag(contract.TAG_SOURCE_RUN_ID, model_run_id)
         log_config(config)
-        test_digest = log_dataset(manifest(samples, "test", data_dir), "test", data_dir, context="testing")
+        test_digest = log_dataset(manifest(test.samples, "test", data_dir), "test", data_dir, context="testing")
 
-        logger.info("scoring run %s on %d test images", model_run_id, len(samples))
-        model = mlflow.keras.load_model(info.model_uri)
-        x = load_images([s.path for s in samples], image_size)
-        prob = model.predict(x, batch_size=config.evaluate.batch_size, verbose=0).reshape(-1)
-        y = np.array([s.label for s in samples])
-        result, confusion = score(y, prob)
-        mlflow.log_metrics(result)
-        report = {**result, "confusion_matrix": confusion, "classes": list(classes), "n_test": len(samples)}
-        mlflow.log_dict(report, contract.METRICS_ARTIFACT)
-        log_figures(x, y, prob, confusion, classes)
-        accuracy = result[contract.METRIC_TEST_ACCURACY]
+        logger.info("scoring run %s on %d test images (test set %s)", model_run_id, len(test.samples), test_digest)
+        prob = test.predict(info.model_uri, image_size)
+        metrics, confusions = report(test.y, prob, cutoff)
+        mlflow.log_metrics(metrics)
+        log_figures(test.images(image_size), test.y, prob, confusions, cutoff, classes)
+        accuracy = metrics[contract.METRIC_TEST_ACCURACY]
 
-        name = choose_registry(accuracy, config.evaluate.threshold, config.registry)
-        version = mlflow.register_model(
+        outcome = register_and_promote(
+            client,
+            config,
             info.model_uri,
-            name,
-            tags={
-                contract.VERSION_TAG_ACC: repr(accuracy),  # repr: float(tag) == the metric, exactly
-                contract.VERSION_TAG_TEST_DIGEST: test_digest,
+            accuracy,
+            test_digest,
+            {
                 contract.VERSION_TAG_SOURCE_RUN_ID: model_run_id,
                 contract.VERSION_TAG_EVAL_RUN_ID: eval_run_id,
+                contract.VERSION_TAG_DECISION_THRESHOLD: repr(cutoff),
             },
+            eval_run_id=eval_run_id,
+            rescore=functools.partial(rescore, client, reg, test, test_digest),
         )
-        registered = str(version.version)
-        mlflow.set_tags({contract.TAG_REGISTERED_MODEL: name, contract.TAG_REGISTERED_VERSION: registered})
-        if name == config.registry.production:
-            champion = promote(mlflow.MlflowClient(), config.registry)
-            promoted = champion == registered
-        else:
-            # Version numbers restart per registered model: Testing_Reg v1 is not Production_Reg v1.
-            champion = alias_version(config.registry.production, config.registry.alias)
-            promoted = False
-        mlflow.set_tag(contract.TAG_PROMOTED, str(promoted).lower())
+        mlflow.set_tags(
+            {
+                contract.TAG_REGISTERED_MODEL: outcome.registered_model,
+                contract.TAG_REGISTERED_VERSION: outcome.version,
+                contract.TAG_PROMOTED: str(outcome.promoted).lower(),
+                contract.TAG_PROMOTION_REASON: outcome.reason,
+                contract.TAG_CHAMPION_VERSION: outcome.champion or "",
+            }
+        )
+        if outcome.champion_acc is not None:
+            mlflow.log_metric(contract.METRIC_CHAMPION_TEST_ACCURACY, outcome.champion_acc)
+        everything: dict[str, Any] = {
+            **metrics,
+            "confusion_matrices": confusions,  # by cut-off; rows true, columns predicted
+            "classes": list(classes),
+            "n_test": len(test.samples),
+            "test_digest": test_digest,
+            "registered_model": outcome.registered_model,
+            "registered_version": outcome.version,
+            "promoted": outcome.promoted,
+            "promotion_reason": outcome.reason,
+            "champion_version": outcome.champion,
+            "champion_test_accuracy": outcome.champion_acc,
+        }
+        mlflow.log_dict(everything, contract.METRICS_ARTIFACT)
 
-    prod = f"{config.registry.production}@{config.registry.alias}"
-    where = f"now {prod}" if promoted else f"{prod} stays on version {champion}" if champion else f"no {prod} yet"
+    prod = f"{reg.production}@{reg.alias}"
+    holder = alias_version(reg.production, reg.alias)
+    where = f"now {prod}" if outcome.promoted else f"{prod} stays on version {holder}" if holder else f"no {prod} yet"
     threshold = config.evaluate.threshold
-    print(f"test accuracy {accuracy:.4f} (threshold {threshold}) -> {name} version {registered}; {where}")
-    print(json.dumps(result))
+    registered = f"{outcome.registered_model} version {outcome.version}"
+    print(f"test accuracy {accuracy:.4f} (threshold {threshold}) -> {registered}; {where}")
+    print(f"{'promoted' if outcome.promoted else 'not promoted'}: {outcome.reason}")
+    print(json.dumps(metrics))
     return eval_run_id
 
 
-OVERRIDES = {"threshold": "evaluate.threshold", "data_dir": "data.dir", "experiment": "experiment"}
+OVERRIDES = {
+    "threshold": "evaluate.threshold",
+    "min_improvement": "evaluate.min_improvement",
+    "data_dir": "data.dir",
+    "experiment": "experiment",
+}
 
 if __name__ == "__main__":
     cli.main(

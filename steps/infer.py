@@ -5,8 +5,9 @@ recursively, or a glob), ``model_uri`` (default ``models:/Production_Reg@prod``)
 CSV to write), ``experiment``.
 
 Writes the CSV at ``output``: one row per input image with ``path``, ``predicted_class``,
-``defect_probability`` and ``error`` (empty, or why the image could not be read; such a row has
-no prediction and the rest of the batch still runs). In experiment ``infer/<experiment>`` one run
+``defect_probability``, ``decision_threshold`` (the model's own cut-off, tuned on validation by
+train; 0.5 for a model without one) and ``error`` (empty, or why the image could not be read; such
+a row has no prediction and the rest of the batch still runs). In experiment ``infer/<experiment>`` one run
 with tags ``model_uri`` and ``model_version``, metrics ``n_images``, ``n_defect``, ``n_errors``,
 and the CSV as an artifact. Prints a one-line summary.
 """
@@ -29,7 +30,7 @@ from steps.tracking import PipelineError, alias_version, log_config, stage_run
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("path", "predicted_class", "defect_probability", "error")
+COLUMNS = ("path", "predicted_class", "defect_probability", "decision_threshold", "error")
 
 
 def resolve_inputs(spec: str) -> list[Path]:
@@ -65,8 +66,10 @@ def load_production_model(model_uri: str):
         raise PipelineError(f"cannot load {model_uri}: {err.message}") from None
 
 
-def predict_files(model, files: list[Path], classes: list[str], batch_size: int) -> list[dict[str, str]]:
-    """One row per file; images of one size are batched together (the model resizes each batch)."""
+def predict_files(
+    model, files: list[Path], classes: list[str], batch_size: int, cutoff: float = 0.5
+) -> list[dict[str, str]]:
+    """One row per file, defect when its probability >= ``cutoff``; images of one size are batched together."""
     rows: dict[Path, dict[str, str]] = {}
     by_shape: dict[tuple[int, ...], list[tuple[Path, np.ndarray]]] = defaultdict(list)
     for path in files:
@@ -77,6 +80,7 @@ def predict_files(model, files: list[Path], classes: list[str], batch_size: int)
                 "path": str(path),
                 "predicted_class": "",
                 "defect_probability": "",
+                "decision_threshold": "",
                 "error": f"{type(err).__name__}: {err}",
             }
             continue
@@ -89,8 +93,9 @@ def predict_files(model, files: list[Path], classes: list[str], batch_size: int)
             for (path, _), p in zip(chunk, prob, strict=True):
                 rows[path] = {
                     "path": str(path),
-                    "predicted_class": classes[int(p >= 0.5)],
+                    "predicted_class": classes[int(p >= cutoff)],
                     "defect_probability": f"{p:.6f}",
+                    "decision_threshold": f"{cutoff:.6f}",
                     "error": "",
                 }
     return [rows[path] for path in files]
@@ -101,13 +106,14 @@ def infer(config: Config) -> str:
     files = resolve_inputs(config.infer_input)
     model, metadata, version = load_production_model(config.infer_model_uri)
     classes = list(metadata["classes"])  # [good, defect], as the model was trained
+    cutoff = float(metadata.get("decision_threshold", 0.5))
     output = Path(config.infer.output)
 
     with stage_run(contract.STAGE_INFER, config.experiment) as run:
         log_config(config)
         mlflow.set_tags({contract.TAG_MODEL_URI: config.infer_model_uri, contract.TAG_MODEL_VERSION: version or ""})
         logger.info("scoring %d images with %s (version %s)", len(files), config.infer_model_uri, version)
-        rows = predict_files(model, files, classes, config.infer.batch_size)
+        rows = predict_files(model, files, classes, config.infer.batch_size, cutoff)
         output.parent.mkdir(parents=True, exist_ok=True)
         with output.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS)

@@ -1,7 +1,8 @@
 """Entry point ``main``: the driver that chains ``train``, ``evaluate`` and ``infer`` with ``mlflow.run``.
 
 Parameters (an empty value keeps ``conf/``): ``experiment``, ``hparams``, ``epochs``,
-``image_size``, ``data_dir``, ``seed`` (forwarded to train), ``threshold`` (to evaluate),
+``image_size``, ``data_dir``, ``seed`` (forwarded to train), ``threshold``, ``min_improvement``
+(to evaluate),
 ``input``, ``output`` (to infer), ``env_manager`` (for the nested runs, default ``local``).
 
 Each stage is its own MLflow run in ``<stage>/<experiment>``, started with ``mlflow.run`` and
@@ -43,6 +44,7 @@ def stage_parameters(config: Config) -> dict[str, dict[str, str]]:
         contract.STAGE_TRAIN: train,
         contract.STAGE_EVAL: {
             "threshold": repr(config.evaluate.threshold),
+            "min_improvement": repr(config.evaluate.min_improvement),
             "data_dir": config.data.dir,
             "experiment": config.experiment,
         },
@@ -128,6 +130,7 @@ OVERRIDES = {
     "data_dir": "data.dir",
     "seed": "seed",
     "threshold": "evaluate.threshold",
+    "min_improvement": "evaluate.min_improvement",
     "input": "infer.input",
     "output": "infer.output",
 }

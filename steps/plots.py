@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -13,23 +13,25 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
-def confusion(matrix: list[list[int]], classes: Sequence[str]) -> Figure:
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks([0, 1], labels=classes)
-    ax.set_yticks([0, 1], labels=classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(2):
-        for j in range(2):
-            ax.text(j, i, str(matrix[i][j]), ha="center", va="center")
-    ax.set_title("test confusion matrix")
+def confusion(matrices: Mapping[str, list[list[int]]], classes: Sequence[str]) -> Figure:
+    """One confusion matrix per cut-off on the defect probability, side by side."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4 * len(matrices), 4), squeeze=False)
+    for ax, (cutoff, matrix) in zip(axes[0], matrices.items(), strict=True):
+        ax.imshow(matrix, cmap="Blues")
+        ax.set_xticks([0, 1], labels=classes)
+        ax.set_yticks([0, 1], labels=classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        for i in range(2):
+            for j in range(2):
+                ax.text(j, i, str(matrix[i][j]), ha="center", va="center")
+        ax.set_title(f"test set, cut-off {cutoff}")
     fig.tight_layout()
     return fig
 
 
-def curves(y_true: np.ndarray, prob: np.ndarray) -> Figure:
-    """ROC and precision-recall curves side by side, defect as the positive class."""
+def curves(y_true: np.ndarray, prob: np.ndarray, cutoffs: Sequence[float] = (0.5,)) -> Figure:
+    """ROC and precision-recall curves side by side, defect as the positive class, cut-offs marked."""
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
     fig, (roc, pr) = plt.subplots(1, 2, figsize=(8, 4))
@@ -41,6 +43,13 @@ def curves(y_true: np.ndarray, prob: np.ndarray) -> Figure:
     pr.plot(recall, precision, label=f"AP {average_precision_score(y_true, prob):.3f}")
     pr.axhline(y_true.mean(), linestyle=":", color="grey")  # what guessing "defect" always gives
     pr.set(xlabel="recall", ylabel="precision", title="precision-recall")
+    positives, negatives = max(int(y_true.sum()), 1), max(int((1 - y_true).sum()), 1)
+    for cutoff in cutoffs:  # where the model actually operates on each curve
+        predicted = prob >= cutoff
+        tp = int(np.sum(predicted & (y_true == 1)))
+        fp = int(np.sum(predicted & (y_true == 0)))
+        roc.plot(fp / negatives, tp / positives, "o")
+        pr.plot(tp / positives, tp / max(tp + fp, 1), "o", label=f"cut-off {cutoff:.3f}")
     for ax in (roc, pr):
         ax.legend(loc="lower right")
         ax.set_xlim(0, 1)

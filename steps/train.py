@@ -12,8 +12,10 @@ read. Writes, in experiment ``train/<experiment>``:
   ``config.yaml`` (the resolved configuration) and the train/val manifests, also logged as the
   run's dataset inputs with their digests;
 - one nested child run per set: tag ``hparam_set``; its hyperparameters as params; per-epoch
-  ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``; the model under ``model`` (a Keras model
-  with its preprocessing inside, a signature, and the class names in its metadata).
+  ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``; metric ``decision_threshold`` (the cut-off
+  on the defect probability that maximises ``train.threshold_objective`` on the validation split,
+  never the test set); the model under ``model`` (a Keras model with its preprocessing inside, a
+  signature, and in its metadata the class names, image size and ``decision_threshold``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from steps.config import Config, HParams
 from steps.data import Sample, load_images, manifest, scan_split, stratified_split
 from steps.model import make_model, set_seed
 from steps.prepare import ensure_data
+from steps.scoring import tune_threshold
 from steps.tracking import log_config, log_dataset, stage_run
 
 logger = logging.getLogger(__name__)
@@ -110,13 +113,21 @@ def fit_one(
             callbacks=[EpochLogger()],
             verbose=1 if sys.stdout.isatty() else 2,  # a progress bar on a terminal, a line per epoch in logs
         )
+        val_prob = model.predict(val_xy[0], batch_size=hp.batch_size, verbose=0).reshape(-1)
+        cutoff = tune_threshold(val_xy[1], val_prob, config.train.threshold_objective)
+        mlflow.log_metric(contract.METRIC_DECISION_THRESHOLD, cutoff)
         good, defect = config.data.classes
         mlflow.keras.log_model(
             model,
             name=contract.MODEL_ARTIFACT,
             signature=model_signature(),  # not input_example: it fails for Keras models (MLflow #16183)
             pip_requirements=model_requirements(),
-            metadata={"classes": [good, defect], "image_size": config.train.image_size, "hparam_set": name},
+            metadata={
+                "classes": [good, defect],
+                "image_size": config.train.image_size,
+                "hparam_set": name,
+                "decision_threshold": cutoff,
+            },
         )
         val_accuracy = float(history.history["val_accuracy"][-1])
         val_loss = float(history.history["val_loss"][-1])

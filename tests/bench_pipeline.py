@@ -94,7 +94,12 @@ def run(params: dict[str, str]) -> dict[str, object]:
 def report(result: dict[str, object], params: dict[str, str]) -> str:
     m = result["metrics"]
     wall, stages = result["wall"], (result["train"], result["evaluate"], result["infer"])
-    prf = " / ".join(f"{m[k]:.4f}" for k in (contract.METRIC_PRECISION, contract.METRIC_RECALL, contract.METRIC_F1))
+    keys = (contract.METRIC_PRECISION, contract.METRIC_RECALL, contract.METRIC_F1)
+    prf = " / ".join(f"{m[k]:.4f}" for k in keys)
+    tuned_prf = " / ".join(f"{m.get(contract.TUNED_PREFIX + k, float('nan')):.4f}" for k in keys)
+    cutoff = m.get(contract.METRIC_DECISION_THRESHOLD, float("nan"))
+    balanced = f"{m.get(contract.METRIC_BALANCED_ACCURACY, float('nan')):.4f}"
+    tuned_balanced = f"{m.get(contract.TUNED_PREFIX + contract.METRIC_BALANCED_ACCURACY, float('nan')):.4f}"
     args = " ".join(f"-P {k}={v}" for k, v in params.items())
     command = "make bench-pipeline" + (f' ARGS="{args}"' if args else "")
     lines = [
@@ -106,9 +111,17 @@ def report(result: dict[str, object], params: dict[str, str]) -> str:
         f"| `main` wall time (3 sets trained, evaluate, infer) | {wall / 60:.1f} min ({wall:.0f} s) |",
         "| train run / evaluate run / infer run | " + " / ".join(f"{s:.0f} s" for s in stages) + " |",
         f"| best set (by val_accuracy) | {result['best_set']} |",
-        f"| test accuracy | {m[contract.METRIC_TEST_ACCURACY]:.4f} |",
-        f"| precision / recall / F1 (defect positive) | {prf} |",
-        f"| ROC-AUC | {m.get(contract.METRIC_ROC_AUC, float('nan')):.4f} |",
+        "",
+        f"| on the test set | cut-off 0.5 | tuned cut-off {cutoff:.3f} (validation split) |",
+        "| --- | --- | --- |",
+        f"| accuracy | {m[contract.METRIC_TEST_ACCURACY]:.4f} "
+        f"| {m.get(contract.TUNED_PREFIX + contract.METRIC_TEST_ACCURACY, float('nan')):.4f} |",
+        f"| balanced accuracy | {balanced} | {tuned_balanced} |",
+        f"| precision / recall / F1 (defect positive) | {prf} | {tuned_prf} |",
+        f"| ROC-AUC | {m.get(contract.METRIC_ROC_AUC, float('nan')):.4f} | (independent of the cut-off) |",
+        "",
+        "| what | value |",
+        "| --- | --- |",
         f"| registered as | {result['registered']} |",
         "",
         "| hyperparameter set | val_accuracy | training time |",

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import mlflow
 import pytest
 from PIL import Image
 
+from helpers import free_port
 from steps.config import load_config
 from steps.prepare import elpv_labels, elpv_split
 
@@ -62,6 +66,52 @@ def tiny_config(tiny_data, tmp_path):
             "infer.output": str(tmp_path / "predictions.csv"),
         }
     )
+
+
+def postgres_bin() -> Path | None:
+    """Where PostgreSQL's server programs are: on PATH, or where Debian's postgresql package puts them."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return candidates[-1].parent if candidates else None
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL cluster on loopback; its SQLAlchemy URI."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run does this)")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (requirements-dev.txt has it)")
+    # The server refuses to run as root: run it as the postgres user where we are root.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    # Not under pytest's tmp_path: that sits in a root-only folder the postgres user cannot enter.
+    data = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
+    if as_user:
+        shutil.chown(data, "postgres")
+    port = free_port()
+
+    def pg(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
+
+    pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(data / "log"), "-w", "start")
+    try:
+        pg(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
+        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def server_backend(request, tmp_path) -> str:
+    """The backend store for a tracking server: PostgreSQL where installed (as a team runs it), else SQLite."""
+    if postgres_bin() is None:
+        return f"sqlite:///{tmp_path / 'server.db'}"
+    return request.getfixturevalue("postgres")
 
 
 @pytest.fixture(autouse=True)

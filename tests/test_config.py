@@ -17,6 +17,7 @@ def test_default_config_has_three_sets_and_the_contract_defaults():
     assert config.train.hparams == ("small", "medium", "wide")
     assert len(config.selected_hparams()) == 3
     assert config.evaluate.threshold == 0.60
+    assert config.evaluate.min_improvement == 0.0  # any gain promotes; a tie keeps the champion
     assert config.registry.production == "Production_Reg"
     assert config.registry.testing == "Testing_Reg"
     assert config.infer_model_uri == "models:/Production_Reg@prod"
@@ -50,7 +51,13 @@ def test_epochs_null_keeps_each_sets_own_epochs():
         ({"evaluate.threshold": "-0.1"}, "evaluate.threshold: expected a number in [0, 1], got -0.1"),
         ({"evaluate.threshold": "high"}, "evaluate.threshold: expected a number, got 'high'"),
         ({"seed": "-1"}, "seed: expected an integer in [0, 2**32), got -1"),
-        ({"train.epoch": "3"}, "train.epoch: unknown key; expected one of epochs, hparams, image_size"),
+        ({"train.epoch": "3"}, "train.epoch: unknown key; expected one of epochs, hparams, image_size, threshold_obj"),
+        ({"evaluate.min_improvement": "-0.01"}, "evaluate.min_improvement: expected a number in [0, 1), got -0.01"),
+        ({"evaluate.min_improvement": "1"}, "evaluate.min_improvement: expected a number in [0, 1), got 1.0"),
+        (
+            {"train.threshold_objective": "recall"},
+            "train.threshold_objective: expected one of accuracy, balanced_accuracy, f1, got 'recall'",
+        ),
         ({"infer.model_uri": "Production_Reg"}, "infer.model_uri: expected a models:/ or runs:/ URI"),
         ({"experiment": "a/b"}, "experiment: expected a name without '/'"),
     ],

@@ -6,12 +6,14 @@ Every stage runs as its own process, exactly as a user or CI runs it, against a 
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from helpers import mlflow_run
+from helpers import PROJECT_DIR, mlflow_run
 from steps import contract
 
 pytestmark = pytest.mark.e2e
@@ -76,9 +78,12 @@ def test_main_trains_evaluates_registers_promotes_and_infers(tiny_data, store, t
     assert len(rows) == n_test == infer_run.data.metrics["n_images"]
     assert infer_run.data.tags[contract.TAG_MODEL_VERSION] == str(version.version)
 
-    # A second pipeline run (another seed): prod points at the highest-acc production version.
-    second = run_main(tiny_data, store, tmp_path, threshold="0.0", seed="7")
-    assert second[contract.TAG_REGISTERED_MODEL] == "Production_Reg"
+    # A second model (evaluate alone, through mlflow run, on another set of the same train run):
+    # prod points at the highest-acc production version.
+    other_set = next(c for c in children if c.info.run_id != best.info.run_id)
+    params = {"run_id": other_set.info.run_id, "threshold": "0.0", "data_dir": str(tiny_data), "experiment": "e2e"}
+    done = mlflow_run("evaluate", params, store, experiment="eval/e2e")
+    assert done.returncode == 0, done.stderr[-5000:]
     versions = client.search_model_versions("name = 'Production_Reg'")
     assert len(versions) == 2
     prod = client.get_model_version_by_alias("Production_Reg", "prod")
@@ -93,6 +98,19 @@ def test_main_trains_evaluates_registers_promotes_and_infers(tiny_data, store, t
     assert float(testing.tags["acc"]) < 1.0
     assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(prod.version)
     assert client.get_run(testing.tags["eval_run_id"]).data.tags[contract.TAG_PROMOTED] == "false"
+
+    # prod moved by hand to the other version, through mlflow run; the history shows every move.
+    other = next(str(v.version) for v in versions if str(v.version) != str(prod.version))
+    reason = "line 2 reports missed cracks"  # spaces survive mlflow run's command line
+    done = mlflow_run("promote", {"version": other, "reason": reason, "experiment": "e2e"}, store, "promote/e2e")
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == other
+    shown = subprocess.run(
+        [sys.executable, "-m", "steps.promote", "history"], capture_output=True, text=True, cwd=PROJECT_DIR, check=True
+    ).stdout.splitlines()
+    moves = [line.split()[1:4] for line in shown[1:]]
+    assert moves[-1] == [str(prod.version), "->", other] and reason in shown[-1] and "promote" in shown[-1]
+    assert moves[0] == ["-", "->", first[contract.TAG_REGISTERED_VERSION]]
 
 
 @pytest.mark.parametrize(

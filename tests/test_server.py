@@ -1,121 +1,30 @@
 """End to end against a real tracking server: `mlflow server` on loopback, the pipeline over HTTP.
 
-The server serves the artifacts itself (the artifacts proxy), as `make server` starts it, with a
-SQLite backend and, where PostgreSQL is installed, with a PostgreSQL backend as a team would run
-it. Nothing reaches the store but through HTTP.
+The server serves the artifacts itself (the artifacts proxy), with a SQLite backend, as `make
+server` starts it. Nothing reaches the store but through HTTP. (A PostgreSQL-backed server, as a
+team would run it, is raced by tests/test_concurrency.py.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-from pathlib import Path
-
 import mlflow
 import pytest
 
-from helpers import PROJECT_DIR, mlflow_run
+from helpers import PROJECT_DIR, mlflow_run, running_server
 from steps import contract, tracking
 
 pytestmark = pytest.mark.e2e
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def postgres_bin() -> Path | None:
-    """Where PostgreSQL's server programs are: on PATH, or where Debian's postgresql package puts them."""
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).resolve().parent
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    return candidates[-1].parent if candidates else None
-
-
 @pytest.fixture
-def postgres():
-    """A throwaway PostgreSQL cluster on loopback; its SQLAlchemy URI."""
-    bin_dir = postgres_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run does this)")
-    pytest.importorskip("psycopg", reason="psycopg is not installed (requirements-dev.txt has it)")
-    # The server refuses to run as root: run it as the postgres user where we are root.
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    # Not under pytest's tmp_path: that sits in a root-only folder the postgres user cannot enter.
-    data = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
-    if as_user:
-        shutil.chown(data, "postgres")
-    port = free_port()
-
-    def pg(*args: str) -> None:
-        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
-
-    pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
-    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
-    pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(data / "log"), "-w", "start")
-    try:
-        pg(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
-        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
-    finally:
-        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(data, ignore_errors=True)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'server.db'}"
-    return request.getfixturevalue("postgres")
-
-
-@contextlib.contextmanager
-def running_server(tmp_path: Path, backend: str, *extra: str, env: dict[str, str] | None = None):
-    """`mlflow server` on a free loopback port, as `make server` starts it; yields its URI."""
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", backend, "--artifacts-destination", str(tmp_path / "artifacts"), *extra]  # fmt: skip
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ, **(env or {})}
-        )
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-                    break
-                except OSError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("mlflow server did not start:\n" + log_path.read_text()[-3000:])
-                time.sleep(0.5)
-            yield uri
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
-
-
-@pytest.fixture
-def server(backend, tmp_path, monkeypatch):
-    with running_server(tmp_path, backend) as uri:
+def server(tmp_path, monkeypatch):
+    with running_server(tmp_path, f"sqlite:///{tmp_path / 'server.db'}") as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         yield uri
 
 
-def test_the_whole_pipeline_runs_against_a_tracking_server(server, backend, tiny_data, tmp_path):
+def test_the_whole_pipeline_runs_against_a_tracking_server(server, tiny_data, tmp_path):
     output = tmp_path / "predictions.csv"
     params = {"data_dir": str(tiny_data), "epochs": "1", "image_size": "32", "hparams": "small",
               "experiment": "server", "threshold": "0.0", "output": str(output)}  # fmt: skip

@@ -60,7 +60,11 @@ def test_train_logs_three_children_and_names_the_best(trained_store):
         for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
             assert len(client.get_metric_history(child.info.run_id, metric)) == 1  # one per epoch
         assert child.data.params["epochs"] == "1"  # logged params come back as strings
-        assert mlflow.models.get_model_info(f"runs:/{child.info.run_id}/model").signature is not None
+        info = mlflow.models.get_model_info(f"runs:/{child.info.run_id}/model")
+        assert info.signature is not None
+        # The cut-off tuned on validation travels with the model.
+        assert info.metadata["decision_threshold"] == child.data.metrics["decision_threshold"]
+        assert 0.0 <= info.metadata["decision_threshold"] <= 1.0
     best = max(children, key=lambda c: (c.data.metrics["val_accuracy"], -c.data.metrics["val_loss"]))
     assert parent.data.tags[contract.TAG_BEST_RUN_ID] == best.info.run_id
     assert parent.data.metrics[contract.METRIC_BEST_VAL_ACCURACY] == best.data.metrics["val_accuracy"]
@@ -84,11 +88,19 @@ def test_evaluate_registers_by_threshold_and_moves_prod_only_in_production(train
     assert version.tags["source_run_id"] == run.data.tags["source_run_id"]
     assert version.tags["test_digest"] == run.inputs.dataset_inputs[0].dataset.digest
     assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(version.version)
-    for metric in ("precision", "recall", "f1", "roc_auc"):
+    for metric in ("precision", "recall", "f1", "roc_auc", "balanced_accuracy", "tuned_test_accuracy", "tuned_recall"):
         assert 0.0 <= run.data.metrics[metric] <= 1.0
+    cutoff = mlflow.models.get_model_info(f"runs:/{run.data.tags['source_run_id']}/model").metadata[
+        "decision_threshold"
+    ]
+    assert run.data.metrics["decision_threshold"] == cutoff and version.tags["decision_threshold"] == repr(cutoff)
     assert {"metrics.json", "confusion_matrix.png", "roc_pr_curves.png", "misclassified.png", "test_manifest.csv"} <= {
         a.path for a in client.list_artifacts(eval_id)
     }
+    report = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/metrics.json")
+    assert report["promoted"] is True and report["promotion_reason"] == run.data.tags["promotion_reason"]
+    assert report["tuned_f1"] == run.data.metrics["tuned_f1"] and "0.500" in report["confusion_matrices"]
+    assert sum(map(sum, report["confusion_matrices"]["0.500"])) == report["n_test"]
 
     # The same model held to an unreachable bar goes to Testing_Reg and prod stays put.
     eval_id = evaluate.evaluate(tiny(tiny_data, **{"evaluate.threshold": "1.0"}), trained_store)
@@ -98,6 +110,43 @@ def test_evaluate_registers_by_threshold_and_moves_prod_only_in_production(train
     assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(version.version)
     stays = f"-> Testing_Reg version 1; Production_Reg@prod stays on version {version.version}"
     assert stays in capsys.readouterr().out
+
+
+def test_a_champion_from_another_test_set_is_rescored_on_this_one(trained_store, tiny_data, tmp_path, capsys):
+    client = mlflow.MlflowClient()
+    first = mlflow.get_run(evaluate.evaluate(tiny(tiny_data, **{"evaluate.threshold": "0.0"}), trained_store))
+    champion = first.data.tags["registered_version"]
+
+    # The test set changes: one image fewer, so another digest.
+    changed = tmp_path / "data"
+    shutil.copytree(tiny_data, changed)
+    sorted((changed / "test" / "def_front").iterdir())[0].unlink()
+    run = mlflow.get_run(evaluate.evaluate(tiny(changed, **{"evaluate.threshold": "0.0"}), trained_store))
+    new_digest = run.inputs.dataset_inputs[0].dataset.digest
+    assert new_digest != first.inputs.dataset_inputs[0].dataset.digest
+
+    # The champion was scored on the new test set first, and that score is what it was compared on.
+    tags = client.get_model_version("Production_Reg", champion).tags
+    assert tags["test_digest"] == new_digest and tags[f"acc.{new_digest}"] == tags["acc"]
+    assert tags[f"acc.{first.inputs.dataset_inputs[0].dataset.digest}"] == repr(first.data.metrics["test_accuracy"])
+    assert run.data.tags["champion_rescored"].startswith(f"version {champion}: acc {tags['acc']} on test set")
+    assert run.data.tags["champion_version"] == champion
+    assert run.data.metrics["champion_test_accuracy"] == float(tags["acc"])
+    # Same model, same images: the same score, so the tie keeps the champion.
+    assert run.data.metrics["test_accuracy"] == float(tags["acc"])
+    assert run.data.tags["promoted"] == "false" and "a tie keeps the champion" in run.data.tags["promotion_reason"]
+    assert "not promoted: version 2 (acc" in capsys.readouterr().out
+
+
+def test_a_hand_registered_prod_that_cannot_be_scored_is_replaced_without_a_crash(trained_store, tiny_data):
+    client = mlflow.MlflowClient()
+    client.create_registered_model("Production_Reg")
+    client.create_model_version("Production_Reg", "file:///nowhere", tags={"acc": "0.99"})  # no test_digest
+    client.set_registered_model_alias("Production_Reg", "prod", "1")
+    run = mlflow.get_run(evaluate.evaluate(tiny(tiny_data, **{"evaluate.threshold": "0.0"}), trained_store))
+    assert run.data.tags["champion_rescored"].startswith("version 1: failed (")
+    assert run.data.tags["promoted"] == "true" and "prod version 1 has no score" in run.data.tags["promotion_reason"]
+    assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == "2"
 
 
 def test_evaluate_of_a_train_parent_scores_its_best_run(trained_store, tiny_data):
@@ -152,6 +201,9 @@ def test_infer_writes_one_row_per_image_and_survives_a_bad_file(trained_store, t
     good = [r for r in rows if not r["error"]]
     assert {r["predicted_class"] for r in good} <= {"ok_front", "def_front"}
     assert all(0.0 <= float(r["defect_probability"]) <= 1.0 for r in good)
+    cutoff = mlflow.models.get_model_info("models:/Production_Reg/1").metadata["decision_threshold"]
+    assert all(float(r["decision_threshold"]) == pytest.approx(cutoff) for r in good)
+    assert all((r["predicted_class"] == "def_front") == (float(r["defect_probability"]) >= cutoff) for r in good)
     run = mlflow.get_run(run_id)
     assert run.data.metrics == {
         "n_images": n_images,

@@ -1,0 +1,124 @@
+"""Entry point ``promote``: move ``prod`` to a chosen version by hand (a rollback, or a pick), on the record.
+
+Parameters: ``version`` (required: a version number of ``Production_Reg``), ``reason`` (required:
+why, kept in the history), ``experiment``.
+
+Refused with a one-line error, ``prod`` unchanged: a version that does not exist, a version of
+``Testing_Reg`` (it scored below the threshold), a version without ``acc`` and ``test_digest``
+(registered by hand, never scored).
+
+Writes, in experiment ``promote/<experiment>``, one run with tags ``promoted_version``,
+``replaced_version``, ``requested_by``, ``promotion_reason`` and ``blocked_versions``. In the
+registry: the alias move, recorded like every move (see ``steps.registry``) with action
+``promote``, who asked and why. So that the choice sticks, every version the promotion rule would
+otherwise hand ``prod`` back to at the next evaluation gets the version tag ``prod_blocked``
+(blocked versions never take ``prod`` on their own again; promoting one by hand unblocks it). A
+newly evaluated model that beats the chosen version still takes ``prod`` as usual.
+
+``python -m steps.promote history`` (``make prod-history``) prints every move of ``prod``, oldest first.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import mlflow
+
+from steps import cli, contract, registry
+from steps.config import Config
+from steps.tracking import PipelineError, alias_version, log_config, stage_run
+
+logger = logging.getLogger(__name__)
+
+
+def parse_version(text: str) -> str:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise PipelineError(f"version: expected a version number of the production model (1, 2, ...), got {text!r}")
+    return str(int(text))
+
+
+def check_promotable(client: mlflow.MlflowClient, config: Config, version: str):
+    """The model version, or a PipelineError saying why it cannot hold ``prod``."""
+    reg = config.registry
+    try:
+        found = client.get_model_version(reg.production, version)
+    except mlflow.exceptions.MlflowException:
+        found = None
+    if found is None:
+        try:
+            client.get_model_version(reg.testing, version)
+            elsewhere = (
+                f"; {reg.testing} has a version {version}, but it scored below the threshold and cannot hold "
+                f"{reg.alias} (re-evaluate its run with a lower -P threshold to register it in {reg.production})"
+            )
+        except mlflow.exceptions.MlflowException:
+            elsewhere = ""
+        existing = sorted(
+            (int(v.version) for v in client.search_model_versions(f"name = '{reg.production}'")), reverse=True
+        )
+        listed = f"; it has versions {', '.join(map(str, existing[:10]))}" if existing else "; it has no versions yet"
+        raise PipelineError(f"{reg.production} has no version {version}{elsewhere if elsewhere else listed}")
+    tags = found.tags
+    if registry.parse_acc(tags.get(contract.VERSION_TAG_ACC)) is None or not tags.get(contract.VERSION_TAG_TEST_DIGEST):
+        raise PipelineError(
+            f"{reg.production} version {version} has no test score ({contract.VERSION_TAG_ACC} and "
+            f"{contract.VERSION_TAG_TEST_DIGEST}); register models with `mlflow run . -e evaluate`, which scores them"
+        )
+    return found
+
+
+def promote(config: Config, version: str, reason: str) -> str | None:
+    """Point ``prod`` at ``version`` and record who and why; return the promote run's ID (None: nothing to do)."""
+    version = parse_version(version)
+    if not reason.strip():
+        raise PipelineError('reason: say why, e.g. -P reason="version 7 misses cracks on line 2"')
+    client = mlflow.MlflowClient()
+    reg = config.registry
+    target = check_promotable(client, config, version)
+    current = alias_version(reg.production, reg.alias)
+    prod = f"{reg.production}@{reg.alias}"
+    if current == version and contract.VERSION_TAG_BLOCKED not in target.tags:
+        print(f"{prod} is already version {version}; nothing to do")
+        return None
+
+    digest = target.tags[contract.VERSION_TAG_TEST_DIGEST]
+    who = registry.requested_by()
+    with stage_run(contract.STAGE_PROMOTE, config.experiment) as run:
+        log_config(config)
+        if contract.VERSION_TAG_BLOCKED in target.tags:
+            client.delete_model_version_tag(reg.production, version, contract.VERSION_TAG_BLOCKED)
+        registry.move_alias(client, reg, version, current, "promote", reason, run.info.run_id)
+        note = f"passed over by {who} in promote run {run.info.run_id}: {reason}"
+        blocked = registry.pin(client, reg, version, digest, config.evaluate.min_improvement, note)
+        mlflow.set_tags(
+            {
+                contract.TAG_PROMOTED_VERSION: version,
+                contract.TAG_REPLACED_VERSION: current or "",
+                contract.TAG_REQUESTED_BY: who,
+                contract.TAG_PROMOTION_REASON: reason,
+                contract.TAG_BLOCKED_VERSIONS: ",".join(blocked),
+            }
+        )
+    blocked_note = f"; blocked from automatic promotion: {', '.join(blocked)}" if blocked else ""
+    print(f"{prod}: version {current} -> {version} by {who}: {reason}{blocked_note}")
+    return run.info.run_id
+
+
+def history(config: Config) -> list[dict]:
+    """Print every recorded move of ``prod``, oldest first; return them."""
+    events = registry.history(mlflow.MlflowClient(), config.registry)
+    print(registry.format_history(events, config.registry.production, config.registry.alias))
+    return events
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["history"]:
+        cli.main(history, "Print every move of the prod alias, oldest first.", {}, argv=sys.argv[2:])
+    else:
+        cli.main(
+            promote,
+            "Move the prod alias to a chosen version (a rollback), recording who asked and why.",
+            {"experiment": "experiment"},
+            own=("version", "reason"),
+        )

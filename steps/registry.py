@@ -1,0 +1,326 @@
+"""Who holds ``prod``: the promotion rule, the alias move that stays right under concurrency, and its history.
+
+The rule (``decide``): only scores on one test set (one ``test_digest``) are compared. Among the
+versions of ``Production_Reg`` scored on that set and not blocked, the best (highest ``acc``; ties
+go to the earlier version) takes ``prod`` from the current holder when the holder has no score on
+that set, or when it beats the holder by more than zero and by at least ``min_improvement``. A tie
+keeps the holder. Versions without a usable score (registered by hand) never take ``prod``.
+
+Every alias move (``move_alias``) is recorded three ways, so nobody needs this code to audit it:
+
+- a registered-model tag ``<alias>.history.<ns since epoch>.<random>`` holding a JSON event
+  (``at``, ``from``, ``to``, ``action``, ``by``, ``run_id``, ``reason``): append-only, because every
+  event has its own key, so concurrent writers never overwrite each other;
+- on the new holder the version tags ``prod_since`` and ``replaced_version``;
+- on the old holder the version tag ``prod_until``.
+
+MLflow has no compare-and-set for aliases, so ``settle`` checks the holder is unchanged just before
+it writes, re-reads after every move and decides again until the holder is one the rule keeps.
+Whatever the interleaving of several processes, the last one to write has then seen every
+registered version, so the alias ends on the rule's choice. A write can still land on a holder
+that changed in the milliseconds after that check; its event's ``from`` is then the holder the
+writer saw, and the next event puts the alias right.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import mlflow
+
+from steps import contract
+from steps.config import RegistryConfig
+from steps.tracking import PipelineError, alias_version
+
+logger = logging.getLogger(__name__)
+
+# Accuracies are ratios of counts: differences like 0.7 - 0.65 land a hair under 0.05 in floating point.
+EPSILON = 1e-9
+# Rounds of read-decide-write before giving up: concurrent evaluations on one test set settle in two
+# or three; only evaluations on different test sets can pull the alias back and forth for ever.
+MAX_ROUNDS = 12
+
+
+# --- Pure rules --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A version as the rule sees it: its accuracy on the test set in question, if it has one."""
+
+    version: str
+    acc: float | None
+    blocked: bool = False
+
+    @property
+    def eligible(self) -> bool:
+        return self.acc is not None and not self.blocked
+
+
+def parse_acc(value: str | None) -> float | None:
+    """A version's ``acc`` tag as a number, or None when it is missing or not a finite number."""
+    try:
+        acc = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return acc if acc is not None and math.isfinite(acc) else None
+
+
+def score_tag(digest: str) -> str:
+    """The version tag holding a version's accuracy on one test set: ``acc.<test_digest>``."""
+    return f"{contract.VERSION_TAG_ACC}.{digest}"
+
+
+def score_on(tags: Mapping[str, str], digest: str) -> float | None:
+    """A version's accuracy on the test set ``digest``: ``acc.<digest>``, else ``acc`` when ``test_digest`` matches."""
+    if score_tag(digest) in tags:
+        return parse_acc(tags[score_tag(digest)])
+    if tags.get(contract.VERSION_TAG_TEST_DIGEST) == digest:
+        return parse_acc(tags.get(contract.VERSION_TAG_ACC))
+    return None
+
+
+def judge(challenger: Scored, champion: Scored | None, min_improvement: float) -> tuple[bool, str]:
+    """Does ``challenger`` take ``prod`` from ``champion`` (the holder, None if there is none)? And why."""
+    if challenger.acc is None:
+        return False, f"version {challenger.version} has no score on this test set"
+    if challenger.blocked:
+        return False, f"version {challenger.version} was rolled back and is blocked from automatic promotion"
+    if champion is None:
+        return True, f"version {challenger.version} (acc {challenger.acc:.4f}) is the first to hold prod"
+    if champion.version == challenger.version:
+        return True, f"version {challenger.version} (acc {challenger.acc:.4f}) already holds prod"
+    if not champion.eligible:
+        why = "has no score on this test set" if champion.acc is None else "is blocked"
+        return True, f"prod version {champion.version} {why}; version {challenger.version} (acc {challenger.acc:.4f})"
+    assert champion.acc is not None
+    gain = challenger.acc - champion.acc
+    versus = f"version {challenger.version} (acc {challenger.acc:.4f}) against prod version {champion.version} " + (
+        f"(acc {champion.acc:.4f}): {gain:+.4f}"
+    )
+    if gain <= EPSILON:
+        return False, f"{versus}; {'a tie keeps' if abs(gain) <= EPSILON else 'not better than'} the champion"
+    if gain < min_improvement - EPSILON:
+        return False, f"{versus} is below min_improvement {min_improvement:.4f}"
+    return True, f"{versus} >= min_improvement {min_improvement:.4f}"
+
+
+def best_of(entries: Sequence[Scored]) -> Scored | None:
+    """The eligible version with the highest accuracy; ties go to the earliest version."""
+    eligible = [e for e in entries if e.eligible]
+    if not eligible:
+        return None
+    return min(eligible, key=lambda e: (-(e.acc or 0.0), int(e.version)))
+
+
+def decide(current: str | None, entries: Sequence[Scored], min_improvement: float) -> tuple[str | None, str]:
+    """Which version should hold ``prod``, given the holder and every version's score on one test set."""
+    by_version = {e.version: e for e in entries}
+    champion = by_version.get(current) if current is not None else None
+    if current is not None and champion is None:
+        champion = Scored(current, None)  # the holder is not among the versions: treat it as unscored
+    best = best_of(entries)
+    if best is None:
+        return current, "no version has a score on this test set"
+    takes, reason = judge(best, champion, min_improvement)
+    return (best.version if takes else current), reason
+
+
+# --- History -----------------------------------------------------------------------------
+
+
+def history_prefix(alias: str) -> str:
+    return f"{alias}.history."
+
+
+def history_key(alias: str, ns: int, nonce: str) -> str:
+    """Sortable by time: the nanoseconds are zero-padded; the nonce keeps simultaneous moves apart."""
+    return f"{history_prefix(alias)}{ns:020d}.{nonce}"
+
+
+def history_events(tags: Mapping[str, str], alias: str) -> list[dict[str, Any]]:
+    """The recorded moves of ``alias``, oldest first; a tag that is not valid JSON is kept as text."""
+    events = []
+    for key in sorted(k for k in tags if k.startswith(history_prefix(alias))):
+        try:
+            event = json.loads(tags[key])
+        except json.JSONDecodeError:
+            event = {"reason": tags[key]}
+        events.append(event if isinstance(event, dict) else {"reason": str(event)})
+    return events
+
+
+def format_history(events: Sequence[Mapping[str, Any]], name: str, alias: str) -> str:
+    if not events:
+        return f"{name}@{alias} has never moved"
+    lines = [f"{name}@{alias}, oldest first:"]
+    for e in events:
+        came_from = e.get("from") or "-"
+        lines.append(
+            f"{e.get('at', '?')}  {came_from:>4} -> {e.get('to', '?'):<4} {e.get('action', '?'):<9} "
+            f"by {e.get('by', '?')}: {e.get('reason', '')}"
+        )
+    return "\n".join(lines)
+
+
+def requested_by() -> str:
+    """Who is acting: the tracking user when there is one, else the login name."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user:
+        return user
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry, e.g. an arbitrary UID in a container
+        return "unknown"
+
+
+# --- MLflow edge -------------------------------------------------------------------------
+
+# Errors of a write that lost a race inside MLflow's SQL store: tag and alias writes are a read and
+# then an insert or update, so two processes writing the same key at once can collide. Retried.
+_RACE_ERRORS = ("UNIQUE constraint failed", "IntegrityError", "duplicate key value", "database is locked")
+
+
+def _write(call: Callable[..., Any], *args: Any) -> Any:
+    """One registry write, retried when it collided with the same write from another process."""
+    for attempt in range(5):
+        try:
+            return call(*args)
+        except mlflow.exceptions.MlflowException as err:
+            if attempt == 4 or not any(text in str(err) for text in _RACE_ERRORS):
+                raise
+            logger.debug("registry write collided with another process; retrying: %s", err)
+            time.sleep(0.05 * (attempt + 1))
+
+
+def read_versions(client: mlflow.MlflowClient, name: str, digest: str) -> list[Scored]:
+    """Every version of ``name`` with its score on ``digest`` (versions as strings: MLflow returns int or str)."""
+    found: list[Scored] = []
+    token = None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        for v in page:
+            found.append(Scored(str(v.version), score_on(v.tags, digest), contract.VERSION_TAG_BLOCKED in v.tags))
+        token = page.token
+        if not token:
+            return found
+
+
+def record_score(client: mlflow.MlflowClient, name: str, version: str, acc: float, digest: str) -> None:
+    """``acc`` and ``test_digest`` become this score; ``acc.<digest>`` keeps it beside earlier ones."""
+    value = repr(acc)  # repr: float(tag) == the metric, exactly
+    _write(client.set_model_version_tag, name, version, score_tag(digest), value)
+    _write(client.set_model_version_tag, name, version, contract.VERSION_TAG_ACC, value)
+    _write(client.set_model_version_tag, name, version, contract.VERSION_TAG_TEST_DIGEST, digest)
+
+
+def move_alias(
+    client: mlflow.MlflowClient,
+    registry: RegistryConfig,
+    to: str,
+    came_from: str | None,
+    action: str,
+    reason: str,
+    run_id: str | None,
+) -> dict[str, Any]:
+    """Point the alias at ``to`` and record the move; return the recorded event."""
+    name, alias = registry.production, registry.alias
+    _write(client.set_registered_model_alias, name, alias, to)
+    ns = time.time_ns()
+    at = datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")
+    event = {
+        "at": at,
+        "from": came_from,
+        "to": to,
+        "action": action,
+        "by": requested_by(),
+        "run_id": run_id,
+        "reason": reason,
+    }
+    _write(client.set_registered_model_tag, name, history_key(alias, ns, secrets.token_hex(3)), json.dumps(event))
+    _write(client.set_model_version_tag, name, to, contract.VERSION_TAG_PROD_SINCE, at)
+    _write(client.set_model_version_tag, name, to, contract.VERSION_TAG_REPLACED_VERSION, came_from or "")
+    if came_from is not None and came_from != to:
+        try:
+            _write(client.set_model_version_tag, name, came_from, contract.VERSION_TAG_PROD_UNTIL, at)
+        except mlflow.exceptions.MlflowException:
+            logger.warning("version %s, which held %s@%s, no longer exists", came_from, name, alias)
+    logger.info("%s@%s: version %s -> %s (%s)", name, alias, came_from, to, reason)
+    return event
+
+
+def settle(
+    client: mlflow.MlflowClient,
+    registry: RegistryConfig,
+    digest: str,
+    min_improvement: float,
+    *,
+    run_id: str | None = None,
+    rescore: Callable[[str], float | None] | None = None,
+    before_write: Callable[[], None] | None = None,
+) -> tuple[str | None, str | None]:
+    """Move the alias until the rule keeps its holder; return ``(holder at the start, holder now)``.
+
+    ``rescore(version)`` scores a holder that has no score on ``digest`` yet (and records it), or
+    returns None when it cannot; each version is tried once. ``before_write`` is a test hook: it
+    runs in the window that no check can close, between the last read and the write.
+    """
+    start = alias_version(registry.production, registry.alias)
+    tried: set[str] = set()
+    for _ in range(MAX_ROUNDS):
+        current = alias_version(registry.production, registry.alias)
+        entries = read_versions(client, registry.production, digest)
+        holder = next((e for e in entries if e.version == current), None)
+        if rescore is not None and holder is not None and holder.acc is None and current not in tried:
+            tried.add(holder.version)
+            logger.info("prod version %s has no score on test set %s: scoring it first", holder.version, digest)
+            rescore(holder.version)
+            continue  # read again: the score is recorded now, or the version stays unscored
+        target, reason = decide(current, entries, min_improvement)
+        if target is None or target == current:
+            return start, current
+        if alias_version(registry.production, registry.alias) != current:
+            continue  # moved by someone else while we read: decide again on fresh data
+        if before_write is not None:
+            before_write()
+        move_alias(client, registry, target, current, "evaluate", reason, run_id)
+    raise PipelineError(
+        f"{registry.production}@{registry.alias} kept moving for {MAX_ROUNDS} rounds: another evaluation on a "
+        f"different test set is promoting at the same time; rerun when it has finished (this one scored test set "
+        f"{digest})"
+    )
+
+
+def pin(
+    client: mlflow.MlflowClient, registry: RegistryConfig, version: str, digest: str, min_improvement: float, note: str
+) -> list[str]:
+    """Block every version the rule would hand ``prod`` to instead of ``version``, so a manual choice sticks.
+
+    Each blocked version gets the version tag ``prod_blocked`` (``note`` says who and why); return them.
+    """
+    blocked: list[str] = []
+    while True:
+        target, _ = decide(version, read_versions(client, registry.production, digest), min_improvement)
+        if target is None or target == version:
+            return blocked
+        _write(client.set_model_version_tag, registry.production, target, contract.VERSION_TAG_BLOCKED, note)
+        blocked.append(target)
+
+
+def history(client: mlflow.MlflowClient, registry: RegistryConfig) -> list[dict[str, Any]]:
+    """The recorded moves of the alias, oldest first; empty when the model does not exist yet."""
+    try:
+        model = client.get_registered_model(registry.production)
+    except mlflow.exceptions.MlflowException:
+        return []
+    return history_events(model.tags, registry.alias)

@@ -1,0 +1,72 @@
+"""Pure scoring: metrics at a cut-off on the defect probability, and the cut-off tuned on validation.
+
+Defect (label 1) is the positive class throughout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from steps import contract
+
+# What the decision threshold can be tuned for (conf/pipeline.yaml: train.threshold_objective).
+OBJECTIVES = ("accuracy", "balanced_accuracy", "f1")
+
+
+def _counts(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[int, int, int, int]:
+    """(true negatives, false positives, false negatives, true positives)."""
+    y_true, y_pred = np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int)
+    tp = int(np.sum((y_true == 1) & (y_pred == 1)))
+    tn = int(np.sum((y_true == 0) & (y_pred == 0)))
+    fp = int(np.sum((y_true == 0) & (y_pred == 1)))
+    fn = int(np.sum((y_true == 1) & (y_pred == 0)))
+    return tn, fp, fn, tp
+
+
+def objective(y_true: np.ndarray, y_pred: np.ndarray, name: str) -> float:
+    """Accuracy, balanced accuracy (mean of defect recall and good recall) or F1 of defect."""
+    tn, fp, fn, tp = _counts(y_true, y_pred)
+    if name == "accuracy":
+        return (tp + tn) / max(tp + tn + fp + fn, 1)
+    if name == "balanced_accuracy":
+        rates = [tp / (tp + fn)] if tp + fn else []
+        rates += [tn / (tn + fp)] if tn + fp else []
+        return float(np.mean(rates)) if rates else 0.0
+    if name == "f1":
+        return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
+
+
+def score(y_true: np.ndarray, prob: np.ndarray, cutoff: float = 0.5) -> tuple[dict[str, float], list[list[int]]]:
+    """Metrics at ``cutoff`` and the confusion matrix [true][predicted] (0 good, 1 defect)."""
+    from sklearn import metrics
+
+    y_pred = (prob >= cutoff).astype(int)
+    tn, fp, fn, tp = _counts(y_true, y_pred)
+    result = {
+        contract.METRIC_TEST_ACCURACY: objective(y_true, y_pred, "accuracy"),
+        contract.METRIC_BALANCED_ACCURACY: objective(y_true, y_pred, "balanced_accuracy"),
+        contract.METRIC_PRECISION: tp / (tp + fp) if tp + fp else 0.0,
+        contract.METRIC_RECALL: tp / (tp + fn) if tp + fn else 0.0,
+        contract.METRIC_F1: objective(y_true, y_pred, "f1"),
+    }
+    if len(set(np.asarray(y_true).tolist())) == 2:  # ROC-AUC is undefined with one class
+        result[contract.METRIC_ROC_AUC] = float(metrics.roc_auc_score(y_true, prob))
+    return result, [[tn, fp], [fn, tp]]
+
+
+def tune_threshold(y_true: np.ndarray, prob: np.ndarray, name: str) -> float:
+    """The cut-off on the defect probability that maximises ``name`` on these (validation) labels.
+
+    Candidates are 0.5 and the midpoints between neighbouring distinct probabilities (a cut-off
+    between two scores, not on one, so it does not hinge on a single image); ties go to the one
+    nearest 0.5. With one class present nothing can be tuned and 0.5 is returned.
+    """
+    y_true, prob = np.asarray(y_true).astype(int), np.asarray(prob, dtype=np.float64).reshape(-1)
+    objective(y_true[:0], y_true[:0], name)  # reject an unknown name before anything else
+    if len(set(y_true.tolist())) < 2:
+        return 0.5
+    distinct = np.unique(prob)
+    candidates = np.concatenate([[0.5], (distinct[:-1] + distinct[1:]) / 2])
+    best = max(candidates, key=lambda t: (objective(y_true, prob >= t, name), -abs(t - 0.5)))
+    return float(best)
