@@ -16,7 +16,8 @@ Writes, in experiment ``eval/<experiment>``, one run with:
   ``champion_version``, and ``champion_rescored`` when the champion had to be scored on this test set;
 - artifacts ``metrics.json`` (every metric, both confusion matrices, the decision and its reason),
   ``confusion_matrix.png`` (at 0.5 and at the tuned threshold), ``roc_pr_curves.png``,
-  ``misclassified.png`` (the most confidently wrong test images) and the test manifest, also
+  ``misclassified.png`` (the most confidently wrong test images at the tuned threshold, where the
+  model operates in ``infer``) and the test manifest, also
   logged as the run's dataset input with its digest.
 
 In the registry: a new version of ``Production_Reg`` when test accuracy >= ``threshold``, else of
