@@ -45,7 +45,7 @@ from steps import cli, contract, plots, registry
 from steps.config import Config, RegistryConfig
 from steps.data import Sample, load_images, manifest, scan_split
 from steps.prepare import ensure_data
-from steps.scoring import score
+from steps.scoring import model_cutoff, score
 from steps.tracking import PipelineError, alias_version, get_run, log_config, log_dataset, stage_run
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class Outcome:
     version: str
     promoted: bool
     reason: str
-    champion: str | None  # the prod version the model was compared with
+    champion: str | None  # the prod version the model was compared with (the holder, unless promoted)
     champion_acc: float | None  # its accuracy on this test set
 
 
@@ -196,7 +196,7 @@ def register_and_promote(
         )
         return Outcome(name, version, False, reason, alias_version(reg.production, reg.alias), None)
 
-    start, holder = registry.settle(
+    settled = registry.settle(
         client,
         reg,
         digest,
@@ -205,13 +205,13 @@ def register_and_promote(
         rescore=rescore,
         before_write=before_write,
     )
-    scored = {e.version: e for e in registry.read_versions(client, reg.production, digest)}
-    me = scored[version]
+    scored = {v.version: v for v in settled.versions}
+    promoted = settled.holder == version
     # Promoted: compared with the holder before us. Not: with the holder that kept prod.
-    champion = start if holder == version else holder
+    champion = settled.start if promoted else settled.holder
     other = None if champion is None else scored.get(champion, registry.Scored(champion, None))
-    _, reason = registry.judge(me, other, config.evaluate.min_improvement)
-    return Outcome(name, version, holder == version, reason, champion, other.acc if other else None)
+    _, reason = registry.judge(scored[version], other, config.evaluate.min_improvement)
+    return Outcome(name, version, promoted, reason, champion, other.acc if other else None)
 
 
 def evaluate(config: Config, run_id: str) -> str:
@@ -222,7 +222,7 @@ def evaluate(config: Config, run_id: str) -> str:
     info = load_model_info(model_run_id)
     metadata = info.metadata or {}
     image_size = int(metadata["image_size"])
-    cutoff = float(metadata.get("decision_threshold", 0.5))  # models from before tuning: 0.5
+    cutoff = model_cutoff(metadata)
     classes = config.data.classes
     data_dir = ensure_data(config)
     test = TestSet(scan_split(data_dir, "test", classes), config.evaluate.batch_size)
@@ -283,7 +283,7 @@ def evaluate(config: Config, run_id: str) -> str:
         mlflow.log_dict(everything, contract.METRICS_ARTIFACT)
 
     prod = f"{reg.production}@{reg.alias}"
-    holder = alias_version(reg.production, reg.alias)
+    holder = outcome.champion
     where = f"now {prod}" if outcome.promoted else f"{prod} stays on version {holder}" if holder else f"no {prod} yet"
     threshold = config.evaluate.threshold
     registered = f"{outcome.registered_model} version {outcome.version}"

@@ -26,6 +26,7 @@ import numpy as np
 from steps import cli, contract
 from steps.config import Config
 from steps.data import decode_gray, is_image
+from steps.scoring import model_cutoff
 from steps.tracking import PipelineError, alias_version, log_config, stage_run
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def infer(config: Config) -> str:
     files = resolve_inputs(config.infer_input)
     model, metadata, version = load_production_model(config.infer_model_uri)
     classes = list(metadata["classes"])  # [good, defect], as the model was trained
-    cutoff = float(metadata.get("decision_threshold", 0.5))
+    cutoff = model_cutoff(metadata)
     output = Path(config.infer.output)
 
     with stage_run(contract.STAGE_INFER, config.experiment) as run:

@@ -12,6 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from steps import contract  # noqa: E402
+from steps.scoring import score  # noqa: E402
+
 
 def confusion(matrices: Mapping[str, list[list[int]]], classes: Sequence[str]) -> Figure:
     """One confusion matrix per cut-off on the defect probability, side by side."""
@@ -43,13 +46,10 @@ def curves(y_true: np.ndarray, prob: np.ndarray, cutoffs: Sequence[float] = (0.5
     pr.plot(recall, precision, label=f"AP {average_precision_score(y_true, prob):.3f}")
     pr.axhline(y_true.mean(), linestyle=":", color="grey")  # what guessing "defect" always gives
     pr.set(xlabel="recall", ylabel="precision", title="precision-recall")
-    positives, negatives = max(int(y_true.sum()), 1), max(int((1 - y_true).sum()), 1)
     for cutoff in cutoffs:  # where the model actually operates on each curve
-        predicted = prob >= cutoff
-        tp = int(np.sum(predicted & (y_true == 1)))
-        fp = int(np.sum(predicted & (y_true == 0)))
-        roc.plot(fp / negatives, tp / positives, "o")
-        pr.plot(tp / positives, tp / max(tp + fp, 1), "o", label=f"cut-off {cutoff:.3f}")
+        metrics, ((tn, fp), _) = score(y_true, prob, cutoff)
+        roc.plot(fp / max(tn + fp, 1), metrics[contract.METRIC_RECALL], "o")
+        pr.plot(metrics[contract.METRIC_RECALL], metrics[contract.METRIC_PRECISION], "o", label=f"cut-off {cutoff:.3f}")
     for ax in (roc, pr):
         ax.legend(loc="lower right")
         ax.set_xlim(0, 1)

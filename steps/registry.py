@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 
@@ -259,6 +259,14 @@ def move_alias(
     return event
 
 
+class Settled(NamedTuple):
+    """What ``settle`` saw: the holder before it started, the holder it left, and every version's score."""
+
+    start: str | None
+    holder: str | None
+    versions: list[Scored]
+
+
 def settle(
     client: mlflow.MlflowClient,
     registry: RegistryConfig,
@@ -268,27 +276,29 @@ def settle(
     run_id: str | None = None,
     rescore: Callable[[str], float | None] | None = None,
     before_write: Callable[[], None] | None = None,
-) -> tuple[str | None, str | None]:
-    """Move the alias until the rule keeps its holder; return ``(holder at the start, holder now)``.
+) -> Settled:
+    """Move the alias until the rule keeps its holder.
 
     ``rescore(version)`` scores a holder that has no score on ``digest`` yet (and records it), or
     returns None when it cannot; each version is tried once. ``before_write`` is a test hook: it
     runs in the window that no check can close, between the last read and the write.
     """
-    start = alias_version(registry.production, registry.alias)
+    start: str | None = None
     tried: set[str] = set()
-    for _ in range(MAX_ROUNDS):
+    for round_no in range(MAX_ROUNDS):
         current = alias_version(registry.production, registry.alias)
-        entries = read_versions(client, registry.production, digest)
-        holder = next((e for e in entries if e.version == current), None)
-        if rescore is not None and holder is not None and holder.acc is None and current not in tried:
+        if round_no == 0:
+            start = current
+        versions = read_versions(client, registry.production, digest)
+        holder = next((v for v in versions if v.version == current), None)
+        if rescore is not None and holder is not None and holder.acc is None and holder.version not in tried:
             tried.add(holder.version)
             logger.info("prod version %s has no score on test set %s: scoring it first", holder.version, digest)
             rescore(holder.version)
             continue  # read again: the score is recorded now, or the version stays unscored
-        target, reason = decide(current, entries, min_improvement)
+        target, reason = decide(current, versions, min_improvement)
         if target is None or target == current:
-            return start, current
+            return Settled(start, current, versions)
         if alias_version(registry.production, registry.alias) != current:
             continue  # moved by someone else while we read: decide again on fresh data
         if before_write is not None:

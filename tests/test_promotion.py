@@ -12,7 +12,7 @@ import pytest
 
 from steps import registry
 from steps.config import load_config
-from steps.evaluate import choose_registry, register_and_promote
+from steps.evaluate import Outcome, choose_registry, register_and_promote
 from steps.promote import history, promote
 from steps.registry import Scored, decide, judge, score_on
 from steps.tracking import PipelineError
@@ -154,10 +154,9 @@ def config(**overrides: str):
     return load_config({"experiment": "test", **overrides})
 
 
-def register(acc: float, digest: str = D1, cfg=None) -> registry.Scored:
+def register(acc: float, digest: str = D1, cfg=None) -> Outcome:
     """What evaluate does after scoring: register by the threshold, then settle prod."""
-    outcome = register_and_promote(mlflow.MlflowClient(), cfg or CONFIG, "file:///nowhere", acc, digest, {})
-    return outcome
+    return register_and_promote(mlflow.MlflowClient(), cfg or CONFIG, "file:///nowhere", acc, digest, {})
 
 
 def holder() -> str | None:
@@ -241,7 +240,7 @@ def test_settle_ends_on_the_best_version_after_a_stale_write(store):
         if not injected:
             injected.append(register(0.90))  # another evaluation, start to finish
 
-    start, end = registry.settle(client, REGISTRY, D1, 0.0, before_write=meanwhile)
+    start, end, _ = registry.settle(client, REGISTRY, D1, 0.0, before_write=meanwhile)
     assert start == first.version
     assert end == holder() == injected[0].version  # not "mine", which this process decided on first
     moves = [(e["from"], e["to"]) for e in history(CONFIG)]
