@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from steps.config import Config, ConfigError, load_config
 from steps.data import DataError
-from steps.tracking import PipelineError, configure
+from steps.tracking import PipelineError, configure, lost_server
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +36,25 @@ def parse(
     for name in [*overrides, *own]:
         parser.add_argument(f"--{name}", default="", metavar="VALUE")
     args = vars(parser.parse_args(argv))
-    config = load_config({overrides[k]: v for k, v in args.items() if k in overrides and v != ""})
+    given = {overrides[k]: v for k, v in args.items() if k in overrides and v != ""}
+    try:
+        config = load_config(given)
+    except ConfigError as err:
+        # Name the parameter the user typed, not only the configuration key it sets.
+        key, _, rest = str(err).partition(":")
+        names = [name for name, target in overrides.items() if target == key and target in given]
+        if names:
+            raise ConfigError(f"parameter {names[0]} ({key}):{rest}") from None
+        raise
     return config, {k: args[k] for k in own}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a CI job cancelled, ``docker stop``), raised like Ctrl-C so runs end KILLED."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def main(
@@ -50,10 +69,22 @@ def main(
     A user error (bad parameter, bad data, missing run or model) exits 2 with one line.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         config, own_args = parse(description, overrides, argv, own)
         configure()
         return step(config, **own_args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt as err:
+        signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+        print(f"error: stopped by {signum.name}; the run is marked KILLED", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+    except Exception as err:
+        lost = lost_server(err)
+        if lost is None:
+            raise  # a bug: keep the traceback
+        print(f"error: {lost}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -9,6 +9,7 @@ hyperparameter sets. An override is a dotted key and a string (as ``mlflow run -
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -22,6 +23,10 @@ from steps.scoring import OBJECTIVES
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_DIR / "conf"
+
+
+MODEL_URI = re.compile(r"models:/([^/@:]+)(/[0-9]+|@[\w-]+)")
+RUN_URI = re.compile(r"runs:/[0-9a-f]{32}/[\w./-]+")
 
 
 class ConfigError(ValueError):
@@ -58,6 +63,8 @@ class DataConfig:
     val_fraction: float
     # Fill an empty default data directory from the installed elpv-dataset package.
     bootstrap_elpv: bool
+    # Leave out images that cannot be decoded (counted, logged) instead of failing the stage.
+    skip_bad_images: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(self.dir), "data.dir", "a directory", self.dir)
@@ -121,12 +128,6 @@ class InferConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.output), "infer.output", "a file path", self.output)
-        _check(
-            self.model_uri is None or self.model_uri.startswith(("models:/", "runs:/")),
-            "infer.model_uri",
-            "a models:/ or runs:/ URI",
-            self.model_uri,
-        )
         _check(self.batch_size >= 1, "infer.batch_size", "an integer >= 1", self.batch_size)
 
 
@@ -158,6 +159,14 @@ class Config:
             bool(self.experiment) and "/" not in self.experiment, "experiment", "a name without '/'", self.experiment
         )
         _check(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)", self.seed)
+        names = (self.registry.production, self.registry.testing)
+        _check(
+            self.infer.model_uri is None or _from_our_store(self.infer.model_uri, names),
+            "infer.model_uri",
+            f"models:/<name>/<version> or models:/<name>@<alias> with <name> one of {', '.join(names)}, "
+            "or runs:/<run ID>/<path>",
+            self.infer.model_uri,
+        )
         unknown = [name for name in self.train.hparams if name not in self.hparam_sets]
         if unknown:
             raise ConfigError(
@@ -183,6 +192,13 @@ class Config:
     def as_dict(self) -> dict[str, Any]:
         """Plain data (lists, not tuples) for logging the resolved configuration."""
         return _plain(dataclasses.asdict(self))
+
+
+def _from_our_store(uri: str, names: tuple[str, ...]) -> bool:
+    """A model in the configured store's registry (or one of its runs): never a path, a URL or another
+    registry (``models://profile@host/...``), since loading a model file runs its loader."""
+    model = MODEL_URI.fullmatch(uri)
+    return bool(model and model.group(1) in names) or bool(RUN_URI.fullmatch(uri))
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:

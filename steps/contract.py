@@ -81,6 +81,20 @@ METRIC_CHAMPION_TEST_ACCURACY = "champion_test_accuracy"
 METRIC_N_IMAGES = "n_images"
 METRIC_N_DEFECT = "n_defect"
 METRIC_N_ERRORS = "n_errors"
+# Not in the contract (issue 7): images left out by data.skip_bad_images, and the class balance of
+# each split, named by label (good, defect) so the names do not depend on the folder names.
+METRIC_N_SKIPPED = "n_skipped"
+
+
+def class_count_metric(split: str, label_name: str) -> str:
+    return f"n_{split}_{label_name}"
+
+
+# Not in the contract (issue 7): which process owns a running stage run ("<host>:<pid>:<start>"), so
+# a later stage can tell a run whose process died (killed, out of memory, lost server) and close it;
+# and why it was closed.
+TAG_PROCESS = "pipeline.process"
+TAG_REAPED = "pipeline.reaped"
 
 # Artifact paths.
 MODEL_ARTIFACT = "model"
@@ -90,3 +104,4 @@ METRICS_ARTIFACT = "metrics.json"
 CONFUSION_ARTIFACT = "confusion_matrix.png"
 CURVES_ARTIFACT = "roc_pr_curves.png"
 MISCLASSIFIED_ARTIFACT = "misclassified.png"
+SKIPPED_ARTIFACT = "skipped_images.csv"  # path, class, reason of every image skipped

@@ -3,15 +3,22 @@
 Layout: ``<data_dir>/train/<class>/`` and ``<data_dir>/test/<class>/``, one folder per class.
 Label 1 is the defect class and 0 the good class (``conf/pipeline.yaml``: ``data``).
 
+Every image is checked before a stage uses it: ``decode_gray`` turns any file into 8-bit gray or
+raises ``ImageError`` with the reason; ``load_split`` decodes a whole split once and fails with the
+list of unusable files (or leaves them out, when told to skip them); ``check_not_shared`` refuses an
+image that sits in two splits or under two classes.
+
 Splitting and digests are pure functions; reading files happens in ``scan_split``,
-``decode_gray``, ``load_images`` and ``file_sha256``.
+``decode_gray``, ``load_images``, ``shared_images`` and ``file_sha256``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -19,7 +26,9 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from steps import contract
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +38,10 @@ SPLITS = ("train", "test")
 
 class DataError(ValueError):
     """The data directory does not hold what the stage needs."""
+
+
+# Label i's name in metric names; folder names are data.good_class and data.defect_class.
+LABEL_NAMES = ("good", "defect")
 
 
 class Sample(NamedTuple):
@@ -55,8 +68,10 @@ def scan_split(data_dir: Path, split: str, classes: Sequence[str]) -> list[Sampl
     split_dir = data_dir / split
     missing = [cls for cls in classes if not (split_dir / cls).is_dir()]
     if missing:
+        found = sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if split_dir.is_dir() else []
         raise DataError(
-            f"{split_dir}: no class folder {', '.join(repr(m) for m in missing)}; " + layout_help(data_dir, classes)
+            f"{split_dir}: no class folder {', '.join(repr(m) for m in missing)} (found: "
+            f"{', '.join(found) or 'no folders'}); a data set needs both classes; " + layout_help(data_dir, classes)
         )
     samples: list[Sample] = []
     for label, cls in enumerate(classes):
@@ -100,41 +115,185 @@ def stratified_split(strata: Sequence[Hashable], fraction: float, seed: int) -> 
 # --- Decoding ----------------------------------------------------------------------------
 
 
-def decode_gray(path: Path) -> np.ndarray:
-    """Decode any image file to a ``(height, width, 1)`` uint8 grayscale array.
+class ImageError(ValueError):
+    """One image cannot be used; the message says why, in words a person can act on."""
 
-    RGB, RGBA and palette images are converted to luminance; 16-bit images are scaled, not
-    clipped, to 8 bits; EXIF orientation is applied, as a viewer would show the image.
+
+# An 8k x 8k line-scan frame (64 MP) fits; a decompression bomb does not. Checked from the header,
+# before any pixel is decoded, and below Pillow's own limit (about 89 MP), which stays on as well.
+MAX_PIXELS = 8192 * 8192
+# Pillow's own modes that carry a gray level we can map to 0..255 without guessing a range.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def decode_gray(source: Path | bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode an image file (a path or its bytes) to a ``(height, width, 1)`` uint8 grayscale array.
+
+    RGB, RGBA and palette images are converted to luminance (alpha is ignored); 16-bit images are
+    scaled, not clipped, to 8 bits; EXIF orientation is applied, as a viewer would show the image;
+    a multi-frame file gives its first frame. Anything that cannot be decoded raises ``ImageError``
+    saying why: an empty file, not an image, truncated or corrupt data, too many pixels, 32-bit float.
     """
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            wide = np.asarray(image, dtype=np.int64)
-            top = 65535 if image.mode.startswith("I;16") or wide.max() > 255 else 255
-            gray = np.clip(wide * 255 // top, 0, 255).astype(np.uint8)
-        else:
-            gray = np.asarray(image.convert("L"), dtype=np.uint8)
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as err:
+        raise ImageError(f"cannot read the file: {err.strerror or err}") from None
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its own limit and twice that; a bomb is an error here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as opened:
+                width, height = opened.size
+                if width * height > max_pixels:
+                    raise ImageError(_too_large(width, height, max_pixels))
+                if opened.mode == "F":
+                    raise ImageError("32-bit float pixels have no fixed range; save the image as 8- or 16-bit")
+                image = ImageOps.exif_transpose(opened)
+                if image.mode in _WIDE_MODES:
+                    wide = np.asarray(image, dtype=np.int64)
+                    top = 65535 if image.mode.startswith("I;16") or wide.max() > 255 else 255
+                    gray = np.clip(wide * 255 // top, 0, 255).astype(np.uint8)
+                else:
+                    gray = np.asarray(image.convert("L"), dtype=np.uint8)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image Pillow can read ({len(data)} bytes, unknown format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # Pillow's own limit (about 89 MP) fired before ours could: its message has the size.
+        raise ImageError(f"a decompression bomb, or an image to downscale first ({err})") from None
+    except Exception as err:  # noqa: BLE001 - corrupt data makes Pillow raise many types (OSError, SyntaxError, ...)
+        raise ImageError(f"corrupt or truncated image data ({type(err).__name__}: {err})") from None
+    if gray.ndim != 2 or gray.size == 0:
+        raise ImageError(f"decoded to an unusable array of shape {gray.shape}")
     return gray[:, :, None]
 
 
-def load_images(paths: Sequence[Path], image_size: int, progress: bool | None = None) -> np.ndarray:
+def _too_large(width: int, height: int, max_pixels: int) -> str:
+    return (
+        f"{width}x{height} is {width * height:,} pixels, more than the limit of {max_pixels:,} "
+        "(a decompression bomb, or an image to downscale first)"
+    )
+
+
+def load_images(
+    paths: Sequence[Path], image_size: int, progress: bool | None = None
+) -> tuple[np.ndarray, dict[int, str]]:
     """Decode and resize every image once: ``(n, image_size, image_size, 1)`` float32 in 0..255.
 
-    Resizing uses the model's own resize (``steps.model.resize``), so an image resized here
-    and one resized inside the served model give the same pixels.
+    Also returns ``{index: reason}`` for the images that could not be decoded (their slots are
+    zeros): every file is tried, so one pass reports all the bad ones. Resizing uses the model's own
+    resize (``steps.model.resize``), so an image resized here and one resized inside the served
+    model give the same pixels.
     """
     from keras.utils import Progbar
 
     from steps.model import resize
 
-    out = np.empty((len(paths), image_size, image_size, 1), dtype=np.float32)
+    out = np.zeros((len(paths), image_size, image_size, 1), dtype=np.float32)
+    failures: dict[int, str] = {}
     progress = sys.stdout.isatty() if progress is None else progress  # a bar on a terminal, not in logs
     bar = Progbar(len(paths), unit_name="image") if progress and len(paths) > 0 else None
     for i, path in enumerate(paths):
-        out[i] = resize(decode_gray(path), image_size)
+        try:
+            out[i] = resize(decode_gray(path), image_size)
+        except ImageError as err:
+            failures[i] = str(err)
         if bar is not None and ((i + 1) % 64 == 0 or i + 1 == len(paths)):
             bar.update(i + 1)
-    return out
+    return out, failures
+
+
+class Rejected(NamedTuple):
+    sample: Sample
+    reason: str
+
+
+def load_split(
+    samples: Sequence[Sample], image_size: int, split: str, skip_bad: bool
+) -> tuple[np.ndarray, list[Sample], list[Rejected]]:
+    """Every image of a split, checked before any work: ``(images, kept samples, rejected)``.
+
+    Images that cannot be decoded fail the stage with the full list of paths and reasons, unless
+    ``skip_bad``: then they are left out and returned, to be counted and logged. Either way, a
+    class left with no usable image is refused.
+    """
+    images, failures = load_images([s.path for s in samples], image_size)
+    rejected = [Rejected(samples[i], reason) for i, reason in sorted(failures.items())]
+    if rejected and not skip_bad:
+        raise DataError(
+            f"{split}: {len(rejected)} of {len(samples)} images cannot be used:\n"
+            + _listing([f"{r.sample.path}: {r.reason}" for r in rejected])
+            + "\nfix or remove them, or pass -P skip_bad_images=true to leave them out (counted and logged)"
+        )
+    keep = [i for i in range(len(samples)) if i not in failures]
+    kept = [samples[i] for i in keep]
+    usable = {s.cls for s in kept}
+    for cls in dict.fromkeys(s.cls for s in samples):  # in label order
+        if cls not in usable:
+            raise DataError(f"{split}: class {cls!r} has no usable image: all {len(samples) - len(kept)} skipped")
+    if rejected:
+        logger.warning("%s: skipped %d unreadable images of %d", split, len(rejected), len(samples))
+    return images[keep], kept, rejected
+
+
+def class_balance(samples: Sequence[Sample], split: str) -> dict[str, float]:
+    """Images per class, as metrics named by label (``n_<split>_good``, ``n_<split>_defect``)."""
+    counts: dict[str, float] = {contract.class_count_metric(split, name): 0 for name in LABEL_NAMES}
+    for s in samples:
+        counts[contract.class_count_metric(split, LABEL_NAMES[s.label])] += 1
+    return counts
+
+
+def describe_balance(counts: dict[str, float], split: str) -> str:
+    """``good 1402 (71.2%), defect 566 (28.8%)`` for one split of ``class_balance``'s counts."""
+    mine = {name: counts[contract.class_count_metric(split, name)] for name in LABEL_NAMES}
+    total = sum(mine.values()) or 1
+    return ", ".join(f"{name} {n:.0f} ({n / total:.1%})" for name, n in mine.items())
+
+
+def other_split(data_dir: Path, split: str, classes: Sequence[str]) -> dict[str, list[Sample]]:
+    """``{split: samples}`` when that split is there and well formed, else ``{}`` (its own stage checks it)."""
+    try:
+        return {split: scan_split(data_dir, split, classes)}
+    except DataError as err:
+        logger.info("not checking %s against %s: %s", split, data_dir, err)
+        return {}
+
+
+def shared_images(splits: dict[str, Sequence[Sample]]) -> list[str]:
+    """One line per file content found in more than one split, or in more than one class.
+
+    Identical bytes in train and test make the test score a memory test; identical bytes under
+    two classes are a labelling error. Content, not names: copies under other names count.
+    """
+    where: dict[str, list[tuple[str, Sample]]] = defaultdict(list)
+    for split, samples in splits.items():
+        for s in samples:
+            if s.path.stat().st_size > 0:  # empty files are alike but no image; load_split reports them
+                where[file_sha256(s.path)].append((split, s))
+    problems = []
+    for places in where.values():
+        if len({split for split, _ in places}) > 1 or len({s.cls for _, s in places}) > 1:
+            problems.append(" = ".join(f"{split}: {s.path}" for split, s in places))
+    return sorted(problems)
+
+
+def _listing(lines: Sequence[str], limit: int = 50) -> str:
+    """Indented lines, at most ``limit`` of them: enough to act on, short enough to read."""
+    more = [f"... and {len(lines) - limit} more"] if len(lines) > limit else []
+    return "\n".join(f"  {line}" for line in [*lines[:limit], *more])
+
+
+def check_not_shared(splits: dict[str, Sequence[Sample]]) -> None:
+    problems = shared_images(splits)
+    if problems:
+        raise DataError(
+            f"{len(problems)} image(s) in more than one split or class (the same bytes):\n{_listing(problems)}\n"
+            "each image must be in exactly one of train and test, under one class: remove the copies"
+        )
 
 
 # --- Manifests and digests ---------------------------------------------------------------

@@ -1,24 +1,27 @@
 """Entry point ``evaluate``: score one training run's model on the unseen test set, register it, promote.
 
-Parameters (an empty value keeps ``conf/``): ``run_id`` (required: a train child run with a
-model, or a train parent run, whose ``best_run_id`` is then followed), ``threshold`` (the floor for
-``Production_Reg``), ``min_improvement`` (over the champion), ``data_dir``, ``experiment``.
+Parameters (an empty value keeps ``conf/``): ``run_id`` (required: a FINISHED train child run
+with a model, or a train parent run, whose ``best_run_id`` is then followed), ``threshold`` (the
+floor for ``Production_Reg``), ``min_improvement`` (over the champion), ``data_dir``,
+``skip_bad_images``, ``experiment``.
 
-Writes, in experiment ``eval/<experiment>``, one run with:
+Before any run is written, every test image is decoded and checked as ``train`` checks its own
+(unusable files fail the stage, or with ``skip_bad_images`` are left out and counted; an image also
+in ``train`` or under both classes is refused). Writes, in experiment ``eval/<experiment>``, one run with:
 
 - metrics ``test_accuracy``, ``balanced_accuracy``, ``precision``, ``recall``, ``f1``, ``roc_auc``
   (defect is the positive class, cut-off 0.5 on the defect probability), the same prefixed
   ``tuned_`` at the model's own ``decision_threshold`` (tuned on the validation split by train,
   logged as a metric too), and ``champion_test_accuracy`` (the prod version it was compared with,
-  on this test set);
+  on this test set); ``n_skipped``, ``n_test_good`` and ``n_test_defect``;
 - tags ``source_run_id``, ``registered_model``, ``registered_version``, ``promoted`` (``true`` when
   ``prod`` now points at this version), ``promotion_reason`` (the numbers compared),
   ``champion_version``, and ``champion_rescored`` when the champion had to be scored on this test set;
 - artifacts ``metrics.json`` (every metric, both confusion matrices, the decision and its reason),
   ``confusion_matrix.png`` (at 0.5 and at the tuned threshold), ``roc_pr_curves.png``,
   ``misclassified.png`` (the most confidently wrong test images at the tuned threshold, where the
-  model operates in ``infer``) and the test manifest, also
-  logged as the run's dataset input with its digest.
+  model operates in ``infer``), ``skipped_images.csv`` when any were skipped, and the test manifest,
+  also logged as the run's dataset input with its digest.
 
 In the registry: a new version of ``Production_Reg`` when test accuracy >= ``threshold``, else of
 ``Testing_Reg``, tagged ``acc`` (the test accuracy at 0.5, as a string), ``test_digest``,
@@ -34,6 +37,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,12 +47,34 @@ import numpy as np
 
 from steps import cli, contract, plots, registry
 from steps.config import Config, RegistryConfig
-from steps.data import Sample, load_images, manifest, scan_split
+from steps.data import (
+    DataError,
+    Sample,
+    check_not_shared,
+    class_balance,
+    describe_balance,
+    load_images,
+    load_split,
+    manifest,
+    other_split,
+    scan_split,
+)
 from steps.prepare import ensure_data
 from steps.scoring import model_cutoff, score
-from steps.tracking import PipelineError, alias_version, get_run, log_config, log_dataset, stage_run
+from steps.tracking import (
+    PipelineError,
+    alias_version,
+    get_run,
+    load_keras,
+    log_config,
+    log_dataset,
+    log_skipped,
+    stage_run,
+)
 
 logger = logging.getLogger(__name__)
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 # --- Pure rules --------------------------------------------------------------------------
@@ -74,14 +100,21 @@ def report(y: np.ndarray, prob: np.ndarray, cutoff: float) -> tuple[dict[str, fl
 
 
 def resolve_model_run(run_id: str) -> str:
-    """The run whose model to score: the run itself, or a train parent's ``best_run_id``."""
+    """The run whose model to score: the run itself, or a train parent's ``best_run_id``; finished only."""
+    if not RUN_ID.fullmatch(run_id):
+        raise PipelineError(f"parameter run_id: expected a 32-character MLflow run ID (0-9, a-f), got {run_id!r}")
     run = get_run(run_id)
     best = run.data.tags.get(contract.TAG_BEST_RUN_ID)
     if best:
         logger.info("run %s is a train parent run; scoring its best run %s", run_id, best)
-        get_run(best)
-        return best
-    return run_id
+        run = get_run(best)
+    if run.info.status != "FINISHED":
+        # A killed or failed training may have left a model file behind; it was never chosen.
+        raise PipelineError(
+            f"run {run.info.run_id} is {run.info.status}, not FINISHED: only a finished train run is "
+            "evaluated; rerun `mlflow run . -e train`"
+        )
+    return run.info.run_id
 
 
 def load_model_info(run_id: str):
@@ -120,19 +153,23 @@ class TestSet:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, samples: Sequence[Sample], batch_size: int) -> None:
+    def __init__(self, samples: Sequence[Sample], batch_size: int, images: Mapping[int, np.ndarray]) -> None:
+        """``samples`` checked by ``load_split``; ``images`` what it decoded, by image size."""
         self.samples = samples
         self.y = np.array([s.label for s in samples])
         self.batch_size = batch_size
-        self._images: dict[int, np.ndarray] = {}
+        self._images = dict(images)
 
     def images(self, size: int) -> np.ndarray:
         if size not in self._images:
-            self._images[size] = load_images([s.path for s in self.samples], size)
+            images, failures = load_images([s.path for s in self.samples], size)
+            if failures:  # they all decoded a moment ago: a file changed under us
+                raise DataError(f"test images changed during evaluation: {sorted(failures.values())[0]}")
+            self._images[size] = images
         return self._images[size]
 
     def predict(self, model_uri: str, image_size: int) -> np.ndarray:
-        model = mlflow.keras.load_model(model_uri)
+        model = load_keras(model_uri)
         return model.predict(self.images(image_size), batch_size=self.batch_size, verbose=0).reshape(-1)
 
 
@@ -225,7 +262,12 @@ def evaluate(config: Config, run_id: str) -> str:
     cutoff = model_cutoff(metadata)
     classes = config.data.classes
     data_dir = ensure_data(config)
-    test = TestSet(scan_split(data_dir, "test", classes), config.evaluate.batch_size)
+    samples = scan_split(data_dir, "test", classes)
+    images, samples, skipped = load_split(samples, image_size, "test", config.data.skip_bad_images)
+    check_not_shared({**other_split(data_dir, "train", classes), "test": samples})
+    test = TestSet(samples, config.evaluate.batch_size, {image_size: images})
+    balance = class_balance(samples, "test")
+    logger.info("class balance: test %s", describe_balance(balance, "test"))
     client = mlflow.MlflowClient()
     reg = config.registry
 
@@ -233,6 +275,8 @@ def evaluate(config: Config, run_id: str) -> str:
         eval_run_id = run.info.run_id
         mlflow.set_tag(contract.TAG_SOURCE_RUN_ID, model_run_id)
         log_config(config)
+        log_skipped(skipped, data_dir)
+        mlflow.log_metrics(balance)
         test_digest = log_dataset(manifest(test.samples, "test", data_dir), "test", data_dir, context="testing")
 
         logger.info("scoring run %s on %d test images (test set %s)", model_run_id, len(test.samples), test_digest)
@@ -297,6 +341,7 @@ OVERRIDES = {
     "threshold": "evaluate.threshold",
     "min_improvement": "evaluate.min_improvement",
     "data_dir": "data.dir",
+    "skip_bad_images": "data.skip_bad_images",
     "experiment": "experiment",
 }
 

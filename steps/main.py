@@ -1,8 +1,8 @@
 """Entry point ``main``: the driver that chains ``train``, ``evaluate`` and ``infer`` with ``mlflow.run``.
 
 Parameters (an empty value keeps ``conf/``): ``experiment``, ``hparams``, ``epochs``,
-``image_size``, ``data_dir``, ``seed`` (forwarded to train), ``threshold``, ``min_improvement``
-(to evaluate),
+``image_size``, ``data_dir``, ``seed`` (forwarded to train), ``skip_bad_images`` (to train and
+evaluate), ``threshold``, ``min_improvement`` (to evaluate),
 ``input``, ``output`` (to infer), ``env_manager`` (for the nested runs, default ``local``).
 
 Each stage is its own MLflow run in ``<stage>/<experiment>``, started with ``mlflow.run`` and
@@ -36,6 +36,7 @@ def stage_parameters(config: Config) -> dict[str, dict[str, str]]:
         "image_size": str(config.train.image_size),
         "data_dir": config.data.dir,
         "seed": str(config.seed),
+        "skip_bad_images": str(config.data.skip_bad_images).lower(),
         "experiment": config.experiment,
     }
     if config.train.epochs is not None:
@@ -46,6 +47,7 @@ def stage_parameters(config: Config) -> dict[str, dict[str, str]]:
             "threshold": repr(config.evaluate.threshold),
             "min_improvement": repr(config.evaluate.min_improvement),
             "data_dir": config.data.dir,
+            "skip_bad_images": str(config.data.skip_bad_images).lower(),
             "experiment": config.experiment,
         },
         contract.STAGE_INFER: {
@@ -84,7 +86,7 @@ def main(config: Config, env_manager: str = "") -> dict[str, str]:
     """Run the whole pipeline; return the tags written on main's run."""
     env_manager = env_manager or "local"
     if env_manager not in ("local", "uv", "virtualenv", "conda"):
-        raise PipelineError(f"env_manager: expected one of local, uv, virtualenv, conda, got {env_manager!r}")
+        raise PipelineError(f"parameter env_manager: expected one of local, uv, virtualenv, conda, got {env_manager!r}")
     client = mlflow.MlflowClient()
     params = stage_parameters(config)
     with stage_run(contract.STAGE_PIPELINE, config.experiment) as run:
@@ -129,6 +131,7 @@ OVERRIDES = {
     "image_size": "train.image_size",
     "data_dir": "data.dir",
     "seed": "seed",
+    "skip_bad_images": "data.skip_bad_images",
     "threshold": "evaluate.threshold",
     "min_improvement": "evaluate.min_improvement",
     "input": "infer.input",

@@ -45,6 +45,10 @@ def ensure_data(config: Config) -> Path:
     if config.data.bootstrap_elpv and data_dir == (PROJECT_DIR / "data").resolve():
         materialize_elpv(data_dir, config.data.classes)
         return data_dir
+    if not data_dir.is_dir():
+        raise DataError(
+            f"data.dir (-P data_dir): {data_dir} is not a directory; " + layout_help(data_dir, config.data.classes)
+        )
     raise DataError(f"{data_dir}: no images; " + layout_help(data_dir, config.data.classes))
 
 

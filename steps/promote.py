@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 
 def parse_version(text: str) -> str:
     if not text.strip().isdigit() or int(text) < 1:
-        raise PipelineError(f"version: expected a version number of the production model (1, 2, ...), got {text!r}")
+        raise PipelineError(
+            f"parameter version: expected a version number of the production model (1, 2, ...), got {text!r}"
+        )
     return str(int(text))
 
 
@@ -72,7 +74,7 @@ def promote(config: Config, version: str, reason: str) -> str | None:
     """Point ``prod`` at ``version`` and record who and why; return the promote run's ID (None: nothing to do)."""
     version = parse_version(version)
     if not reason.strip():
-        raise PipelineError('reason: say why, e.g. -P reason="version 7 misses cracks on line 2"')
+        raise PipelineError('parameter reason: say why, e.g. -P reason="version 7 misses cracks on line 2"')
     client = mlflow.MlflowClient()
     reg = config.registry
     target = check_promotable(client, config, version)
@@ -112,6 +114,8 @@ def history(config: Config) -> list[dict]:
     return events
 
 
+OVERRIDES = {"experiment": "experiment"}
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["history"]:
         cli.main(history, "Print every move of the prod alias, oldest first.", {}, argv=sys.argv[2:])
@@ -119,6 +123,6 @@ if __name__ == "__main__":
         cli.main(
             promote,
             "Move the prod alias to a chosen version (a rollback), recording who asked and why.",
-            {"experiment": "experiment"},
+            OVERRIDES,
             own=("version", "reason"),
         )

@@ -10,11 +10,12 @@ import base64
 import contextlib
 import logging
 import os
+import socket
 import sys
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -22,11 +23,17 @@ import mlflow
 import pandas as pd
 import yaml
 from mlflow.data.pandas_dataset import from_pandas
-from mlflow.entities import Run
+from mlflow.entities import Run, RunStatus
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from steps import contract
 from steps.config import Config
-from steps.data import digest
+from steps.data import Rejected, digest
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the store is created without one
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +64,42 @@ def configure(dotenv: Path = Path(".env")) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if urlparse(uri).scheme in ("http", "https"):
         check_server(uri)
+    elif urlparse(uri).scheme == "sqlite":
+        create_sqlite_store(uri)
     # Child processes (mlflow.run of the next stage) inherit the same store through the environment.
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def create_sqlite_store(uri: str) -> None:
+    """Create (or upgrade) a SQLite store's schema in one process at a time.
+
+    MLflow creates the tables on first use without a lock: several stages starting together on a
+    new store race, fail ("table metrics already exists") and can leave the schema half made. A
+    lock file beside the database serialises that first use; afterwards it costs one query.
+    """
+    db = Path(unquote(uri[len("sqlite:///") :]))
+    if str(db) in ("", ":memory:") or fcntl is None:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we die
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+
+
+def lost_server(err: BaseException) -> PipelineError | None:
+    """A one-line error when ``err`` means the tracking server went away mid-run, else None."""
+    uri = mlflow.get_tracking_uri()
+    text = str(err)
+    signs = ("Max retries exceeded", "Connection refused", "ConnectionError", "Read timed out", "RemoteDisconnected")
+    if urlparse(uri).scheme not in ("http", "https") or not any(sign in text for sign in signs):
+        return None
+    return PipelineError(
+        f"lost the tracking server at {uri} during the run ({text.splitlines()[0][:200]}); the run could not "
+        "be closed there. Rerun when the server is back: the rerun marks the lost run FAILED"
+    )
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
@@ -136,15 +175,18 @@ def ensure_experiment(name: str) -> str:
 
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str) -> Iterator[Run]:
-    """The stage's run in ``<stage>/<experiment>``.
+    """The stage's run in ``<stage>/<experiment>``, tagged with the process that owns it.
 
     Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) and is resumed: MLflow created
     it in the experiment given to ``mlflow run``, which cannot be changed afterwards, so a run
     outside ``<stage>/<experiment>`` is only warned about. Called directly, a new run is started.
+    Runs of the experiment whose process died are closed first (``reap_stale_runs``); an interrupt
+    (Ctrl-C, SIGTERM) ends this run KILLED, any other exception FAILED.
     """
     wanted = contract.experiment_name(stage, experiment)
     if os.environ.get("MLFLOW_RUN_ID"):
-        with mlflow.start_run() as run:
+        with mlflow.start_run() as run, _closing():
+            mlflow.set_tag(contract.TAG_PROCESS, process_identity())
             actual = mlflow.MlflowClient().get_experiment(run.info.experiment_id).name
             if actual != wanted:
                 logger.warning(
@@ -154,11 +196,109 @@ def stage_run(stage: str, experiment: str) -> Iterator[Run]:
                     wanted,
                     wanted,
                 )
+            reap_stale_runs(run.info.experiment_id)
             yield run
         return
     experiment_id = ensure_experiment(wanted)
-    with mlflow.start_run(experiment_id=experiment_id) as run:
+    reap_stale_runs(experiment_id)
+    with (
+        mlflow.start_run(experiment_id=experiment_id, tags={contract.TAG_PROCESS: process_identity()}) as run,
+        _closing(),
+    ):
         yield run
+
+
+@contextlib.contextmanager
+def nested_run(name: str, experiment_id: str) -> Iterator[Run]:
+    """A child of the active run, in its experiment (a nested run otherwise goes to the *active*
+    experiment, "Default" when a step is called as a function); KILLED on an interrupt."""
+    tags = {contract.TAG_PROCESS: process_identity()}
+    with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id, tags=tags) as run:
+        with _closing():
+            yield run
+
+
+@contextlib.contextmanager
+def _closing() -> Iterator[None]:
+    """How a stage's run ends when the stage does not finish."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        # mlflow.start_run's own exit would say FAILED; an interrupted run was killed.
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except Exception as err:
+        if lost_server(err) is not None:
+            # The server is gone: closing the runs would only retry with backoff once per run
+            # before failing too. Fail those calls at once; a rerun marks these runs FAILED.
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        raise
+
+
+def process_identity(pid: int | None = None) -> str:
+    """``<host>:<pid>:<start time>``: enough to tell later whether this process is still the one running."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), so a reused PID is not mistaken."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_gone(identity: str) -> bool:
+    """True only when sure: the process ran on this host and is no longer running."""
+    host, _, rest = identity.partition(":")
+    pid_text, _, ticks = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False  # another machine's process: we cannot tell
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # running, as another user
+    now = _start_ticks(pid)
+    return bool(ticks and now) and now != ticks  # the PID now belongs to another process
+
+
+def reap_stale_runs(experiment_id: str) -> list[str]:
+    """Close the experiment's RUNNING runs whose process died; return their IDs.
+
+    A process killed with SIGKILL (or by the out-of-memory killer), or one that lost the tracking
+    server, cannot close its own run, which would then say RUNNING forever. Such a run is marked
+    FAILED with the tag ``pipeline.reaped`` saying why: its process is gone from this host, or it is
+    a child whose parent run has already ended.
+    """
+    client = mlflow.MlflowClient()
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    still = {r.info.run_id for r in running}
+    reaped = []
+    for run in running:
+        identity = run.data.tags.get(contract.TAG_PROCESS, "")
+        parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+        if identity and process_gone(identity):
+            reason = f"its process {identity} is no longer running"
+        elif parent and parent not in still and _status(client, parent) not in (None, "RUNNING"):
+            reason = f"its parent run {parent} has ended"
+        else:
+            continue
+        logger.warning("run %s was left RUNNING but %s: marking it FAILED", run.info.run_id, reason)
+        client.set_tag(run.info.run_id, contract.TAG_REAPED, reason)
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        reaped.append(run.info.run_id)
+    return reaped
+
+
+def _status(client: mlflow.MlflowClient, run_id: str) -> str | None:
+    try:
+        return client.get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException:
+        return None
 
 
 def log_config(config: Config) -> None:
@@ -190,6 +330,44 @@ def log_dataset(frame: pd.DataFrame, name: str, source: Path, context: str) -> s
     mlflow.log_input(dataset, context=context)
     mlflow.log_text(frame.to_csv(index=False), f"{name}_{contract.MANIFEST_ARTIFACT}")
     return value
+
+
+def log_skipped(skipped: Sequence[Rejected], root: Path) -> None:
+    """``n_skipped`` and, when any, ``skipped_images.csv``: every image left out and why."""
+    mlflow.log_metric(contract.METRIC_N_SKIPPED, len(skipped))
+    if skipped:
+        frame = pd.DataFrame(
+            {
+                "file": [_relative(r.sample.path, root) for r in skipped],
+                "class": [r.sample.cls for r in skipped],
+                "reason": [r.reason for r in skipped],
+            }
+        )
+        mlflow.log_text(frame.to_csv(index=False), contract.SKIPPED_ARTIFACT)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def load_keras(model_uri: str):
+    """A Keras model from the configured store, with Keras's ``safe_mode`` on.
+
+    Safe mode refuses a file that needs code to run to load (a ``Lambda`` layer's pickled
+    bytecode): a model in the registry is data, never a program. Keras defaults to it; we insist.
+    """
+    try:
+        return mlflow.keras.load_model(model_uri, load_model_kwargs={"safe_mode": True})
+    except ValueError as err:
+        if "safe_mode" not in str(err):
+            raise
+        raise PipelineError(
+            f"refused to load {model_uri}: it needs code execution to load (Keras safe_mode); "
+            "register models built from the pipeline's own layers"
+        ) from None
 
 
 def alias_version(name: str, alias: str) -> str | None:

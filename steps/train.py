@@ -2,20 +2,29 @@
 
 Parameters (an empty value keeps ``conf/``): ``hparams`` (comma-separated set names of
 ``conf/hparams.yaml``), ``epochs`` (overrides every set's), ``image_size``, ``data_dir``, ``seed``,
-``experiment``.
+``skip_bad_images``, ``experiment``.
 
-A seeded validation split stratified by class is kept out of ``<data_dir>/train``; ``test`` is never
-read. Writes, in experiment ``train/<experiment>``:
+Before any run is written, every image of ``<data_dir>/train`` is decoded and checked
+(``steps.data.load_split``): a file that cannot be used fails the stage with the list of them, or,
+with ``skip_bad_images``, is left out and counted; a class without usable images, and an image also
+in ``test`` or under both classes, are refused. A seeded validation split stratified by class is
+then kept out of the usable images; ``test`` is never used for training (only hashed, for that check).
+Writes, in experiment ``train/<experiment>``:
 
 - the parent run: tags ``best_run_id`` (the child with the highest final ``val_accuracy``; ties go
-  to the lower ``val_loss``) and ``data_digest``; metric ``best_val_accuracy``; artifacts
-  ``config.yaml`` (the resolved configuration) and the train/val manifests, also logged as the
-  run's dataset inputs with their digests;
+  to the lower ``val_loss``), ``data_digest`` and ``pipeline.process``; metrics ``best_val_accuracy``,
+  ``n_skipped`` and the class balance ``n_train_good``, ``n_train_defect``, ``n_val_good``,
+  ``n_val_defect``; artifacts ``config.yaml`` (the resolved configuration), the train/val manifests,
+  also logged as the run's dataset inputs with their digests, and ``skipped_images.csv`` (file,
+  class, reason) when any were skipped;
 - one nested child run per set: tag ``hparam_set``; its hyperparameters as params; per-epoch
   ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``; metric ``decision_threshold`` (the cut-off
   on the defect probability that maximises ``train.threshold_objective`` on the validation split,
   never the test set); the model under ``model`` (a Keras model with its preprocessing inside, a
   signature, and in its metadata the class names, image size and ``decision_threshold``).
+
+Interrupted (Ctrl-C, SIGTERM), the parent and the running child end KILLED; nothing is registered
+here in any case (``evaluate`` registers, and only from a FINISHED run).
 """
 
 from __future__ import annotations
@@ -32,19 +41,28 @@ import numpy as np
 
 from steps import cli, contract
 from steps.config import Config, HParams
-from steps.data import Sample, load_images, manifest, scan_split, stratified_split
+from steps.data import (
+    Sample,
+    check_not_shared,
+    class_balance,
+    describe_balance,
+    load_split,
+    manifest,
+    other_split,
+    scan_split,
+    stratified_split,
+)
 from steps.model import make_model, set_seed
 from steps.prepare import ensure_data
 from steps.scoring import tune_threshold
-from steps.tracking import log_config, log_dataset, stage_run
+from steps.tracking import log_config, log_dataset, log_skipped, nested_run, stage_run
 
 logger = logging.getLogger(__name__)
 
 
-def split_train_val(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Seeded validation split of the training samples, stratified by class."""
-    keep, held = stratified_split([s.label for s in samples], val_fraction, seed)
-    return [samples[i] for i in keep], [samples[i] for i in held]
+def split_train_val(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded validation split of the training samples, stratified by class: (fit, val) indices."""
+    return stratified_split([s.label for s in samples], val_fraction, seed)
 
 
 def pick_best(results: Mapping[str, tuple[float, float]]) -> str:
@@ -96,9 +114,7 @@ def fit_one(
     """Train one set in a nested run; return ``(run_id, val_accuracy, val_loss)`` of the last epoch."""
     parent = mlflow.active_run()
     assert parent is not None, "fit_one runs inside train's parent run"
-    # The parent's experiment, explicitly: a nested run otherwise goes to the *active* experiment,
-    # which is "Default" when train is called as a function rather than under `mlflow run`.
-    with mlflow.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id) as child:
+    with nested_run(name, parent.info.experiment_id) as child:
         mlflow.set_tag(contract.TAG_HPARAM_SET, name)
         mlflow.log_params({**dataclasses.asdict(hp), "image_size": config.train.image_size, "seed": config.seed})
         set_seed(config.seed)  # every set starts from the same seed, so sets differ only by their params
@@ -137,20 +153,26 @@ def fit_one(
 def train(config: Config) -> str:
     """Train every selected set; return the parent run's ID (its ``best_run_id`` tag names the best)."""
     data_dir = ensure_data(config)
-    samples = scan_split(data_dir, "train", config.data.classes)
-    fit_samples, val_samples = split_train_val(samples, config.data.val_fraction, config.seed)
+    classes = config.data.classes
+    samples = scan_split(data_dir, "train", classes)
+    size = config.train.image_size
+    logger.info("decoding and checking %d training images at %dx%d", len(samples), size, size)
+    # Decoded once, checked before any work, shared by every hyperparameter set.
+    images, samples, skipped = load_split(samples, size, "train", config.data.skip_bad_images)
+    check_not_shared({"train": samples, **other_split(data_dir, "test", classes)})
+    fit, val = split_train_val(samples, config.data.val_fraction, config.seed)
+    fit_samples, val_samples = [samples[i] for i in fit], [samples[i] for i in val]
     if not {s.label for s in val_samples} >= {0, 1}:
         logger.warning("the validation split lacks a class; add images or raise data.val_fraction")
-    size = config.train.image_size
-    logger.info(
-        "decoding %d training and %d validation images at %dx%d", len(fit_samples), len(val_samples), size, size
-    )
-    # Decoded once, shared by every hyperparameter set.
-    train_xy = (load_images([s.path for s in fit_samples], size), np.array([s.label for s in fit_samples], "float32"))
-    val_xy = (load_images([s.path for s in val_samples], size), np.array([s.label for s in val_samples], "float32"))
+    labels = np.array([s.label for s in samples], "float32")
+    train_xy, val_xy = (images[fit], labels[fit]), (images[val], labels[val])
+    balance = {**class_balance(fit_samples, "train"), **class_balance(val_samples, "val")}
+    logger.info("class balance: train %s; val %s", describe_balance(balance, "train"), describe_balance(balance, "val"))
 
     with stage_run(contract.STAGE_TRAIN, config.experiment) as parent:
         log_config(config)
+        log_skipped(skipped, data_dir)
+        mlflow.log_metrics(balance)
         data_digest = log_dataset(manifest(fit_samples, "train", data_dir), "train", data_dir, context="training")
         log_dataset(manifest(val_samples, "val", data_dir), "val", data_dir, context="validation")
         mlflow.set_tag(contract.TAG_DATA_DIGEST, data_digest)
@@ -174,6 +196,7 @@ OVERRIDES = {
     "image_size": "train.image_size",
     "data_dir": "data.dir",
     "seed": "seed",
+    "skip_bad_images": "data.skip_bad_images",
     "experiment": "experiment",
 }
 

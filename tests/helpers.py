@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,15 +17,10 @@ import pytest
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
-def mlflow_run(
-    entry_point: str,
-    params: dict[str, str],
-    store: str,
-    experiment: str | None = None,
-    check: bool = False,
-    env_manager: str = "local",
-) -> subprocess.CompletedProcess:
-    """`mlflow run . -e ENTRY --env-manager local` against ``store``; output captured unless ``check``."""
+def mlflow_run_command(
+    entry_point: str, params: dict[str, str], store: str, experiment: str | None = None, env_manager: str = "local"
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `mlflow run . -e ENTRY --env-manager local` against ``store``."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the stages' `python`
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
@@ -34,9 +30,69 @@ def mlflow_run(
         cmd += ["--experiment-name", experiment]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
+    return cmd, env
+
+
+def mlflow_run(
+    entry_point: str,
+    params: dict[str, str],
+    store: str,
+    experiment: str | None = None,
+    check: bool = False,
+    env_manager: str = "local",
+) -> subprocess.CompletedProcess:
+    """Run `mlflow run` (``mlflow_run_command``) to the end; output captured unless ``check``."""
+    cmd, env = mlflow_run_command(entry_point, params, store, experiment, env_manager)
     if check:  # benchmarks: let the output stream, fail loudly
         return subprocess.run(cmd, env=env, check=True, text=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def mlflow_runs_at_once(*runs: tuple[str, dict[str, str], str, str | None]) -> list[subprocess.CompletedProcess]:
+    """Several `mlflow run`s (entry point, params, store, experiment) started together; each one's result.
+
+    For runs that do not depend on each other: on two cores they overlap their start-up (about
+    10 s of imports each) instead of paying it one after the other.
+    """
+    started = []
+    for entry_point, params, store, experiment in runs:
+        cmd, env = mlflow_run_command(entry_point, params, store, experiment)
+        started.append((cmd, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    results = []
+    for cmd, process in started:
+        stdout, stderr = process.communicate(timeout=900)
+        results.append(subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr))
+    return results
+
+
+@contextlib.contextmanager
+def building_store(root: Path):
+    """Make ``root/mlflow.db`` the store while a module fixture fills it; yields its path.
+
+    Tests then each work on a copy (``use_copy_of``); the artifacts stay where they were written.
+    """
+    from steps.tracking import configure
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    patch.delenv("MLFLOW_RUN_ID", raising=False)
+    configure()
+    try:
+        yield root / "mlflow.db"
+    finally:
+        patch.undo()
+
+
+def use_copy_of(db: Path, tmp_path: Path, monkeypatch) -> str:
+    """This test's own copy of a store built by ``building_store``, made current (environment too)."""
+    import mlflow
+
+    shutil.copy(db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def free_port() -> int:
@@ -46,9 +102,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(tmp_path: Path, backend: str, *extra: str, env: dict[str, str] | None = None):
-    """`mlflow server` on a free loopback port, as `make server` starts it; yields its URI."""
-    port = free_port()
+def running_server(
+    tmp_path: Path, backend: str, *extra: str, env: dict[str, str] | None = None, port: int | None = None
+):
+    """`mlflow server` on loopback (a free port unless given), as `make server` starts it; yields its URI."""
+    port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", backend, "--artifacts-destination", str(tmp_path / "artifacts"), *extra]  # fmt: skip
@@ -72,3 +130,24 @@ def running_server(tmp_path: Path, backend: str, *extra: str, env: dict[str, str
         finally:
             process.terminate()
             process.wait(timeout=30)
+
+
+def assert_store_consistent(client) -> None:
+    """What a crash or a refusal must never leave behind in a store.
+
+    No run still RUNNING; every registered version points back to a finished eval run; every alias
+    names a version that exists.
+    """
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    running = client.search_runs(experiments, "attributes.status = 'RUNNING'") if experiments else []
+    assert not running, f"runs left RUNNING: {[r.info.run_id for r in running]}"
+    for model in client.search_registered_models():
+        versions = {str(v.version): v for v in client.search_model_versions(f"name = '{model.name}'")}
+        for alias, version in model.aliases.items():
+            assert str(version) in versions, f"{model.name}@{alias} names version {version}, which does not exist"
+        for number, version in versions.items():
+            eval_run_id = version.tags.get("eval_run_id")
+            assert eval_run_id, f"{model.name} version {number} has no eval run"
+            eval_run = client.get_run(eval_run_id)
+            assert eval_run.info.status == "FINISHED", f"{model.name} version {number}: eval run {eval_run.info.status}"
+            assert client.get_experiment(eval_run.info.experiment_id).name.startswith("eval/")

@@ -14,13 +14,14 @@ else by SQLite.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
 import time
 
 import mlflow
 import pytest
 
-from helpers import running_server
+from helpers import assert_store_consistent, running_server
 from steps import registry
 from steps.config import load_config
 from steps.tracking import alias_version
@@ -119,6 +120,33 @@ def warm_up() -> None:
 def pool():
     with multiprocessing.get_context("spawn").Pool(PROCESSES, initializer=warm_up) as workers:
         yield workers
+
+
+def stage_in_a_fresh_store(uri: str, data_dir: str, start_at: float) -> str:
+    """The prepare stage as its CLI runs it, starting at ``start_at``; "ok" or the error it ended with."""
+    from steps import cli, prepare
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    time.sleep(max(0.0, start_at - time.time()))
+    try:
+        cli.main(prepare.prepare, "", prepare.OVERRIDES, argv=["--data_dir", data_dir, "--experiment", "fresh"])
+    except BaseException as err:  # noqa: BLE001 - reported back to the test, whatever it is
+        return f"{type(err).__name__}: {err}"
+    return "ok"
+
+
+def test_stages_starting_together_on_a_brand_new_sqlite_store_all_succeed(pool, tmp_path, tiny_data):
+    """MLflow creates a SQLite store's tables on first use without a lock, and processes starting
+    together race ("table metrics already exists", 10 of 12 failed when tried by hand); the
+    pipeline takes a lock file for that first use (tracking.create_sqlite_store)."""
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"  # not even its folder exists yet
+    tick = time.time() + 1.0
+    jobs = [pool.apply_async(stage_in_a_fresh_store, (uri, str(tiny_data), tick)) for _ in range(PROCESSES)]
+    assert [job.get(timeout=120) for job in jobs] == ["ok"] * PROCESSES
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("prepare/fresh").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"] * PROCESSES
+    assert_store_consistent(client)
 
 
 def test_parallel_evaluations_leave_prod_on_the_best_version_in_sqlite(pool, tmp_path):

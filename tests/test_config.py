@@ -58,7 +58,7 @@ def test_epochs_null_keeps_each_sets_own_epochs():
             {"train.threshold_objective": "recall"},
             "train.threshold_objective: expected one of accuracy, balanced_accuracy, f1, got 'recall'",
         ),
-        ({"infer.model_uri": "Production_Reg"}, "infer.model_uri: expected a models:/ or runs:/ URI"),
+        ({"infer.model_uri": "Production_Reg"}, "infer.model_uri: expected models:/<name>/<version> or"),
         ({"experiment": "a/b"}, "experiment: expected a name without '/'"),
     ],
 )
@@ -103,7 +103,7 @@ def test_cli_rejects_a_bad_parameter_before_the_step_runs(capsys, tmp_path, monk
         cli.main(lambda config: called.append(config), "test", {"epochs": "train.epochs"}, argv=["--epochs", "abc"])
     assert exit_info.value.code == 2
     assert called == []
-    assert capsys.readouterr().err.strip() == "error: train.epochs: expected an integer, got 'abc'"
+    assert capsys.readouterr().err.strip() == "error: parameter epochs (train.epochs): expected an integer, got 'abc'"
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started
 
 

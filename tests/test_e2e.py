@@ -6,15 +6,19 @@ Every stage runs as its own process, exactly as a user or CI runs it, against a 
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from helpers import PROJECT_DIR, mlflow_run
+from helpers import PROJECT_DIR, assert_store_consistent, mlflow_run, mlflow_runs_at_once
 from steps import contract
+from steps.tracking import create_sqlite_store
 
 pytestmark = pytest.mark.e2e
 
@@ -39,17 +43,58 @@ def run_main(tiny_data: Path, store: str, tmp_path: Path, threshold: str, seed: 
     return {**latest.data.tags, "output": str(output)}
 
 
+def kill_two_trainings(tiny_data: Path, store: str) -> dict[signal.Signals, tuple[int, str]]:
+    """Start two trainings in train/e2e; once each has finished an epoch, SIGTERM one and SIGKILL the other.
+
+    Returns each one's exit code and stderr. SIGTERM is what `kill`, a cancelled CI job or `docker
+    stop` sends; SIGKILL is the out-of-memory killer, which no process can answer.
+    """
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    cmd = [sys.executable, "-m", "steps.train", "--data_dir", str(tiny_data), "--hparams", "small",
+           "--epochs", "500", "--image_size", "32", "--experiment", "e2e"]  # fmt: skip
+    procs = {
+        sig: subprocess.Popen(
+            cmd, env=env, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for sig in (signal.SIGTERM, signal.SIGKILL)
+    }
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        experiment = client.get_experiment_by_name("train/e2e")
+        if experiment and len(client.search_runs([experiment.experiment_id], "metrics.loss > -1")) == 2:
+            break
+        time.sleep(0.5)
+    for sig, process in procs.items():
+        process.send_signal(sig)
+    return {sig: (process.wait(timeout=60), process.stderr.read()) for sig, process in procs.items()}
+
+
 def test_main_trains_evaluates_registers_promotes_and_infers(tiny_data, store, tmp_path):
     client = mlflow.MlflowClient()
 
-    # Before any model passed: a bar no model can pass (1.0, the highest legal threshold) sends the
-    # model to Testing_Reg, and with no prod alias yet main skips infer and says why.
-    blocked = run_main(tiny_data, store, tmp_path, threshold="1.0", seed="42")
-    assert blocked[contract.TAG_REGISTERED_MODEL] == "Testing_Reg"
-    assert contract.TAG_INFER_RUN_ID not in blocked
-    assert "no Production_Reg@prod yet" in blocked[contract.TAG_INFER_SKIPPED]
+    # Two trainings killed mid-way: the one sent SIGTERM closes its runs as KILLED and says so in
+    # one line; the one killed with SIGKILL cannot, and its runs stay RUNNING until the next stage.
+    killed = kill_two_trainings(tiny_data, store)
+    code, stderr = killed[signal.SIGTERM]
+    assert code == 128 + signal.SIGTERM and stderr.strip().endswith(
+        "error: stopped by SIGTERM; the run is marked KILLED"
+    )
+    assert killed[signal.SIGKILL][0] == -signal.SIGKILL
+    train_experiment = client.get_experiment_by_name("train/e2e").experiment_id
+    dead = {r.info.run_id: r.info.status for r in client.search_runs([train_experiment])}
+    assert sorted(dead.values()) == ["KILLED", "KILLED", "RUNNING", "RUNNING"]
 
     first = run_main(tiny_data, store, tmp_path, threshold="0.0", seed="42")
+
+    # The next main ran cleanly, and its train stage closed the SIGKILLed runs, saying why.
+    for run_id, status in dead.items():
+        run = client.get_run(run_id)
+        if status == "RUNNING":
+            assert run.info.status == "FAILED" and "is no longer running" in run.data.tags[contract.TAG_REAPED]
+        else:
+            assert run.info.status == "KILLED"
+    assert first[contract.TAG_BEST_RUN_ID] not in dead
 
     # Three nested train runs under the train parent, and best_run_id names the best of them.
     train_run = client.get_run(first[contract.TAG_TRAIN_RUN_ID])
@@ -78,22 +123,20 @@ def test_main_trains_evaluates_registers_promotes_and_infers(tiny_data, store, t
     assert len(rows) == n_test == infer_run.data.metrics["n_images"]
     assert infer_run.data.tags[contract.TAG_MODEL_VERSION] == str(version.version)
 
-    # A second model (evaluate alone, through mlflow run, on another set of the same train run):
-    # prod points at the highest-acc production version.
+    # Two evaluations at once, through mlflow run: a second model (another set of the same train run)
+    # over the bar, and the first train run again under a bar no model can pass (1.0, the highest
+    # legal threshold). prod ends on the highest-acc production version; the other goes to
+    # Testing_Reg and never touches prod.
     other_set = next(c for c in children if c.info.run_id != best.info.run_id)
-    params = {"run_id": other_set.info.run_id, "threshold": "0.0", "data_dir": str(tiny_data), "experiment": "e2e"}
-    done = mlflow_run("evaluate", params, store, experiment="eval/e2e")
-    assert done.returncode == 0, done.stderr[-5000:]
+    data = {"data_dir": str(tiny_data), "experiment": "e2e"}
+    second = {"run_id": other_set.info.run_id, "threshold": "0.0", **data}
+    below = {"run_id": first[contract.TAG_TRAIN_RUN_ID], "threshold": "1.0", **data}
+    for done in mlflow_runs_at_once(("evaluate", second, store, "eval/e2e"), ("evaluate", below, store, "eval/e2e")):
+        assert done.returncode == 0, done.stderr[-5000:]
     versions = client.search_model_versions("name = 'Production_Reg'")
     assert len(versions) == 2
     prod = client.get_model_version_by_alias("Production_Reg", "prod")
     assert float(prod.tags["acc"]) == max(float(v.tags["acc"]) for v in versions)
-
-    # Now that prod exists, the unreachable bar again: Testing_Reg, and prod does not move.
-    # (evaluate alone, through mlflow run, on the first train run: the whole pipeline is shown above.)
-    params = {"run_id": first[contract.TAG_TRAIN_RUN_ID], "threshold": "1.0", "data_dir": str(tiny_data)}
-    done = mlflow_run("evaluate", {**params, "experiment": "e2e"}, store, experiment="eval/e2e")
-    assert done.returncode == 0, done.stderr[-5000:]
     testing = client.search_model_versions("name = 'Testing_Reg'", order_by=["version_number DESC"])[0]
     assert float(testing.tags["acc"]) < 1.0
     assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(prod.version)
@@ -111,29 +154,39 @@ def test_main_trains_evaluates_registers_promotes_and_infers(tiny_data, store, t
     moves = [line.split()[1:4] for line in shown[1:]]
     assert moves[-1] == [str(prod.version), "->", other] and reason in shown[-1] and "promote" in shown[-1]
     assert moves[0] == ["-", "->", first[contract.TAG_REGISTERED_VERSION]]
+    # Nothing the killed trainings did reached the registry; nothing is left half done.
+    sources = {v.tags["source_run_id"] for v in client.search_model_versions("")}
+    assert sources and sources.isdisjoint(dead)
+    assert_store_consistent(client)
 
 
-@pytest.mark.parametrize(
-    ("entry_point", "params", "message"),
-    [
-        ("train", {"epochs": "abc"}, "error: train.epochs: expected an integer, got 'abc'"),
-        (
-            "evaluate",
-            {"run_id": "x", "threshold": "1.01"},
-            "error: evaluate.threshold: expected a number in [0, 1], got 1.01",
-        ),
-        (
-            "infer",
-            {},
-            "error: no model at models:/Production_Reg@prod: no version of 'Production_Reg' has the alias 'prod' yet",
-        ),
-    ],
-)
-def test_bad_input_through_mlflow_run_fails_with_one_clear_line(entry_point, params, message, store, tiny_data):
-    """A sample through `mlflow run` itself; every case is covered in-process in test_config and test_steps."""
-    params = {"data_dir": str(tiny_data), **params} if entry_point != "infer" else {"input": str(tiny_data / "test")}
-    done = mlflow_run(entry_point, params, store)
-    assert done.returncode != 0
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith(message), done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
+BAD_INPUT = [
+    ("train", {"epochs": "abc"}, "error: parameter epochs (train.epochs): expected an integer, got 'abc'"),
+    (
+        "evaluate",
+        {"run_id": "x", "threshold": "1.01"},
+        "error: parameter threshold (evaluate.threshold): expected a number in [0, 1], got 1.01",
+    ),
+    (
+        "infer",
+        {},
+        "error: no model at models:/Production_Reg@prod: no version of 'Production_Reg' has the alias 'prod' yet",
+    ),
+]
+
+
+def test_bad_input_through_mlflow_run_fails_with_one_clear_line(store, tiny_data):
+    """A sample per entry point through `mlflow run` itself, run at once; every case is covered
+    in-process in tests/test_robustness.py."""
+    # Created first, as `make run` does: several bare `mlflow run`s on a store that does not exist
+    # yet race to create its tables inside MLflow's own command, before any pipeline code runs.
+    create_sqlite_store(store)
+    runs = []
+    for entry_point, params, _ in BAD_INPUT:
+        data = {"data_dir": str(tiny_data)} if entry_point != "infer" else {"input": str(tiny_data / "test")}
+        runs.append((entry_point, {**data, **params}, store, None))
+    for (entry_point, _, message), done in zip(BAD_INPUT, mlflow_runs_at_once(*runs), strict=True):
+        assert done.returncode != 0, entry_point
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(message), done.stderr[-3000:]
+        assert "Traceback" not in done.stderr

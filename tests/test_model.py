@@ -28,7 +28,8 @@ def test_training_preprocessing_equals_serving_preprocessing(tiny_data):
     set_seed(0)
     model = make_model(HP, 32, seed=0)
     raw = np.stack([decode_gray(p) for p in paths]).astype("float32")  # 48x48, resized by the model
-    loaded = load_images(paths, 32, progress=False)  # resized by the loader
+    loaded, failures = load_images(paths, 32, progress=False)  # resized by the loader
+    assert failures == {}
     assert loaded.shape == (6, 32, 32, 1)
     np.testing.assert_allclose(model.predict(raw, verbose=0), model.predict(loaded, verbose=0), atol=1e-5)
 

@@ -293,9 +293,9 @@ def test_rollback_moves_prod_records_who_and_why_and_sticks(store, capsys, monke
 REFUSALS = [
     ("9", "Production_Reg has no version 9; it has versions 2, 1"),
     ("3", "Production_Reg has no version 3; Testing_Reg has a version 3, but it scored below the threshold"),
-    ("x", "version: expected a version number of the production model (1, 2, ...), got 'x'"),
-    ("0", "version: expected a version number"),
-    ("-1", "version: expected a version number"),
+    ("x", "parameter version: expected a version number of the production model (1, 2, ...), got 'x'"),
+    ("0", "parameter version: expected a version number"),
+    ("-1", "parameter version: expected a version number"),
 ]
 
 

@@ -1,37 +1,100 @@
 """End to end against a real tracking server: `mlflow server` on loopback, the pipeline over HTTP.
 
 The server serves the artifacts itself (the artifacts proxy), with a SQLite backend, as `make
-server` starts it. Nothing reaches the store but through HTTP. (A PostgreSQL-backed server, as a
-team would run it, is raced by tests/test_concurrency.py.)
+server` starts it. Nothing reaches the store but through HTTP. The server is first lost in the
+middle of a training, then restarted at the same address, and the whole pipeline reruns against
+it. (A PostgreSQL-backed server, as a team would run it, is raced by tests/test_concurrency.py.)
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import mlflow
 import pytest
 
-from helpers import PROJECT_DIR, mlflow_run, running_server
+from helpers import PROJECT_DIR, assert_store_consistent, free_port, mlflow_run, running_server
 from steps import contract, tracking
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    with running_server(tmp_path, f"sqlite:///{tmp_path / 'server.db'}") as uri:
+# `python -m steps.train ARGS`, but importing TensorFlow (most of its start-up) while the server
+# starts, and calling the step once the server answers.
+TRAIN_WHEN_UP = """
+import runpy, sys, time, urllib.request
+import steps.train
+while True:
+    try:
+        urllib.request.urlopen(sys.argv[1] + "/health", timeout=1).close()
+        break
+    except OSError:
+        time.sleep(0.2)
+sys.argv = ["steps.train", *sys.argv[2:]]
+runpy.run_module("steps.train", run_name="__main__")
+"""
+
+
+def lose_the_server_mid_training(tmp_path, backend: str, port: int, tiny_data) -> tuple[str, str]:
+    """Start the server and a training against it; stop the server mid-training.
+
+    Returns the server's URI and the training's stderr once it has stopped.
+    """
+    uri = f"http://127.0.0.1:{port}"
+    # Retry once, without backoff: MLflow's default rides out about four minutes of outage per call.
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+             "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}  # fmt: skip
+    env = {**os.environ, **quick, "MLFLOW_TRACKING_URI": uri}
+    env.pop("MLFLOW_RUN_ID", None)
+    args = ["--data_dir", str(tiny_data), "--hparams", "small", "--image_size", "32", "--epochs", "500",
+            "--experiment", "server"]  # fmt: skip
+    lost = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_WHEN_UP, uri, *args], env=env, cwd=PROJECT_DIR, stderr=subprocess.PIPE, text=True
+    )
+    with running_server(tmp_path, backend, port=port):
+        client = mlflow.MlflowClient(uri)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and lost.poll() is None:
+            experiment = client.get_experiment_by_name("train/server")
+            if experiment and client.search_runs([experiment.experiment_id], "metrics.loss > -1"):
+                break  # training is under way
+            time.sleep(0.5)
+    _, stderr = lost.communicate(timeout=180)  # the server is gone now, mid-training
+    assert lost.returncode == 2, stderr[-3000:]
+    return uri, stderr
+
+
+def test_a_lost_server_stops_a_stage_in_one_line_and_the_pipeline_reruns_against_it(tiny_data, tmp_path, monkeypatch):
+    backend, port = f"sqlite:///{tmp_path / 'server.db'}", free_port()
+    uri, stderr = lose_the_server_mid_training(tmp_path, backend, port, tiny_data)
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: lost the tracking server at {uri} during the run (")
+    assert "Rerun when the server is back" in errors[0] and "Traceback" not in stderr
+
+    with running_server(tmp_path, backend, port=port):  # back, at the same address: the whole pipeline
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
-        yield uri
+        check_the_pipeline_over_http(uri, tiny_data, tmp_path)
 
 
-def test_the_whole_pipeline_runs_against_a_tracking_server(server, tiny_data, tmp_path):
+def check_the_pipeline_over_http(server: str, tiny_data, tmp_path) -> None:
+    client = mlflow.MlflowClient()  # over HTTP
+    lost = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name("train/server").experiment_id])}
+    assert len(lost) == 2  # the lost training's parent and child, left RUNNING on the server
     output = tmp_path / "predictions.csv"
     params = {"data_dir": str(tiny_data), "epochs": "1", "image_size": "32", "hparams": "small",
               "experiment": "server", "threshold": "0.0", "output": str(output)}  # fmt: skip
     done = mlflow_run("main", params, server, experiment="pipeline/server")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
-    client = mlflow.MlflowClient()  # over HTTP
+    # The runs the lost training could not close were closed by the rerun's train stage.
+    for run_id in lost:
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED" and "is no longer running" in run.data.tags[contract.TAG_REAPED]
+
     experiment = client.get_experiment_by_name("pipeline/server")
     main_run = client.search_runs([experiment.experiment_id])[0]
     tags = main_run.data.tags
@@ -58,6 +121,7 @@ def test_the_whole_pipeline_runs_against_a_tracking_server(server, tiny_data, tm
     assert any((tmp_path / "artifacts").rglob("MLmodel"))
     assert eval_run.info.artifact_uri.startswith("mlflow-artifacts:/")
     assert not (PROJECT_DIR / "mlruns" / "train_server").exists()
+    assert_store_consistent(client)
 
 
 def test_a_server_with_authentication_refuses_wrong_credentials_in_one_line(tmp_path, monkeypatch):

@@ -6,14 +6,17 @@ Training runs once per module; every test then works on its own copy of that SQL
 from __future__ import annotations
 
 import csv
+import importlib
 import shutil
+import threading
 
 import mlflow
 import pytest
 
-from steps import cli, contract, evaluate, infer
+from helpers import building_store, use_copy_of
+from steps import cli, contract, evaluate, infer, main
 from steps.config import load_config
-from steps.tracking import PipelineError, configure
+from steps.tracking import PipelineError
 from steps.train import train
 
 pytestmark = pytest.mark.model
@@ -27,24 +30,14 @@ def tiny(tiny_data, **overrides: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_data):
     """A store holding one finished train run: (db path, parent run ID)."""
-    root = tmp_path_factory.mktemp("trained")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    mp.delenv("MLFLOW_RUN_ID", raising=False)
-    configure()
-    parent = train(tiny(tiny_data))
-    mp.undo()
-    return root / "mlflow.db", parent
+    with building_store(tmp_path_factory.mktemp("trained")) as db:
+        return db, train(tiny(tiny_data))
 
 
 @pytest.fixture
 def trained_store(trained, tmp_path, monkeypatch):
     db, parent = trained
-    shutil.copy(db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
+    use_copy_of(db, tmp_path, monkeypatch)
     return parent
 
 
@@ -161,12 +154,13 @@ def test_evaluate_with_an_unknown_run_id_says_what_to_run_first(trained_store, t
             evaluate.evaluate,
             "",
             evaluate.OVERRIDES,
-            argv=["--run_id", "0123abc", "--data_dir", str(tiny_data)],
+            argv=["--run_id", "0123abc" * 4 + "0123", "--data_dir", str(tiny_data)],
             own=("run_id",),
         )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: run '0123abc' does not exist in sqlite:///") and "mlflow run . -e train" in err
+    assert err.startswith(f"error: run '{'0123abc' * 4}0123' does not exist in sqlite:///")
+    assert "mlflow run . -e train" in err
     assert len(err.splitlines()) == 1
 
 
@@ -213,3 +207,39 @@ def test_infer_writes_one_row_per_image_and_survives_a_bad_file(trained_store, t
     assert run.data.tags[contract.TAG_MODEL_URI] == "models:/Production_Reg@prod"
     assert run.data.tags[contract.TAG_MODEL_VERSION] == "1"
     assert "predictions.csv" in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+
+
+def test_main_with_no_model_over_the_bar_registers_in_testing_and_skips_infer(store, tiny_data, monkeypatch):
+    """main's own logic, in-process: each stage runs from the command line main builds for it, in a
+    thread of its own (MLflow's active run is per thread, as it is per process under mlflow run)."""
+    own = {"evaluate": ("run_id",)}
+    calls = []
+
+    def run_stage(stage, parameters, config, env_manager):
+        calls.append((stage, dict(parameters), env_manager))
+        argv = [part for name, value in parameters.items() for part in (f"--{name}", value)]
+        name, result = main.ENTRY_POINTS[stage], {}
+        module = importlib.import_module(f"steps.{name}")  # entry point, module and function share a name
+        step = getattr(module, name)
+        worker = threading.Thread(
+            target=lambda: result.update(run_id=cli.main(step, "", module.OVERRIDES, argv=argv, own=own.get(name, ())))
+        )
+        worker.start()
+        worker.join()
+        return result["run_id"]
+
+    monkeypatch.setattr(main, "run_stage", run_stage)
+    # 1.0, the highest legal threshold: no model can pass, so no prod alias exists afterwards.
+    config = tiny(tiny_data, **{"train.hparams": "small", "evaluate.threshold": "1.0"})
+    tags = main.main(config)
+
+    assert [stage for stage, _, _ in calls] == [contract.STAGE_TRAIN, contract.STAGE_EVAL]
+    assert all(env_manager == "local" for _, _, env_manager in calls)
+    best = mlflow.get_run(tags[contract.TAG_TRAIN_RUN_ID]).data.tags[contract.TAG_BEST_RUN_ID]
+    assert calls[1][1]["run_id"] == best == tags[contract.TAG_BEST_RUN_ID]  # passed on through the run's tag
+    assert tags[contract.TAG_REGISTERED_MODEL] == "Testing_Reg"
+    assert contract.TAG_INFER_RUN_ID not in tags
+    assert "no Production_Reg@prod yet" in tags[contract.TAG_INFER_SKIPPED]
+    pipeline_runs = mlflow.search_runs(experiment_names=["pipeline/test"], output_format="list")
+    assert [r.info.status for r in pipeline_runs] == ["FINISHED"]
+    assert pipeline_runs[0].data.tags[contract.TAG_INFER_SKIPPED] == tags[contract.TAG_INFER_SKIPPED]
