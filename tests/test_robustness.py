@@ -306,7 +306,7 @@ BAD_PARAMETERS = [
     (evaluate, ["--run_id", "{parent}", "--min_improvement", "1"], "parameter min_improvement (evaluate.min_improvement): expected a number in [0, 1), got 1.0"),
     (evaluate, ["--run_id", "{parent}", "--data_dir", MISSING], f"data.dir (-P data_dir): {MISSING} is not a directory"),
     (infer, ["--input", MISSING], f"parameter input: no images found at '{MISSING}'; expected an image file, a directory or a glob"),
-    (infer, ["--output", "{tmp}"], "parameter output: {tmp} is a directory; expected a file path"),
+    (infer, ["--input", "{images}", "--output", "{tmp}"], "parameter output: {tmp} is a directory; expected a file path"),
     (infer, ["--model_uri", "/tmp/model"], "parameter model_uri (infer.model_uri): expected models:/<name>/<version> or models:/<name>@<alias> with <name> one of Production_Reg, Testing_Reg"),
     (infer, ["--model_uri", "models://other@registry/Production_Reg/1"], "parameter model_uri (infer.model_uri): expected models:/"),
     (infer, ["--model_uri", "models:/SomeoneElses/1"], "parameter model_uri (infer.model_uri): expected models:/"),
@@ -329,9 +329,16 @@ STEP = {train: train.train, evaluate: evaluate.evaluate, infer: infer.infer, pro
     BAD_PARAMETERS,
     ids=[f"{m.__name__.split('.')[-1]}:{' '.join(a)}" for m, a, _ in BAD_PARAMETERS],
 )
-def test_each_bad_parameter_fails_before_any_work_in_one_line(module, argv, expected, store_copy, tmp_path, capsys):
+def test_each_bad_parameter_fails_before_any_work_in_one_line(
+    module, argv, expected, store_copy, tiny_data, tmp_path, capsys
+):
     client, parent = store_copy
-    fill = {"{killed}": _killed_train_run(client, parent), "{parent}": parent, "{tmp}": str(tmp_path)}
+    fill = {
+        "{killed}": _killed_train_run(client, parent),
+        "{parent}": parent,
+        "{tmp}": str(tmp_path),
+        "{images}": str(tiny_data / "test"),
+    }
     for key, value in fill.items():
         argv = [a.replace(key, value) for a in argv]
         expected = expected.replace(key, value)
