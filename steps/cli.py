@@ -80,7 +80,7 @@ def main(
         raise SystemExit(2) from None
     except KeyboardInterrupt as err:
         signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
-        print(f"error: stopped by {signum.name}; the run is marked KILLED", file=sys.stderr)
+        print(f"error: stopped by {signum.name}; any run it had started is marked KILLED", file=sys.stderr)
         raise SystemExit(128 + signum) from None
     except Exception as err:
         lost = lost_server(err)

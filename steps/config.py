@@ -198,7 +198,8 @@ def _from_our_store(uri: str, names: tuple[str, ...]) -> bool:
     """A model in the configured store's registry (or one of its runs): never a path, a URL or another
     registry (``models://profile@host/...``), since loading a model file runs its loader."""
     model = MODEL_URI.fullmatch(uri)
-    return bool(model and model.group(1) in names) or bool(RUN_URI.fullmatch(uri))
+    run = RUN_URI.fullmatch(uri) and ".." not in uri.split("/")  # no climbing out of the run's artifacts
+    return bool(model and model.group(1) in names) or bool(run)
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:

@@ -311,6 +311,7 @@ BAD_PARAMETERS = [
     (infer, ["--model_uri", "models://other@registry/Production_Reg/1"], "parameter model_uri (infer.model_uri): expected models:/"),
     (infer, ["--model_uri", "models:/SomeoneElses/1"], "parameter model_uri (infer.model_uri): expected models:/"),
     (infer, ["--model_uri", "https://example.com/model.keras"], "parameter model_uri (infer.model_uri): expected models:/"),
+    (infer, ["--model_uri", f"runs:/{'a' * 32}/../../elsewhere"], "parameter model_uri (infer.model_uri): expected models:/"),
     (promote, ["--version", "abc", "--reason", "r"], "parameter version: expected a version number of the production model (1, 2, ...), got 'abc'"),
     (promote, ["--version", "0", "--reason", "r"], "parameter version: expected a version number of the production model (1, 2, ...), got '0'"),
     (promote, ["--version", "1", "--reason", " "], "parameter reason: say why, e.g. -P reason="),
