@@ -249,12 +249,12 @@ def _start_ticks(pid: int) -> str:
         return ""
 
 
-def process_gone(identity: str) -> bool:
-    """True only when sure: the process ran on this host and is no longer running."""
+def process_gone(identity: str) -> bool | None:
+    """True: the process ran on this host and is gone; False: it still runs here; None: cannot tell."""
     host, _, rest = identity.partition(":")
     pid_text, _, ticks = rest.partition(":")
     if host != socket.gethostname() or not pid_text.isdigit():
-        return False  # another machine's process: we cannot tell
+        return None  # another machine's process
     pid = int(pid_text)
     try:
         os.kill(pid, 0)
@@ -271,8 +271,8 @@ def reap_stale_runs(experiment_id: str) -> list[str]:
 
     A process killed with SIGKILL (or by the out-of-memory killer), or one that lost the tracking
     server, cannot close its own run, which would then say RUNNING forever. Such a run is marked
-    FAILED with the tag ``pipeline.reaped`` saying why: its process is gone from this host, or it is
-    a child whose parent run has already ended.
+    FAILED with the tag ``pipeline.reaped`` saying why: its process is gone from this host, or, for a
+    process on another host (which cannot be checked from here), its parent run has already ended.
     """
     client = mlflow.MlflowClient()
     running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
@@ -281,9 +281,11 @@ def reap_stale_runs(experiment_id: str) -> list[str]:
     for run in running:
         identity = run.data.tags.get(contract.TAG_PROCESS, "")
         parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
-        if identity and process_gone(identity):
+        gone = process_gone(identity) if identity else None
+        if gone:
             reason = f"its process {identity} is no longer running"
-        elif parent and parent not in still and _status(client, parent) not in (None, "RUNNING"):
+        elif gone is None and parent and parent not in still and _status(client, parent) not in (None, "RUNNING"):
+            # Only for a process we cannot see: one still running here is left alone, whatever its parent.
             reason = f"its parent run {parent} has ended"
         else:
             continue

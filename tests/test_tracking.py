@@ -1,11 +1,16 @@
-"""Unit: where the store is (environment, then .env, then the SQLite default) and where artifacts go."""
+"""Unit: where the store is (environment, then .env, then the SQLite default), where artifacts go, and
+which runs left RUNNING a stage closes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import mlflow
 import pytest
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from steps import tracking
+from steps import contract, tracking
 
 pytestmark = pytest.mark.unit
 
@@ -67,3 +72,40 @@ def test_the_store_check_command_gives_one_line(tmp_path):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach the tracking server at http://127.0.0.1:9 (")
+
+
+def test_only_runs_whose_process_died_are_closed(store):
+    """A dead process on this host, or (for another host's process) an ended parent: closed as FAILED.
+    A process still running here, or another host's run whose parent still runs: left alone."""
+    client = mlflow.MlflowClient()
+    experiment = tracking.ensure_experiment("reap/test")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tracking.process_identity(int(finished.stdout))  # that PID has exited (or now names another process)
+    alive = tracking.process_identity()  # this test's own process
+    elsewhere = "another-host:1:1"
+
+    def run(identity, parent=None):
+        tags = {contract.TAG_PROCESS: identity, **({MLFLOW_PARENT_RUN_ID: parent} if parent else {})}
+        return client.create_run(experiment, tags=tags).info.run_id
+
+    ended_parent = run(alive)
+    client.set_terminated(ended_parent)
+    running_parent = run(alive)
+    runs = {
+        "dead": run(dead),
+        "alive": run(alive),
+        "alive, parent ended": run(alive, ended_parent),
+        "elsewhere, parent ended": run(elsewhere, ended_parent),
+        "elsewhere, parent running": run(elsewhere, running_parent),
+    }
+    reaped = tracking.reap_stale_runs(experiment)
+
+    assert sorted(reaped) == sorted([runs["dead"], runs["elsewhere, parent ended"]])
+    for name, run_id in runs.items():
+        got = client.get_run(run_id)
+        assert got.info.status == ("FAILED" if run_id in reaped else "RUNNING"), name
+    assert "is no longer running" in client.get_run(runs["dead"]).data.tags[contract.TAG_REAPED]
+    assert (
+        f"parent run {ended_parent} has ended"
+        in client.get_run(runs["elsewhere, parent ended"]).data.tags[contract.TAG_REAPED]
+    )
