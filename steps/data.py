@@ -233,7 +233,8 @@ def load_split(
     usable = {s.cls for s in kept}
     for cls in dict.fromkeys(s.cls for s in samples):  # in label order
         if cls not in usable:
-            raise DataError(f"{split}: class {cls!r} has no usable image: all {len(samples) - len(kept)} skipped")
+            n_class = sum(1 for s in samples if s.cls == cls)
+            raise DataError(f"{split}: class {cls!r} has no usable image: all {n_class} skipped")
     if rejected:
         logger.warning("%s: skipped %d unreadable images of %d", split, len(rejected), len(samples))
     return images[keep], kept, rejected

@@ -95,6 +95,16 @@ def use_copy_of(db: Path, tmp_path: Path, monkeypatch) -> str:
     return uri
 
 
+def wait_for_epochs(client, experiment: str, runs: int, *processes: subprocess.Popen) -> None:
+    """Wait until ``runs`` runs of ``experiment`` have logged a training epoch (or a process has exited)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and all(p.poll() is None for p in processes):
+        found = client.get_experiment_by_name(experiment)
+        if found and len(client.search_runs([found.experiment_id], "metrics.loss > -1")) >= runs:
+            return
+        time.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,13 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from helpers import PROJECT_DIR, assert_store_consistent, mlflow_run, mlflow_runs_at_once
+from helpers import PROJECT_DIR, assert_store_consistent, mlflow_run, mlflow_runs_at_once, wait_for_epochs
 from steps import contract
 from steps.tracking import create_sqlite_store
 
@@ -59,12 +58,7 @@ def kill_two_trainings(tiny_data: Path, store: str) -> dict[signal.Signals, tupl
         for sig in (signal.SIGTERM, signal.SIGKILL)
     }
     client = mlflow.MlflowClient()
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        experiment = client.get_experiment_by_name("train/e2e")
-        if experiment and len(client.search_runs([experiment.experiment_id], "metrics.loss > -1")) == 2:
-            break
-        time.sleep(0.5)
+    wait_for_epochs(client, "train/e2e", 2, *procs.values())
     for sig, process in procs.items():
         process.send_signal(sig)
     return {sig: (process.wait(timeout=60), process.stderr.read()) for sig, process in procs.items()}

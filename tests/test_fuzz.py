@@ -17,14 +17,12 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from steps.data import ImageError, decode_gray
 from steps.prepare import elpv_labels
-
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in requirements-dev.txt")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 pytestmark = pytest.mark.data
 

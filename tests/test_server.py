@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
 
-from helpers import PROJECT_DIR, assert_store_consistent, free_port, mlflow_run, running_server
+from helpers import PROJECT_DIR, assert_store_consistent, free_port, mlflow_run, running_server, wait_for_epochs
 from steps import contract, tracking
 
 pytestmark = pytest.mark.e2e
@@ -56,12 +55,7 @@ def lose_the_server_mid_training(tmp_path, backend: str, port: int, tiny_data) -
     )
     with running_server(tmp_path, backend, port=port):
         client = mlflow.MlflowClient(uri)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and lost.poll() is None:
-            experiment = client.get_experiment_by_name("train/server")
-            if experiment and client.search_runs([experiment.experiment_id], "metrics.loss > -1"):
-                break  # training is under way
-            time.sleep(0.5)
+        wait_for_epochs(client, "train/server", 1, lost)  # training is under way
     _, stderr = lost.communicate(timeout=180)  # the server is gone now, mid-training
     assert lost.returncode == 2, stderr[-3000:]
     return uri, stderr
