@@ -15,7 +15,7 @@ endif
 MLFLOW_TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 export MLFLOW_TRACKING_URI
 
-.PHONY: venv run test test-fast lint bench-pipeline server ui prod-history clean
+.PHONY: venv run test test-fast lint bench-pipeline bench-serving server serve ui prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,12 +49,23 @@ test-fast: venv
 bench-pipeline: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_pipeline.py --write $(ARGS)
 
+## The registered model serving images, against the bare network, side by side; REST latency; load
+## time. Results go to BENCHMARKS.md. A smoke check: make bench-serving ARGS=--quick
+bench-serving: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_serving.py --write $(ARGS)
+
 ## A tracking server on loopback for the pipeline to use over HTTP: SQLite backend, artifacts
 ## served by the server itself. Then: MLFLOW_TRACKING_URI=http://127.0.0.1:$(PORT) make run
 PORT ?= 5000
 server: venv
 	$(BIN)/mlflow server --backend-store-uri sqlite:///server.db --artifacts-destination ./mlartifacts \
 		--host 127.0.0.1 --port $(PORT)
+
+## Production_Reg@prod over REST on loopback (MLflow's scoring server); the request is in the README.
+SERVE_PORT ?= 5001
+serve: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow models serve -m models:/Production_Reg@prod --env-manager local \
+		--host 127.0.0.1 --port $(SERVE_PORT)
 
 ## The MLflow UI on the store, at http://127.0.0.1:5000
 ui: venv

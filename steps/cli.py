@@ -77,7 +77,8 @@ def main(
         return step(config, **own_args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        # 1: the step did its work but some inputs failed (infer's unreadable images); 2: it could not start.
+        raise SystemExit(getattr(err, "exit_code", 2)) from None
     except KeyboardInterrupt as err:
         signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
         print(f"error: stopped by {signum.name}; any run it had started is marked KILLED", file=sys.stderr)

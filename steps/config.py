@@ -118,6 +118,11 @@ class EvaluateConfig:
         _check(self.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", self.batch_size)
 
 
+# infer's output file: its suffix says the format.
+OUTPUT_FORMATS = (".csv", ".jsonl")
+ENGINES = ("local", "spark")
+
+
 @dataclass(frozen=True)
 class InferConfig:
     output: str
@@ -125,10 +130,22 @@ class InferConfig:
     # None: "<data.dir>/test" and "models:/<registry.production>@<registry.alias>" (Config.infer_*).
     input: str | None = None
     model_uri: str | None = None
+    engine: str = "local"
+    spark_master: str = "local[*]"
+    allow_errors: bool = False
+    gradcam_top: int = 8
 
     def __post_init__(self) -> None:
-        _check(bool(self.output), "infer.output", "a file path", self.output)
+        _check(
+            Path(self.output).suffix.lower() in OUTPUT_FORMATS,
+            "infer.output",
+            f"a file path ending in {' or '.join(OUTPUT_FORMATS)} (CSV or JSON Lines)",
+            self.output,
+        )
         _check(self.batch_size >= 1, "infer.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.engine in ENGINES, "infer.engine", f"one of {', '.join(ENGINES)}", self.engine)
+        _check(bool(self.spark_master), "infer.spark_master", "a Spark master URL such as local[*]", self.spark_master)
+        _check(self.gradcam_top >= 0, "infer.gradcam_top", "an integer >= 0", self.gradcam_top)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ TAG_REQUESTED_BY = "requested_by"
 TAG_BLOCKED_VERSIONS = "blocked_versions"
 TAG_MODEL_URI = "model_uri"
 TAG_MODEL_VERSION = "model_version"
+# Not in the contract (issue 4): which engine scored, local or spark.
+TAG_INFER_ENGINE = "infer_engine"
 # Not in the contract: main's record of why it did not run infer (no `prod` alias yet).
 TAG_INFER_SKIPPED = "infer_skipped"
 
@@ -105,3 +107,4 @@ CONFUSION_ARTIFACT = "confusion_matrix.png"
 CURVES_ARTIFACT = "roc_pr_curves.png"
 MISCLASSIFIED_ARTIFACT = "misclassified.png"
 SKIPPED_ARTIFACT = "skipped_images.csv"  # path, class, reason of every image skipped
+GRADCAM_ARTIFACT = "gradcam.png"  # infer: Grad-CAM heat maps of the most confident defects

@@ -15,10 +15,8 @@ Splitting and digests are pure functions; reading files happens in ``scan_split`
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import sys
-import warnings
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -26,9 +24,11 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from steps import contract
+
+# The decoder is the registered model's own (steps.serving), so training and serving decode alike.
+from steps.serving import MAX_PIXELS, ImageError, decode_gray  # noqa: F401 - part of this module's API
 
 logger = logging.getLogger(__name__)
 
@@ -115,69 +115,6 @@ def stratified_split(strata: Sequence[Hashable], fraction: float, seed: int) -> 
 # --- Decoding ----------------------------------------------------------------------------
 
 
-class ImageError(ValueError):
-    """One image cannot be used; the message says why, in words a person can act on."""
-
-
-# An 8k x 8k line-scan frame (64 MP) fits; a decompression bomb does not. Checked from the header,
-# before any pixel is decoded, and below Pillow's own limit (about 89 MP), which stays on as well.
-MAX_PIXELS = 8192 * 8192
-# Pillow's own modes that carry a gray level we can map to 0..255 without guessing a range.
-_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-
-
-def decode_gray(source: Path | bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode an image file (a path or its bytes) to a ``(height, width, 1)`` uint8 grayscale array.
-
-    RGB, RGBA and palette images are converted to luminance (alpha is ignored); 16-bit images are
-    scaled, not clipped, to 8 bits; EXIF orientation is applied, as a viewer would show the image;
-    a multi-frame file gives its first frame. Anything that cannot be decoded raises ``ImageError``
-    saying why: an empty file, not an image, truncated or corrupt data, too many pixels, 32-bit float.
-    """
-    try:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    except OSError as err:
-        raise ImageError(f"cannot read the file: {err.strerror or err}") from None
-    if not data:
-        raise ImageError("empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its own limit and twice that; a bomb is an error here.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as opened:
-                width, height = opened.size
-                if width * height > max_pixels:
-                    raise ImageError(_too_large(width, height, max_pixels))
-                if opened.mode == "F":
-                    raise ImageError("32-bit float pixels have no fixed range; save the image as 8- or 16-bit")
-                image = ImageOps.exif_transpose(opened)
-                if image.mode in _WIDE_MODES:
-                    wide = np.asarray(image, dtype=np.int64)
-                    top = 65535 if image.mode.startswith("I;16") or wide.max() > 255 else 255
-                    gray = np.clip(wide * 255 // top, 0, 255).astype(np.uint8)
-                else:
-                    gray = np.asarray(image.convert("L"), dtype=np.uint8)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(f"not an image Pillow can read ({len(data)} bytes, unknown format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        # Pillow's own limit (about 89 MP) fired before ours could: its message has the size.
-        raise ImageError(f"a decompression bomb, or an image to downscale first ({err})") from None
-    except Exception as err:  # noqa: BLE001 - corrupt data makes Pillow raise many types (OSError, SyntaxError, ...)
-        raise ImageError(f"corrupt or truncated image data ({type(err).__name__}: {err})") from None
-    if gray.ndim != 2 or gray.size == 0:
-        raise ImageError(f"decoded to an unusable array of shape {gray.shape}")
-    return gray[:, :, None]
-
-
-def _too_large(width: int, height: int, max_pixels: int) -> str:
-    return (
-        f"{width}x{height} is {width * height:,} pixels, more than the limit of {max_pixels:,} "
-        "(a decompression bomb, or an image to downscale first)"
-    )
-
-
 def load_images(
     paths: Sequence[Path], image_size: int, progress: bool | None = None
 ) -> tuple[np.ndarray, dict[int, str]]:
@@ -185,12 +122,12 @@ def load_images(
 
     Also returns ``{index: reason}`` for the images that could not be decoded (their slots are
     zeros): every file is tried, so one pass reports all the bad ones. Resizing uses the model's own
-    resize (``steps.model.resize``), so an image resized here and one resized inside the served
+    resize (``steps.serving.resize``), so an image resized here and one resized inside the served
     model give the same pixels.
     """
     from keras.utils import Progbar
 
-    from steps.model import resize
+    from steps.serving import resize
 
     out = np.zeros((len(paths), image_size, image_size, 1), dtype=np.float32)
     failures: dict[int, str] = {}

@@ -3,38 +3,60 @@
 Parameters (an empty value keeps ``conf/``): ``input`` (an image file, a directory searched
 recursively, or a glob), ``model_uri`` (default ``models:/Production_Reg@prod``; only a version or
 alias of the configured registry, or a ``runs:/`` model of the configured store), ``output`` (the
-CSV to write: not a directory, in a writable place; checked before any work), ``experiment``.
+file to write, ``.csv`` or ``.jsonl``: not a directory, in a writable place; checked before any
+work), ``engine`` (``local``, or ``spark``: ``mlflow.pyfunc.spark_udf`` over Spark's ``binaryFile``
+source), ``spark_master`` (default ``local[*]``; a cluster's master URL, where ``input`` may be any
+path Spark reads), ``allow_errors`` (``true``: exit 0 even when some images could not be read),
+``gradcam_top`` (how many of the most confident defects get a Grad-CAM heat map), ``experiment``.
 
-Writes the CSV at ``output``: one row per input image with ``path``, ``predicted_class``,
+Writes ``output``: one row per input image with ``path``, ``predicted_class``,
 ``defect_probability``, ``decision_threshold`` (the model's own cut-off, tuned on validation by
-train; 0.5 for a model without one) and ``error`` (empty, or why the image could not be read: the
-decoder's reason, or a symlink leading out of the input directory, which is never followed; such a
-row has no prediction and the rest of the batch still runs). Nothing else is written on disk. In
-experiment ``infer/<experiment>`` one run with tags ``model_uri`` and ``model_version``, metrics
-``n_images``, ``n_defect``, ``n_errors``, and the CSV as an artifact. Prints a one-line summary.
+train) and ``error`` (empty, or why the image could not be read: the decoder's reason, or a symlink
+leading out of the input directory, which is never followed; such a row has no prediction and the
+rest of the batch still runs). Rows are in path order. Nothing else is written on disk. In
+experiment ``infer/<experiment>`` one run with tags ``model_uri``, ``model_version`` and
+``infer_engine``; metrics ``n_images``, ``n_defect``, ``n_errors``; the output file and, when any
+image is predicted defective, ``gradcam.png`` as artifacts. Prints a one-line summary; exits 1
+after writing everything when any image could not be read, unless ``allow_errors``.
+
+Both engines score with the registered model's own code, ``steps/serving.py``: the local engine runs
+this repository's copy of it on the version's Keras network (loaded with ``safe_mode``), so infer
+never executes code from the registry; Spark workers load the registered model as MLflow does.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import json
 import logging
+import math
 import os
-from collections import defaultdict
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
-import numpy as np
+import pandas as pd
 
-from steps import cli, contract
+from steps import cli, contract, plots
 from steps.config import Config
-from steps.data import ImageError, decode_gray, is_image
-from steps.scoring import model_cutoff
+from steps.data import is_image
+from steps.serving import DefectModel
 from steps.tracking import PipelineError, alias_version, load_keras, log_config, stage_run
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("path", "predicted_class", "defect_probability", "decision_threshold", "error")
+# Files read and scored per step: enough to keep both cores busy decoding, little memory.
+CHUNK = 256
+
+
+class ImagesFailed(PipelineError):
+    """Every row was written, but some images could not be read (exit 1 unless allow_errors)."""
+
+    exit_code = 1
 
 
 def resolve_inputs(spec: str) -> list[Path]:
@@ -75,9 +97,9 @@ def outside_input(path: Path, root: Path | None) -> str | None:
     return f"a symlink to {path.resolve()}, outside the input directory {root}: not read"
 
 
-def load_production_model(model_uri: str):
-    """The Keras model, its metadata and its registered version (None for a runs:/ URI)."""
-    version = None
+def pinned_uri(model_uri: str) -> tuple[str, str | None]:
+    """``models:/name@alias`` as ``models:/name/<version>`` (what we score with, even if the alias
+    moves meanwhile) and that version; other URIs unchanged, with their version if they name one."""
     if model_uri.startswith("models:/") and "@" in model_uri:
         name, alias = model_uri.removeprefix("models:/").split("@", 1)
         version = alias_version(name, alias)
@@ -86,87 +108,290 @@ def load_production_model(model_uri: str):
                 f"no model at {model_uri}: no version of {name!r} has the alias {alias!r} yet; run "
                 "`mlflow run . -e main` (or evaluate a run that passes the threshold) first"
             )
-        model_uri = f"models:/{name}/{version}"  # pin the version we report, even if the alias moves
+        return f"models:/{name}/{version}", version
+    if model_uri.startswith("models:/"):
+        return model_uri, model_uri.rsplit("/", 1)[1]
+    return model_uri, None
+
+
+def load_production_model(model_uri: str, batch_size: int) -> tuple[DefectModel, str, str | None]:
+    """The served model's code around the version's network: ``(model, pinned URI, version)``."""
+    uri, version = pinned_uri(model_uri)
     try:
-        metadata = mlflow.models.get_model_info(model_uri).metadata
-        return load_keras(model_uri), metadata, version
+        metadata = mlflow.models.get_model_info(uri).metadata or {}
+        network = load_keras(uri)
     except mlflow.exceptions.MlflowException as err:
         raise PipelineError(f"cannot load {model_uri}: {err.message}") from None
+    config = {
+        "classes": list(metadata["classes"]),  # [good, defect], as the model was trained
+        "decision_threshold": float(metadata.get("decision_threshold", 0.5)),
+        "image_size": int(metadata["image_size"]),
+        "predict_batch_size": batch_size,
+    }
+    return DefectModel(network, config), uri, version
 
 
-def predict_files(
-    model, files: list[Path], classes: list[str], batch_size: int, cutoff: float = 0.5, root: Path | None = None
-) -> list[dict[str, str]]:
-    """One row per file, defect when its probability >= ``cutoff``; images of one size are batched together.
+def _error_row(path: Any, reason: str) -> dict[str, Any]:
+    return {"path": str(path), "predicted_class": "", "defect_probability": None,
+            "decision_threshold": None, "error": reason}  # fmt: skip
 
-    A file that cannot be read gets a row with the reason in ``error`` and no prediction; the rest
-    of the batch still runs. ``root``: the input directory, out of which no symlink is followed.
+
+def _rows(paths: list[str], scored: pd.DataFrame) -> Iterator[dict[str, Any]]:
+    for path, row in zip(paths, scored.itertuples(index=False), strict=True):
+        if row.error:
+            yield _error_row(path, row.error)
+        else:
+            yield {"path": path, "predicted_class": row.predicted_class,
+                   "defect_probability": float(row.defect_probability),
+                   "decision_threshold": float(row.decision_threshold), "error": ""}  # fmt: skip
+
+
+def score_local(model: DefectModel, files: list[Path], root: Path | None) -> Iterator[dict[str, Any]]:
+    """Rows in file order, ``CHUNK`` files at a time; an unreadable file gets its reason, not a crash."""
+    for start in range(0, len(files), CHUNK):
+        chunk = files[start : start + CHUNK]
+        sources: list[bytes | None] = []
+        refused: dict[int, str] = {}
+        for i, path in enumerate(chunk):
+            reason = outside_input(path, root)
+            if reason is None:
+                try:
+                    sources.append(path.read_bytes())
+                    continue
+                except OSError as err:
+                    reason = f"cannot read the file: {err.strerror or err}"
+            refused[i] = reason
+            sources.append(None)
+        scored = model.predict(None, pd.DataFrame({"image": sources}), params={"on_error": "row"})
+        for i, row in enumerate(_rows([str(p) for p in chunk], scored)):
+            yield _error_row(chunk[i], refused[i]) if i in refused else row
+
+
+def score_spark(model_uri: str, files: list[Path] | None, spec: str, master: str) -> Iterator[dict[str, Any]]:
+    """Rows from ``mlflow.pyfunc.spark_udf`` over Spark's ``binaryFile`` source (by path for ``files=None``).
+
+    ``files``: the local files to read (the local engine's list); None for a path only Spark can
+    list (``hdfs://``, ``s3a://``...), read recursively and filtered by image suffix. Rows stream
+    to this process one partition at a time, so the output need not fit in memory.
     """
-    rows: dict[Path, dict[str, str]] = {}
-    by_shape: dict[tuple[int, ...], list[tuple[Path, np.ndarray]]] = defaultdict(list)
+    try:
+        from pyspark.sql import SparkSession
+        from pyspark.sql import functions as F
+    except ImportError:
+        raise PipelineError(
+            "parameter engine: spark needs pyspark and Java 17 or newer: pip install pyspark "
+            "(requirements-dev.txt has it; .ci/run installs Java)"
+        ) from None
+    # Spark's Python workers must be this interpreter, which has the model's packages; they inherit
+    # this environment, so TensorFlow's start-up chatter stays out of the logs there too.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    spark = (
+        SparkSession.builder.master(master)
+        .appName("defect-detection infer")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower())  # a bar on a terminal only
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(CHUNK))
+        .getOrCreate()
+    )
+    udf = mlflow.pyfunc.spark_udf(
+        spark,
+        model_uri,
+        result_type=("predicted_class string, defect_probability double, decision_threshold double, error string"),
+        env_manager="local",
+        params={"on_error": "row"},
+    )
+    reader = spark.read.format("binaryFile")
+    if files is None:
+        suffixes = "|".join(s.lstrip(".") for s in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"))
+        frame = reader.option("recursiveFileLookup", "true").load(spec)
+        frame = frame.where(F.lower(F.col("path")).rlike(rf"\.({suffixes})$"))
+    else:
+        frame = reader.load([str(p.absolute()) for p in files])
+    scored = frame.select("path", udf(F.col("content")).alias("p"))
+    if files is None:  # local files are put in the local engine's order by the caller, with no shuffle
+        scored = scored.orderBy("path")
+    # Spark names a local file "file:" + its path, not escaped (Hadoop's Path: "file:/a b/#1.png");
+    # rows name it as the local engine does.
+    local = {str(p.absolute()): str(p) for p in files or []}
+    for record in scored.toLocalIterator():
+        p = record["p"]
+        path = record["path"]
+        if path.startswith("file:"):
+            path = local.get("/" + path.removeprefix("file:").lstrip("/"), path)
+        if p["error"]:
+            yield _error_row(path, p["error"])
+        else:
+            yield {"path": path, "predicted_class": p["predicted_class"],
+                   "defect_probability": float(p["defect_probability"]),
+                   "decision_threshold": float(p["decision_threshold"]), "error": ""}  # fmt: skip
+
+
+def spark_rows(
+    model_uri: str, files: list[Path] | None, root: Path | None, spec: str, master: str
+) -> Iterator[dict[str, Any]]:
+    """Spark's rows; for local files, in the local engine's order, with its refusals of links out of ``root``."""
+    if files is None:
+        yield from score_spark(model_uri, None, spec, master)
+        return
+    refused = {p: reason for p in files if (reason := outside_input(p, root))}
+    by_path = {row["path"]: row for row in score_spark(model_uri, [p for p in files if p not in refused], spec, master)}
     for path in files:
-        refused = outside_input(path, root)
-        try:
-            if refused:
-                raise ImageError(refused)
-            image = decode_gray(path)
-        except ImageError as err:
-            rows[path] = dict.fromkeys(COLUMNS, "") | {"path": str(path), "error": str(err)}
-            continue
-        by_shape[image.shape].append((path, image))
-    for group in by_shape.values():
-        for start in range(0, len(group), batch_size):
-            chunk = group[start : start + batch_size]
-            x = np.stack([image for _, image in chunk]).astype(np.float32)
-            prob = model.predict(x, verbose=0).reshape(-1)
-            for (path, _), p in zip(chunk, prob, strict=True):
-                rows[path] = {
-                    "path": str(path),
-                    "predicted_class": classes[int(p >= cutoff)],
-                    "defect_probability": f"{p:.6f}",
-                    "decision_threshold": f"{cutoff:.6f}",
-                    "error": "",
-                }
-    return [rows[path] for path in files]
+        yield _error_row(path, refused[path]) if path in refused else by_path[str(path)]
+
+
+class Writer:
+    """Rows to a CSV or JSON Lines file (by suffix) as they come; counts them on the way."""
+
+    def __init__(self, path: Path, defect_class: str) -> None:
+        self.path, self.defect_class = path, defect_class
+        self.n_images = self.n_defect = self.n_errors = 0
+        self.defects: list[tuple[float, str]] = []  # (probability, path) of every predicted defect
+
+    def write(self, rows: Iterable[dict[str, Any]], total: int | None = None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        jsonl = self.path.suffix.lower() == ".jsonl"
+        with self.path.open("w", newline="") as handle, Progress(total) as progress:
+            writer = None if jsonl else csv.DictWriter(handle, fieldnames=COLUMNS)
+            if writer:
+                writer.writeheader()
+            for row in rows:
+                self.count(row)
+                if writer:
+                    writer.writerow({**row, **_csv_numbers(row)})
+                else:
+                    handle.write(json.dumps(row) + "\n")
+                progress.step()
+
+    def count(self, row: dict[str, Any]) -> None:
+        self.n_images += 1
+        if row["error"]:
+            self.n_errors += 1
+        elif row["predicted_class"] == self.defect_class:
+            self.n_defect += 1
+            self.defects.append((row["defect_probability"], row["path"]))
+
+
+def _csv_numbers(row: dict[str, Any]) -> dict[str, str]:
+    return {k: "" if row[k] is None else f"{row[k]:.6f}" for k in ("defect_probability", "decision_threshold")}
+
+
+class Progress:
+    """A bar on a terminal; in logs, a line at every tenth of the work (or every 1,000 images)."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total, self.done = total, 0
+        self.bar = None
+        if total and sys.stdout.isatty():
+            from keras.utils import Progbar
+
+            self.bar = Progbar(total, unit_name="image")
+        self.every = max(256, math.ceil(total / 10)) if total else 1000
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def step(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            if self.done % 64 == 0 or self.done == self.total:
+                self.bar.update(self.done)
+        elif self.done % self.every == 0:
+            logger.info("scored %d%s images", self.done, f" of {self.total}" if self.total else "")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is None and self.done % self.every:
+            logger.info("scored %d images", self.done)
+
+
+def log_gradcam(model: DefectModel, defects: list[tuple[float, str]], top: int) -> None:
+    """Grad-CAM of the ``top`` most confident defects, one PNG grid (``gradcam.png``)."""
+    from steps.explain import gradcam
+
+    chosen = sorted(defects, key=lambda d: -d[0])[:top]
+    if not chosen:
+        return
+    sources = [_read(path) for _, path in chosen]
+    images, errors = model.preprocess(sources)
+    keep = [i for i in range(len(chosen)) if i not in errors]  # a file changed or gone since scoring
+    if not keep:
+        return
+    heat = gradcam(model.network, images[keep])
+    fig = plots.gradcam_grid(
+        images[keep], heat, [chosen[i][0] for i in keep], [chosen[i][1] for i in keep], model.threshold
+    )
+    mlflow.log_figure(fig, contract.GRADCAM_ARTIFACT)
+    plots.close(fig)
+
+
+def _read(path: str) -> bytes | None:
+    """A scored file's bytes again, local or (from Spark) any URI Spark read it from."""
+    try:
+        if "://" in path or path.startswith("file:"):
+            from pyspark.sql import SparkSession
+
+            spark = SparkSession.getActiveSession()
+            row = spark.read.format("binaryFile").load(path).first() if spark else None
+            return bytes(row["content"]) if row else None
+        return Path(path).read_bytes()
+    except Exception:  # noqa: BLE001 - a heat map is a bonus; a file gone since scoring must not fail infer
+        return None
 
 
 def infer(config: Config) -> str:
-    """Predict, write the CSV, log the run; return the infer run's ID."""
-    files = resolve_inputs(config.infer_input)
-    output = Path(config.infer.output)
+    """Predict, write the output, log the run; return the infer run's ID."""
+    ic = config.infer
+    spec = config.infer_input
+    remote = ic.engine == "spark" and "://" in spec  # a cluster path only Spark can list
+    files = None if remote else resolve_inputs(spec)
+    output = Path(ic.output)
     check_output(output)
-    root = Path(config.infer_input) if Path(config.infer_input).is_dir() else None
-    model, metadata, version = load_production_model(config.infer_model_uri)
-    classes = list(metadata["classes"])  # [good, defect], as the model was trained
-    cutoff = model_cutoff(metadata)
+    root = Path(spec) if Path(spec).is_dir() else None
+    model, uri, version = load_production_model(config.infer_model_uri, ic.batch_size)
+    good, defect = model.classes
 
     with stage_run(contract.STAGE_INFER, config.experiment) as run:
         log_config(config)
-        mlflow.set_tags({contract.TAG_MODEL_URI: config.infer_model_uri, contract.TAG_MODEL_VERSION: version or ""})
-        logger.info("scoring %d images with %s (version %s)", len(files), config.infer_model_uri, version)
-        rows = predict_files(model, files, classes, config.infer.batch_size, cutoff, root)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with output.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        n_errors = sum(1 for r in rows if r["error"])
-        n_defect = sum(1 for r in rows if r["predicted_class"] == classes[1])
+        mlflow.set_tags(
+            {
+                contract.TAG_MODEL_URI: config.infer_model_uri,
+                contract.TAG_MODEL_VERSION: version or "",
+                contract.TAG_INFER_ENGINE: ic.engine,
+            }
+        )
+        n = "?" if files is None else len(files)
+        logger.info("scoring %s images with %s (version %s), engine %s", n, config.infer_model_uri, version, ic.engine)
+        if ic.engine == "spark":
+            rows: Iterable[dict[str, Any]] = spark_rows(uri, files, root, spec, ic.spark_master)
+        else:
+            assert files is not None
+            rows = score_local(model, files, root)
+        writer = Writer(output, defect)
+        writer.write(rows, total=None if files is None else len(files))
         mlflow.log_metrics(
             {
-                contract.METRIC_N_IMAGES: len(rows),
-                contract.METRIC_N_DEFECT: n_defect,
-                contract.METRIC_N_ERRORS: n_errors,
+                contract.METRIC_N_IMAGES: writer.n_images,
+                contract.METRIC_N_DEFECT: writer.n_defect,
+                contract.METRIC_N_ERRORS: writer.n_errors,
             }
         )
         mlflow.log_artifact(str(output))
+        if ic.gradcam_top:
+            log_gradcam(model, writer.defects, ic.gradcam_top)
 
+    n_errors = writer.n_errors
     print(
-        f"{len(rows)} images scored with {config.infer_model_uri} (version {version}): "
-        f"{n_defect} {classes[1]}, {len(rows) - n_defect - n_errors} {classes[0]}, {n_errors} unreadable -> {output}"
+        f"{writer.n_images} images scored with {config.infer_model_uri} (version {version}): "
+        f"{writer.n_defect} {defect}, {writer.n_images - writer.n_defect - n_errors} {good}, "
+        f"{n_errors} unreadable -> {output}"
     )
     if n_errors:
         logger.warning("%d images could not be read; see the error column of %s", n_errors, output)
+        if not ic.allow_errors:
+            raise ImagesFailed(
+                f"{n_errors} of {writer.n_images} images could not be read; every row is in {output} (see its "
+                "error column) and in the run's artifacts; pass -P allow_errors=true to exit 0 anyway"
+            )
     return run.info.run_id
 
 
@@ -174,6 +399,10 @@ OVERRIDES = {
     "input": "infer.input",
     "model_uri": "infer.model_uri",
     "output": "infer.output",
+    "engine": "infer.engine",
+    "spark_master": "infer.spark_master",
+    "allow_errors": "infer.allow_errors",
+    "gradcam_top": "infer.gradcam_top",
     "experiment": "experiment",
 }
 

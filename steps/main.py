@@ -54,6 +54,8 @@ def stage_parameters(config: Config) -> dict[str, dict[str, str]]:
             "input": config.infer_input,
             "output": config.infer.output,
             "model_uri": config.infer_model_uri,
+            # Images the user chose to skip in training may be in the input too: not a failure then.
+            "allow_errors": str(config.infer.allow_errors or config.data.skip_bad_images).lower(),
             "experiment": config.experiment,
         },
     }

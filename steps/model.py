@@ -12,26 +12,10 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of logs
 
 import keras
-import numpy as np
 from keras import layers
 
 from steps.config import HParams
-
-# One resize for the data loader and the model's own layer: same op, same arguments.
-_RESIZE = {"interpolation": "bilinear", "antialias": True}
-
-
-def resize(image: np.ndarray, image_size: int) -> np.ndarray:
-    """Resize a ``(h, w, c)`` image exactly as the model's first layer does; returns float32.
-
-    Not rounded back to uint8, so a training image resized here and a raw image resized
-    inside the served model reach the convolutions as the same numbers.
-    """
-    image = image.astype("float32")
-    if image.shape[0] == image_size and image.shape[1] == image_size:
-        return image
-    out = keras.ops.image.resize(image, (image_size, image_size), **_RESIZE)
-    return keras.ops.convert_to_numpy(out)
+from steps.serving import RESIZE, resize  # noqa: F401 - the one resize, shared with the served model
 
 
 def set_seed(seed: int) -> None:
@@ -41,7 +25,7 @@ def set_seed(seed: int) -> None:
 
 def make_model(hp: HParams, image_size: int, seed: int) -> keras.Model:
     inputs = keras.Input(shape=(None, None, 1), name="image")
-    x = layers.Resizing(image_size, image_size, name="resize", **_RESIZE)(inputs)
+    x = layers.Resizing(image_size, image_size, name="resize", **RESIZE)(inputs)
     x = layers.Rescaling(1.0 / 255.0, name="scale")(x)
     # Cells and casting parts have no preferred orientation, so flips are free extra data.
     x = layers.RandomFlip("horizontal_and_vertical", seed=seed, name="augment_flip")(x)

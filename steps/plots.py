@@ -86,3 +86,23 @@ def misclassified(
 
 def close(fig: Figure) -> None:
     plt.close(fig)
+
+
+def gradcam_grid(
+    images: np.ndarray, heatmaps: np.ndarray, prob: Sequence[float], names: Sequence[str], threshold: float
+) -> Figure:
+    """Each image with its Grad-CAM heat map over it, most confident first; titled by file and probability."""
+    cols = min(4, len(images))
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, heat, p, name in zip(axes.ravel(), images, heatmaps, prob, names, strict=False):
+        ax.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=255)
+        # Opacity follows the evidence, so the image stays visible where the network does not look.
+        ax.imshow(heat, cmap="jet", alpha=0.6 * np.clip(heat, 0.0, 1.0), vmin=0, vmax=1)
+        short = "/".join(name.replace("\\", "/").split("/")[-2:])  # class folder and file
+        ax.set_title(f"{short}\np(defect) {p:.2f}", fontsize=7)
+    fig.suptitle(f"where the model sees a defect (Grad-CAM), top {len(images)}, cut-off {threshold:.2f}", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -356,13 +356,26 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def load_keras(model_uri: str):
-    """A Keras model from the configured store, with Keras's ``safe_mode`` on.
+    """The Keras network of a model in the configured store, with Keras's ``safe_mode`` on.
 
     Safe mode refuses a file that needs code to run to load (a ``Lambda`` layer's pickled
     bytecode): a model in the registry is data, never a program. Keras defaults to it; we insist.
+    A served model (``steps.serving``) holds the network as an artifact, which is loaded on its
+    own, so none of the model's logged code runs here; models logged before it are Keras models.
     """
+    import keras
+
+    from steps.serving import KERAS_ARTIFACT
+
+    flavors = mlflow.models.get_model_info(model_uri).flavors
     try:
-        return mlflow.keras.load_model(model_uri, load_model_kwargs={"safe_mode": True})
+        if "keras" in flavors:
+            return mlflow.keras.load_model(model_uri, load_model_kwargs={"safe_mode": True})
+        artifact = flavors.get("python_function", {}).get("artifacts", {}).get(KERAS_ARTIFACT, {}).get("path")
+        if not artifact:
+            raise PipelineError(f"{model_uri} is not a model of this pipeline: it holds no Keras network")
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        return keras.saving.load_model(local / artifact, compile=False, safe_mode=True)
     except ValueError as err:
         if "safe_mode" not in str(err):
             raise

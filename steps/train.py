@@ -20,8 +20,11 @@ Writes, in experiment ``train/<experiment>``:
 - one nested child run per set: tag ``hparam_set``; its hyperparameters as params; per-epoch
   ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``; metric ``decision_threshold`` (the cut-off
   on the defect probability that maximises ``train.threshold_objective`` on the validation split,
-  never the test set); the model under ``model`` (a Keras model with its preprocessing inside, a
-  signature, and in its metadata the class names, image size and ``decision_threshold``).
+  never the test set); the model under ``model``: the served pyfunc of ``steps/serving.py`` (encoded
+  image bytes in, class, probability and cut-off out), logged as its code beside the Keras network
+  (which scales 0..255 to 0..1 and resizes itself), with a signature, a serving input example (a
+  validation image as PNG bytes) and, in its metadata and model config, the class names, image size
+  and ``decision_threshold``.
 
 Interrupted (Ctrl-C, SIGTERM), the parent and the running child end KILLED; nothing is registered
 here in any case (``evaluate`` registers, and only from a FINISHED run).
@@ -30,16 +33,22 @@ here in any case (``evaluate`` registers, and only from a FINISHED run).
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
 
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
+from PIL import Image
 
-from steps import cli, contract
+from steps import cli, contract, serving
 from steps.config import Config, HParams
 from steps.data import (
     Sample,
@@ -76,25 +85,74 @@ def pick_best(results: Mapping[str, tuple[float, float]]) -> str:
 
 
 def model_signature():
+    """Encoded image bytes in (or, where the loader allows, file paths), one prediction row out."""
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-    # Any image size: the model resizes. -1 marks a variable dimension.
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1))]),
+        inputs=Schema(
+            [ColSpec(DataType.binary, "image", required=False), ColSpec(DataType.string, "path", required=False)]
+        ),
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "predicted_class"),
+                ColSpec(DataType.double, "defect_probability"),
+                ColSpec(DataType.double, "decision_threshold"),
+                ColSpec(DataType.string, "error"),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("on_error", DataType.string, "raise")]),
     )
 
 
 def model_requirements() -> list[str]:
-    """What a serving environment installs: this Keras and this TensorFlow (by platform)."""
-    requirements = [f"keras=={keras.__version__}"]
-    for name in ("tensorflow", "tensorflow-macos", "tensorflow-metal"):
+    """What a serving environment installs: these versions of what steps/serving.py imports."""
+    requirements = []
+    for name in ("mlflow", "keras", "tensorflow", "tensorflow-macos", "tensorflow-metal", "pillow", "pandas"):
         try:
             requirements.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
-            pass
+            pass  # tensorflow-macos and -metal exist on Apple silicon only; tensorflow elsewhere
     return requirements
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A ``(h, w, 1)`` 0..255 image as PNG bytes: the served model's input example."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(image[:, :, 0]), 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def log_model(
+    network: keras.Model, config: Config, metadata: dict[str, Any], example: np.ndarray
+) -> mlflow.models.model.ModelInfo:
+    """Log the network as the served model (``steps/serving.py``): bytes in, predictions out.
+
+    The file steps/serving.py is logged as the model's code ("models from code"), so loading
+    needs no file of this repository. ``example``: one preprocessed image, the serving example.
+    """
+    model_config = {
+        "classes": list(metadata["classes"]),
+        "decision_threshold": float(metadata["decision_threshold"]),
+        "image_size": int(metadata["image_size"]),
+        "predict_batch_size": config.infer.batch_size,  # not batch_size: MLflow logs these as params too
+        "read_paths": False,  # a served model does not open files its callers name
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        keras_file = Path(tmp) / "network.keras"
+        network.save(keras_file)
+        return mlflow.pyfunc.log_model(
+            name=contract.MODEL_ARTIFACT,
+            python_model=str(Path(serving.__file__)),
+            artifacts={serving.KERAS_ARTIFACT: str(keras_file)},
+            model_config=model_config,
+            signature=model_signature(),
+            # A DataFrame of PNG bytes: MLflow stores it base64, as a REST client sends it (the
+            # Keras flavor's input_example fails, MLflow #16183; this pyfunc's does not).
+            input_example=pd.DataFrame({"image": [png_bytes(example)]}),
+            pip_requirements=model_requirements(),
+            metadata=metadata,
+        )
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -133,18 +191,13 @@ def fit_one(
         cutoff = tune_threshold(val_xy[1], val_prob, config.train.threshold_objective)
         mlflow.log_metric(contract.METRIC_DECISION_THRESHOLD, cutoff)
         good, defect = config.data.classes
-        mlflow.keras.log_model(
-            model,
-            name=contract.MODEL_ARTIFACT,
-            signature=model_signature(),  # not input_example: it fails for Keras models (MLflow #16183)
-            pip_requirements=model_requirements(),
-            metadata={
-                "classes": [good, defect],
-                "image_size": config.train.image_size,
-                "hparam_set": name,
-                "decision_threshold": cutoff,
-            },
-        )
+        metadata = {
+            "classes": [good, defect],
+            "image_size": config.train.image_size,
+            "hparam_set": name,
+            "decision_threshold": cutoff,
+        }
+        log_model(model, config, metadata, example=val_xy[0][0])
         val_accuracy = float(history.history["val_accuracy"][-1])
         val_loss = float(history.history["val_loss"][-1])
         return child.info.run_id, val_accuracy, val_loss

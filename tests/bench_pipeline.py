@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import mlflow
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
-from helpers import mlflow_run  # noqa: E402
+from helpers import mlflow_run, replace_section  # noqa: E402
 from steps import contract  # noqa: E402
 
 BEGIN, END = "<!-- pipeline:begin -->", "<!-- pipeline:end -->"
@@ -141,12 +140,7 @@ def main() -> None:
     text = report(run(params), params)
     print(text)
     if options.write:
-        path = PROJECT_DIR / "BENCHMARKS.md"
-        current = path.read_text()
-        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        path.write_text(
-            pattern.sub(lambda _: text, current) if pattern.search(current) else current + "\n" + text + "\n"
-        )
+        replace_section(PROJECT_DIR / "BENCHMARKS.md", BEGIN, END, text)
 
 
 if __name__ == "__main__":

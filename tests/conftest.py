@@ -40,6 +40,32 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_tiny_elpv(tmp_path_factory.mktemp("tiny") / "data")
 
 
+# The experiment of prod_world's runs: tests/test_robustness.py works in it too.
+WORLD_EXPERIMENT = "robust"
+
+
+def world_config(data_dir: Path, tmp_path: Path, **overrides: str):
+    """prod_world's configuration (set small, 32 px, one epoch), on ``data_dir``, writing into ``tmp_path``."""
+    values = {"data.dir": str(data_dir), "train.image_size": "32", "train.epochs": "1", "train.hparams": "small",
+              "experiment": WORLD_EXPERIMENT, "infer.output": str(tmp_path / "predictions.csv")}  # fmt: skip
+    return load_config({**values, **overrides})
+
+
+@pytest.fixture(scope="session")
+def prod_world(tmp_path_factory, tiny_data):
+    """A store with one finished train run (set small, 32 px, one epoch) on the tiny set, its model
+    registered as Production_Reg@prod: ``(db path, train run ID)``. Tests work on copies
+    (``helpers.use_copy_of``); built once, as train and evaluate build it."""
+    from helpers import building_store
+    from steps import evaluate, train
+
+    root = tmp_path_factory.mktemp("world")
+    with building_store(root) as db:
+        parent = train.train(world_config(tiny_data, root))
+        evaluate.evaluate(world_config(tiny_data, root, **{"evaluate.threshold": "0.0"}), parent)
+    return db, parent
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> str:
     """A fresh SQLite store for this test alone, in the environment too (for subprocesses)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -13,6 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from steps.serving import MAX_PIXELS
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -111,6 +116,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``url`` until it answers; False if ``process`` exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return True
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
+
+def replace_section(path: Path, begin: str, end: str, text: str) -> None:
+    """Put ``text`` (which starts with ``begin`` and ends with ``end``) in place of that section of ``path``."""
+    current = path.read_text()
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    path.write_text(pattern.sub(lambda _: text, current) if pattern.search(current) else current + "\n" + text + "\n")
+
+
 @contextlib.contextmanager
 def running_server(
     tmp_path: Path, backend: str, *extra: str, env: dict[str, str] | None = None, port: int | None = None
@@ -126,16 +151,8 @@ def running_server(
             cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ, **(env or {})}
         )
         try:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-                    break
-                except OSError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("mlflow server did not start:\n" + log_path.read_text()[-3000:])
-                time.sleep(0.5)
+            if not wait_until_up(f"{uri}/health", process, timeout=90):
+                pytest.fail("mlflow server did not start:\n" + log_path.read_text()[-3000:])
             yield uri
         finally:
             process.terminate()
@@ -161,3 +178,52 @@ def assert_store_consistent(client) -> None:
             eval_run = client.get_run(eval_run_id)
             assert eval_run.info.status == "FINISHED", f"{model.name} version {number}: eval run {eval_run.info.status}"
             assert client.get_experiment(eval_run.info.experiment_id).name.startswith("eval/")
+
+
+# --- Bad image files, one of each kind a stage must refuse with its reason --------------------
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def real_png(tiny_data: Path) -> bytes:
+    """A real ELPV cell's PNG bytes, to break."""
+    return sorted((tiny_data / "train" / "def_front").glob("*.png"))[0].read_bytes()
+
+
+# kind -> (the file's bytes, made from a real ELPV cell where it matters; what every stage says)
+BAD_FILES = {
+    "corrupt": (
+        lambda real: real[:100] + bytes(b ^ 0x5A for b in real[100:-20]) + real[-20:],
+        "corrupt or truncated image data (OSError: broken data stream when reading image file)",
+    ),
+    "truncated": (
+        lambda real: real[: len(real) // 2],
+        "corrupt or truncated image data (OSError: image file is truncated)",
+    ),
+    "zero_byte": (lambda real: b"", "empty file (0 bytes)"),
+    "not_an_image": (
+        lambda real: b"cell,label\ncell0001,defect\n",
+        "not an image Pillow can read (27 bytes, unknown format)",
+    ),
+    # 9000 x 9000 one-bit pixels: 10 KB on disk, 81 MP (and 648 MB as float32) once decoded.
+    "decompression_bomb": (
+        lambda real: encode(Image.new("1", (9000, 9000)), "PNG"),
+        f"9000x9000 is 81,000,000 pixels, more than the limit of {MAX_PIXELS:,}",
+    ),
+    "float_pixels": (
+        lambda real: encode(Image.new("F", (16, 16), 0.5), "TIFF"),
+        "32-bit float pixels have no fixed range",
+    ),
+}
+SUFFIX = {"float_pixels": ".tif"}
+
+
+def write_bad(kind: str, folder: Path, real: bytes) -> Path:
+    make, _ = BAD_FILES[kind]
+    path = folder / f"bad_{kind}{SUFFIX.get(kind, '.png')}"
+    path.write_bytes(make(real))
+    return path

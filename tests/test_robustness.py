@@ -21,67 +21,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import assert_store_consistent, building_store, use_copy_of
+from conftest import WORLD_EXPERIMENT as EXPERIMENT  # the world's runs are in it
+from conftest import world_config
+from helpers import BAD_FILES, assert_store_consistent, encode, real_png, use_copy_of, write_bad
 from steps import cli, contract, evaluate, infer, main, promote, train
 from steps.config import load_config
-from steps.data import MAX_PIXELS, DataError, ImageError, decode_gray
+from steps.data import DataError, ImageError, decode_gray
 from steps.tracking import PipelineError, alias_version
 
-EXPERIMENT = "robust"
-
-
-# --- The bad files ------------------------------------------------------------------------
-
-
-def _encode(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return buffer.getvalue()
-
-
-def _real_png(tiny_data: Path) -> bytes:
-    return sorted((tiny_data / "train" / "def_front").glob("*.png"))[0].read_bytes()
-
-
-# kind -> (the file's bytes, made from a real ELPV cell where it matters; what every stage says)
-BAD_FILES = {
-    "corrupt": (
-        lambda real: real[:100] + bytes(b ^ 0x5A for b in real[100:-20]) + real[-20:],
-        "corrupt or truncated image data (OSError: broken data stream when reading image file)",
-    ),
-    "truncated": (
-        lambda real: real[: len(real) // 2],
-        "corrupt or truncated image data (OSError: image file is truncated)",
-    ),
-    "zero_byte": (lambda real: b"", "empty file (0 bytes)"),
-    "not_an_image": (
-        lambda real: b"cell,label\ncell0001,defect\n",
-        "not an image Pillow can read (27 bytes, unknown format)",
-    ),
-    # 9000 x 9000 one-bit pixels: 10 KB on disk, 81 MP (and 648 MB as float32) once decoded.
-    "decompression_bomb": (
-        lambda real: _encode(Image.new("1", (9000, 9000)), "PNG"),
-        f"9000x9000 is 81,000,000 pixels, more than the limit of {MAX_PIXELS:,}",
-    ),
-    "float_pixels": (
-        lambda real: _encode(Image.new("F", (16, 16), 0.5), "TIFF"),
-        "32-bit float pixels have no fixed range",
-    ),
-}
-SUFFIX = {"float_pixels": ".tif"}
-
-
-def write_bad(kind: str, folder: Path, real: bytes) -> Path:
-    make, _ = BAD_FILES[kind]
-    path = folder / f"bad_{kind}{SUFFIX.get(kind, '.png')}"
-    path.write_bytes(make(real))
-    return path
+# --- The bad files (helpers.BAD_FILES) ------------------------------------------------------
 
 
 @pytest.mark.data
 @pytest.mark.parametrize("kind", BAD_FILES)
 def test_the_decoder_refuses_each_bad_file_with_its_reason(kind, tiny_data, tmp_path):
-    path = write_bad(kind, tmp_path, _real_png(tiny_data))
+    path = write_bad(kind, tmp_path, real_png(tiny_data))
     with pytest.raises(ImageError) as err:
         decode_gray(path)
     assert str(err.value).startswith(BAD_FILES[kind][1])
@@ -90,7 +44,7 @@ def test_the_decoder_refuses_each_bad_file_with_its_reason(kind, tiny_data, tmp_
 @pytest.mark.data
 def test_a_bomb_past_pillows_own_limit_is_refused_too(tmp_path):
     path = tmp_path / "huge.png"
-    path.write_bytes(_encode(Image.new("1", (15000, 15000)), "PNG"))  # 225 MP: Pillow refuses before we look
+    path.write_bytes(encode(Image.new("1", (15000, 15000)), "PNG"))  # 225 MP: Pillow refuses before we look
     with pytest.raises(ImageError, match=r"a decompression bomb.*225000000 pixels"):
         decode_gray(path)
 
@@ -98,32 +52,13 @@ def test_a_bomb_past_pillows_own_limit_is_refused_too(tmp_path):
 # --- A trained store and data to break ------------------------------------------------------
 
 
-def config_for(data_dir: Path, tmp_path: Path, **overrides: str):
-    values = {
-        "data.dir": str(data_dir),
-        "train.image_size": "32",
-        "train.epochs": "1",
-        "train.hparams": "small",
-        "experiment": EXPERIMENT,
-        "infer.output": str(tmp_path / "predictions.csv"),
-    }
-    return load_config({**values, **overrides})
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_data):
-    """A store with one finished train run and its model as Production_Reg@prod: (db, train run ID)."""
-    root = tmp_path_factory.mktemp("world")
-    with building_store(root) as db:
-        parent = train.train(config_for(tiny_data, root))
-        evaluate.evaluate(config_for(tiny_data, root, **{"evaluate.threshold": "0.0"}), parent)
-    return db, parent
+config_for = world_config  # the world's configuration, on this test's data
 
 
 @pytest.fixture
-def store_copy(world, tmp_path, monkeypatch):
-    """This test's own copy of the world's store: (client, train run ID)."""
-    db, parent = world
+def store_copy(prod_world, tmp_path, monkeypatch):
+    """This test's own copy of conftest's prod_world store: (client, train run ID)."""
+    db, parent = prod_world
     use_copy_of(db, tmp_path, monkeypatch)
     yield mlflow.MlflowClient(), parent
     while mlflow.active_run():
@@ -154,8 +89,9 @@ def test_each_bad_file_meets_each_entry_point(kind, entry, store_copy, data, tmp
     reason = BAD_FILES[kind][1]
     if entry == "infer":
         incoming = Path(shutil.copytree(data / "test", tmp_path / "incoming"))
-        bad = write_bad(kind, incoming / "def_front", _real_png(data))
-        config = config_for(data, tmp_path, **{"infer.input": str(incoming)})
+        bad = write_bad(kind, incoming / "def_front", real_png(data))
+        # allow_errors: the exit status is test_infer's; here, the row each file gets.
+        config = config_for(data, tmp_path, **{"infer.input": str(incoming), "infer.allow_errors": "true"})
         run_id = infer.infer(config)
         rows = {Path(r["path"]): r for r in csv.DictReader(open(config.infer.output))}
         assert rows[bad]["error"].startswith(reason) and rows[bad]["predicted_class"] == ""
@@ -164,7 +100,7 @@ def test_each_bad_file_meets_each_entry_point(kind, entry, store_copy, data, tmp
         assert snapshot(client) == (before[0] + 1, before[1])
     else:
         split = "train" if entry == "train" else "test"
-        bad = write_bad(kind, data / split / "ok_front", _real_png(data))
+        bad = write_bad(kind, data / split / "ok_front", real_png(data))
         with pytest.raises(DataError) as err:
             if entry == "train":
                 train.train(config_for(data, tmp_path))
@@ -182,7 +118,7 @@ def test_each_bad_file_meets_each_entry_point(kind, entry, store_copy, data, tmp
 def test_skip_bad_images_leaves_them_out_counted_and_listed(entry, store_copy, data, tmp_path):
     client, parent = store_copy
     split = "train" if entry == "train" else "test"
-    real = _real_png(data)  # read once: the bad files written next sort first
+    real = real_png(data)  # read once: the bad files written next sort first
     bad = [
         write_bad(kind, data / split / cls, real)
         for kind, cls in zip(BAD_FILES, ["def_front", "ok_front"] * 3, strict=True)
@@ -306,7 +242,12 @@ BAD_PARAMETERS = [
     (evaluate, ["--run_id", "{parent}", "--min_improvement", "1"], "parameter min_improvement (evaluate.min_improvement): expected a number in [0, 1), got 1.0"),
     (evaluate, ["--run_id", "{parent}", "--data_dir", MISSING], f"data.dir (-P data_dir): {MISSING} is not a directory"),
     (infer, ["--input", MISSING], f"parameter input: no images found at '{MISSING}'; expected an image file, a directory or a glob"),
-    (infer, ["--input", "{images}", "--output", "{tmp}"], "parameter output: {tmp} is a directory; expected a file path"),
+    (infer, ["--input", "{images}", "--output", "{tmp}"], "parameter output (infer.output): expected a file path ending in .csv or .jsonl (CSV or JSON Lines), got '{tmp}'"),
+    (infer, ["--input", "{images}", "--output", "{tmp}/folder.csv"], "parameter output: {tmp}/folder.csv is a directory; expected a file path"),
+    (infer, ["--input", "{images}", "--output", "{tmp}/file.csv/out.csv"], "parameter output: cannot create {tmp}/file.csv/out.csv: {tmp}/file.csv is not a writable directory"),
+    (infer, ["--engine", "gpu"], "parameter engine (infer.engine): expected one of local, spark, got 'gpu'"),
+    (infer, ["--gradcam_top", "-1"], "parameter gradcam_top (infer.gradcam_top): expected an integer >= 0, got -1"),
+    (infer, ["--allow_errors", "maybe"], "parameter allow_errors (infer.allow_errors): expected true or false, got 'maybe'"),
     (infer, ["--model_uri", "/tmp/model"], "parameter model_uri (infer.model_uri): expected models:/<name>/<version> or models:/<name>@<alias> with <name> one of Production_Reg, Testing_Reg"),
     (infer, ["--model_uri", "models://other@registry/Production_Reg/1"], "parameter model_uri (infer.model_uri): expected models:/"),
     (infer, ["--model_uri", "models:/SomeoneElses/1"], "parameter model_uri (infer.model_uri): expected models:/"),
@@ -334,6 +275,8 @@ def test_each_bad_parameter_fails_before_any_work_in_one_line(
     module, argv, expected, store_copy, tiny_data, tmp_path, capsys
 ):
     client, parent = store_copy
+    (tmp_path / "folder.csv").mkdir()  # outputs in the way: a folder, and a file where a folder should be
+    (tmp_path / "file.csv").write_text("")
     fill = {
         "{killed}": _killed_train_run(client, parent),
         "{parent}": parent,
@@ -358,23 +301,34 @@ def test_each_bad_parameter_fails_before_any_work_in_one_line(
 
 
 @pytest.mark.model
-def test_a_model_that_needs_code_to_load_is_refused(store_copy, data, tmp_path):
+@pytest.mark.parametrize("flavor", ["served", "keras"])  # keras: how versions were logged before issue 4
+def test_a_model_that_needs_code_to_load_is_refused(flavor, store_copy, data, tmp_path):
     """A Lambda layer stores Python bytecode; Keras safe_mode (which we insist on) will not run it."""
     import keras
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
     client, _ = store_copy
     inputs = keras.Input((None, None, 1))
     outputs = keras.layers.Dense(1, activation="sigmoid")(
         keras.layers.GlobalAveragePooling2D()(keras.layers.Lambda(lambda x: x / 255.0)(inputs))
     )
+    network = keras.Model(inputs, outputs)
+    metadata = {"classes": ["ok_front", "def_front"], "image_size": 32, "decision_threshold": 0.5}
     with mlflow.start_run(experiment_id=client.get_experiment_by_name(f"train/{EXPERIMENT}").experiment_id) as run:
-        mlflow.keras.log_model(
-            keras.Model(inputs, outputs),
-            name="model",
-            signature=train.model_signature(),
-            pip_requirements=train.model_requirements(),  # not inferred: that loads the model, which fails
-            metadata={"image_size": 32},
-        )
+        if flavor == "served":
+            train.log_model(network, config_for(data, tmp_path), metadata, example=np.zeros((32, 32, 1)))
+        else:
+            mlflow.keras.log_model(
+                network,
+                name="model",
+                signature=ModelSignature(
+                    Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 1))]),
+                    Schema([TensorSpec(np.dtype(np.float32), (-1, 1))]),
+                ),
+                pip_requirements=train.model_requirements(),  # not inferred: that loads the model, which fails
+                metadata=metadata,
+            )
     before = snapshot(client)
     with pytest.raises(
         PipelineError, match=r"refused to load models:/m-\w+: it needs code execution to load \(Keras safe_mode\)"
@@ -384,6 +338,9 @@ def test_a_model_that_needs_code_to_load_is_refused(store_copy, data, tmp_path):
     runs_uri = f"runs:/{run.info.run_id}/model"
     with pytest.raises(PipelineError, match=f"refused to load {runs_uri}"):
         infer.infer(config_for(data, tmp_path, **{"infer.model_uri": runs_uri}))
+    if flavor == "served":  # and the served model's own loader, as mlflow models serve runs it
+        with pytest.raises(ValueError, match="safe_mode=False"):  # Keras refuses the Lambda
+            mlflow.pyfunc.load_model(runs_uri)
     assert_store_consistent(client)
 
 
@@ -406,7 +363,8 @@ def test_infer_writes_only_its_output_and_follows_no_link_out_of_the_input(store
     before = {folder: _tree(folder) for folder in (incoming, secret.parent, work)}
     output = tmp_path / "out" / "scores.csv"
 
-    infer.infer(config_for(data, tmp_path, **{"infer.input": str(incoming), "infer.output": str(output)}))
+    with pytest.raises(infer.ImagesFailed):  # link.png: written with its error, then exit 1
+        infer.infer(config_for(data, tmp_path, **{"infer.input": str(incoming), "infer.output": str(output)}))
 
     assert {folder: _tree(folder) for folder in (incoming, secret.parent, work)} == before
     assert sorted(p.name for p in output.parent.iterdir()) == ["scores.csv"]

@@ -185,7 +185,9 @@ def test_infer_writes_one_row_per_image_and_survives_a_bad_file(trained_store, t
     shutil.copytree(tiny_data / "test", images)
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     output = tmp_path / "out" / "predictions.csv"
-    run_id = infer.infer(tiny(tiny_data, **{"infer.input": str(images), "infer.output": str(output)}))
+    with pytest.raises(infer.ImagesFailed, match=r"^1 of \d+ images could not be read; every row is in"):
+        infer.infer(tiny(tiny_data, **{"infer.input": str(images), "infer.output": str(output)}))
+    (run_id,) = [r.info.run_id for r in mlflow.search_runs(experiment_names=["infer/test"], output_format="list")]
 
     rows = list(csv.DictReader(output.open()))
     n_images = len(list(images.rglob("*.png")))
@@ -199,6 +201,7 @@ def test_infer_writes_one_row_per_image_and_survives_a_bad_file(trained_store, t
     assert all(float(r["decision_threshold"]) == pytest.approx(cutoff) for r in good)
     assert all((r["predicted_class"] == "def_front") == (float(r["defect_probability"]) >= cutoff) for r in good)
     run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"  # the work was done; only the exit status tells of the bad file
     assert run.data.metrics == {
         "n_images": n_images,
         "n_errors": 1,

@@ -1,0 +1,362 @@
+"""The registered model wherever it is used: loaded alone, on bytes, over REST, in Spark, at folder scale.
+
+One module-scoped store holds a trained tiny model as ``Production_Reg@prod``. The pyfunc is loaded
+in a separate Python whose working directory is elsewhere and which cannot import this repository;
+REST is the real ``mlflow models serve`` on loopback; Spark is a local session scoring through
+``mlflow.pyfunc.spark_udf``; infer runs through its command line.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import world_config
+from helpers import BAD_FILES, encode, free_port, real_png, use_copy_of, wait_until_up, write_bad
+from steps import cli, contract, infer
+from steps.data import load_images
+from steps.explain import gradcam, last_feature_map
+from steps.tracking import load_keras
+
+pytestmark = pytest.mark.model
+
+EXPERIMENT = "serving"
+MODEL = "models:/Production_Reg@prod"
+
+
+def config_for(data: Path, tmp_path: Path, **overrides: str):
+    return world_config(data, tmp_path, **{"experiment": EXPERIMENT, **overrides})
+
+
+@pytest.fixture(scope="module")
+def served(prod_world):
+    """The store whose Production_Reg@prod is a model trained on the tiny set (conftest): its db path."""
+    return prod_world[0]
+
+
+@pytest.fixture
+def store_copy(served, tmp_path, monkeypatch) -> str:
+    uri = use_copy_of(served, tmp_path, monkeypatch)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+# --- Images of every kind ------------------------------------------------------------------
+
+
+def kinds(cell: Image.Image) -> dict[str, bytes]:
+    """One real cell as each kind of file a user may send."""
+    gray = cell.convert("L")
+    sixteen = Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257)  # 16-bit, full range
+    return {
+        "png_gray": encode(gray, "PNG"),
+        "jpeg_gray": encode(gray, "JPEG", quality=95),
+        "png_rgb": encode(gray.convert("RGB"), "PNG"),
+        "jpeg_rgb": encode(gray.convert("RGB"), "JPEG", quality=95),
+        "png_rgba": encode(gray.convert("RGBA"), "PNG"),
+        "png_16bit": encode(sixteen, "PNG"),
+        "png_other_size": encode(gray.resize((77, 50)), "PNG"),
+        "bmp": encode(gray, "BMP"),
+        "tiff": encode(gray, "TIFF"),
+        "webp": encode(gray, "WEBP", lossless=True),
+    }
+
+
+def first_cell(data: Path) -> Image.Image:
+    with Image.open(sorted((data / "test" / "def_front").glob("*.png"))[0]) as image:
+        return image.copy()
+
+
+# --- Spark -----------------------------------------------------------------------------------
+
+
+def test_spark_engine_predicts_what_the_local_engine_does(store_copy, tiny_data, tmp_path):
+    incoming = Path(shutil.copytree(tiny_data / "test", tmp_path / "incoming"))
+    (incoming / "def_front" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (incoming / "a folder, with 100% odd names").mkdir()  # Spark names files by URI: %-encoded
+    shutil.copy(next((incoming / "ok_front").glob("*.png")), incoming / "a folder, with 100% odd names" / "é #1.png")
+    rows = {}
+    for engine in ("local", "spark"):
+        output = tmp_path / f"{engine}.jsonl"
+        argv = ["--input", str(incoming), "--output", str(output), "--engine", engine, "--allow_errors", "true",
+                "--experiment", EXPERIMENT]  # fmt: skip
+        cli.main(infer.infer, "", infer.OVERRIDES, argv=argv)
+        rows[engine] = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["path"] for r in rows["spark"]] == [r["path"] for r in rows["local"]]
+    for local, spark in zip(rows["local"], rows["spark"], strict=True):
+        assert spark["predicted_class"] == local["predicted_class"]
+        assert spark["error"] == local["error"]
+        if local["error"]:
+            assert spark["defect_probability"] is None
+        else:
+            assert spark["defect_probability"] == pytest.approx(local["defect_probability"], abs=1e-6)
+    assert sum(1 for r in rows["spark"] if r["error"]) == 1
+    runs = mlflow.search_runs(experiment_names=[f"infer/{EXPERIMENT}"], output_format="list")
+    assert sorted(r.data.tags[contract.TAG_INFER_ENGINE] for r in runs) == ["local", "spark"]
+
+
+# --- The pyfunc, loaded alone ------------------------------------------------------------------
+
+# Run by a separate Python (-I: no PYTHONPATH, no script or working directory on sys.path) in a
+# folder of its own; an audit hook fails any attempt to open a file of this repository.
+LOAD_ALONE = """
+import importlib.util, json, sys
+from pathlib import Path
+repo = sys.argv[1]
+def refuse(event, args):  # the repository, not the environment it happens to hold (.venv)
+    if event == "open" and isinstance(args[0], str) and args[0].startswith(repo) and not args[0].startswith(sys.prefix):
+        raise PermissionError(f"the model opened {args[0]}, a file of the repository")
+sys.addaudithook(refuse)
+assert importlib.util.find_spec("steps") is None, "steps is importable"
+import mlflow, pandas as pd
+inputs = json.loads(Path("inputs.json").read_text())
+model = mlflow.pyfunc.load_model(sys.argv[2])
+frame = pd.DataFrame({"image": [bytes.fromhex(h) for h in inputs.values()]})
+out = model.predict(frame, params={"on_error": "row"})
+Path("outputs.json").write_text(json.dumps(dict(zip(inputs, out.to_dict("records")))))
+"""
+
+
+@pytest.fixture(scope="module")
+def rest_server(served, tmp_path_factory):
+    """``mlflow models serve`` of Production_Reg@prod on loopback, started (not yet ready): (URI, process, log).
+
+    Started before ``alone`` so that its start-up (about 10 s of imports and loading) overlaps that one's.
+    """
+    work = tmp_path_factory.mktemp("rest")
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", MODEL, "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{served}"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # MLflow starts uvicorn by name
+    log = work / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+    yield f"http://127.0.0.1:{port}", server, log
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def alone(rest_server, served, tiny_data, tmp_path_factory):
+    """What the registered model predicts, loaded with MLflow alone: ``(inputs, {name: row})``."""
+    work = tmp_path_factory.mktemp("alone")
+    files = sorted((tiny_data / "test").rglob("*.png"))
+    inputs = {f"file:{p.relative_to(tiny_data)}": p.read_bytes() for p in files} | kinds(first_cell(tiny_data))
+    inputs |= {f"bad:{kind}": make(real_png(tiny_data)) for kind, (make, _) in BAD_FILES.items()}
+    (work / "inputs.json").write_text(json.dumps({name: data.hex() for name, data in inputs.items()}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{served}"
+    repo = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", LOAD_ALONE, repo, MODEL], cwd=work, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return inputs, json.loads((work / "outputs.json").read_text())
+
+
+def test_the_pyfunc_on_bytes_matches_the_keras_network_on_the_training_arrays(alone, store_copy, tiny_data):
+    _, outputs = alone
+    files = sorted((tiny_data / "test").rglob("*.png"))
+    info = mlflow.models.get_model_info(MODEL)
+    arrays, failures = load_images(files, int(info.metadata["image_size"]), progress=False)  # train's loader
+    assert not failures
+    keras_prob = load_keras(MODEL).predict(arrays, verbose=0).reshape(-1)
+    pyfunc_prob = np.array([outputs[f"file:{p.relative_to(tiny_data)}"]["defect_probability"] for p in files])
+    assert np.max(np.abs(pyfunc_prob - keras_prob)) < 1e-5
+    cutoff = info.metadata["decision_threshold"]
+    for p, prob in zip(files, pyfunc_prob, strict=True):
+        row = outputs[f"file:{p.relative_to(tiny_data)}"]
+        assert row["decision_threshold"] == pytest.approx(cutoff) and row["error"] == ""
+        assert row["predicted_class"] == ("def_front" if prob >= cutoff else "ok_front")
+
+
+def test_every_kind_of_image_scores(alone):
+    inputs, outputs = alone
+    names = [n for n in inputs if not n.startswith(("file:", "bad:"))]
+    assert len(names) == 10
+    for name in names:
+        assert outputs[name]["error"] == "", name
+        assert 0.0 <= outputs[name]["defect_probability"] <= 1.0, name
+    # One cell, ten encodings: the lossless ones are the same pixels, so the same score.
+    lossless = ["png_gray", "png_rgb", "png_rgba", "png_16bit", "bmp", "tiff", "webp"]
+    assert (
+        max(outputs[n]["defect_probability"] for n in lossless)
+        - min(outputs[n]["defect_probability"] for n in lossless)
+        < 1e-6
+    )
+
+
+def test_bad_bytes_get_their_reason_in_the_row(alone):
+    _, outputs = alone
+    for kind, (_, reason) in BAD_FILES.items():
+        row = outputs[f"bad:{kind}"]
+        assert row["error"].startswith(reason), (kind, row)
+        assert row["predicted_class"] == "" and np.isnan(row["defect_probability"])
+
+
+# --- REST ------------------------------------------------------------------------------------
+
+
+def request(uri: str, payload: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"{uri}/invocations", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def one_image(data: bytes) -> dict:
+    """The README's request: one image, base64, in dataframe_split."""
+    return {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(data).decode("ascii")]]}}
+
+
+def test_mlflow_models_serve_scores_base64_png_and_jpeg_and_answers_400_to_bad_images(rest_server, alone, tiny_data):
+    uri, server, log = rest_server
+    inputs, outputs = alone
+    assert wait_until_up(f"{uri}/ping", server, timeout=180), log.read_text()[-3000:]
+
+    for name in ("png_gray", "jpeg_rgb", "png_16bit"):
+        status, body = request(uri, one_image(inputs[name]))
+        assert status == 200, body
+        (row,) = body["predictions"]
+        assert row["error"] == "" and row["predicted_class"] == outputs[name]["predicted_class"]
+        assert row["defect_probability"] == pytest.approx(outputs[name]["defect_probability"], abs=1e-6)
+
+    # The model's own serving example, as MLflow stored it with the model.
+    example = (Path(mlflow.artifacts.download_artifacts(MODEL)) / "serving_input_example.json").read_text()
+    status, body = request(uri, json.loads(example))
+    assert status == 200 and body["predictions"][0]["error"] == ""
+
+    for kind, (make, reason) in BAD_FILES.items():
+        status, body = request(uri, one_image(make(real_png(tiny_data))))
+        assert status == 400, (kind, body)
+        assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert f"row 0 of 1 cannot be used: {reason}" in body["message"], (kind, body["message"])
+
+    # A served model does not open files its callers name.
+    status, body = request(uri, {"dataframe_split": {"columns": ["path"], "data": [["/etc/hostname"]]}})
+    assert status == 400 and "column path: this model does not read files" in body["message"]
+    # on_error=row: a batch with a bad image scores the rest.
+    batch = {"dataframe_split": {"columns": ["image"], "data": [
+        [base64.b64encode(inputs["png_gray"]).decode()], [base64.b64encode(b"").decode()]]},
+        "params": {"on_error": "row"}}  # fmt: skip
+    status, body = request(uri, batch)
+    assert status == 200
+    assert [r["error"] for r in body["predictions"]] == ["", "empty file (0 bytes)"]
+
+
+# --- infer at folder scale -------------------------------------------------------------------
+
+
+def test_infer_takes_a_glob_writes_json_lines_and_exits_1_on_unreadable_images(store_copy, tiny_data, tmp_path, capsys):
+    incoming = Path(shutil.copytree(tiny_data / "test", tmp_path / "incoming"))
+    (incoming / "ok_front" / "nested").mkdir()
+    shutil.copy(next((incoming / "ok_front").glob("*.png")), incoming / "ok_front" / "nested" / "deep.png")
+    bad = [write_bad(kind, incoming / "def_front", real_png(tiny_data)) for kind in ("truncated", "zero_byte")]
+    output = tmp_path / "out" / "scores.jsonl"
+    argv = ["--input", f"{incoming}/**/*.png", "--output", str(output), "--gradcam_top", "3",
+            "--experiment", EXPERIMENT]  # fmt: skip
+    with pytest.raises(SystemExit) as done:
+        cli.main(infer.infer, "", infer.OVERRIDES, argv=argv)
+    assert done.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"error: 2 of {len(list(incoming.rglob('*.png')))} images could not be read; every row is in {output} "
+        "(see its error column) and in the run's artifacts; pass -P allow_errors=true to exit 0 anyway"
+    )
+
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["path"] for r in rows] == sorted(str(p) for p in incoming.rglob("*.png"))  # recursive glob, in order
+    assert {r["path"]: r["error"].split(" (")[0] for r in rows if r["error"]} == {
+        str(bad[0]): "corrupt or truncated image data",
+        str(bad[1]): "empty file",
+    }
+    for r in rows:
+        assert set(r) == {"path", "predicted_class", "defect_probability", "decision_threshold", "error"}
+        if not r["error"]:  # typed values, not strings
+            assert isinstance(r["defect_probability"], float) and isinstance(r["decision_threshold"], float)
+            assert r["predicted_class"] == (
+                "def_front" if r["defect_probability"] >= r["decision_threshold"] else "ok_front"
+            )
+        else:
+            assert r["defect_probability"] is None and r["predicted_class"] == ""
+
+    (run,) = mlflow.search_runs(experiment_names=[f"infer/{EXPERIMENT}"], output_format="list")
+    assert run.info.status == "FINISHED"
+    n_defect = sum(r["predicted_class"] == "def_front" for r in rows)
+    assert run.data.metrics == {"n_images": len(rows), "n_errors": 2, "n_defect": n_defect}
+    assert run.data.tags[contract.TAG_MODEL_VERSION] == "1" and run.data.tags[contract.TAG_INFER_ENGINE] == "local"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert "scores.jsonl" in artifacts
+    assert (contract.GRADCAM_ARTIFACT in artifacts) == (n_defect > 0)
+
+    # Told to, it exits 0 and returns the run.
+    run_id = cli.main(infer.infer, "", infer.OVERRIDES, argv=[*argv, "--allow_errors", "true"])
+    assert mlflow.get_run(run_id).data.metrics["n_errors"] == 2
+
+
+def test_gradcam_grid_shows_the_most_confident_defects(store_copy, tiny_data, tmp_path):
+    from steps.serving import DefectModel
+
+    network = load_keras(MODEL)
+    # A cut-off of 0 makes every image a defect, so the grid's content does not hang on the tiny model.
+    model = DefectModel(network, {"classes": ["ok_front", "def_front"], "decision_threshold": 0.0, "image_size": 32})
+    files = sorted((tiny_data / "test").rglob("*.png"))
+    prob = model.predict(None, [p.read_bytes() for p in files])["defect_probability"].tolist()
+    defects = list(zip(prob, map(str, files), strict=True))
+    with mlflow.start_run() as run:
+        infer.log_gradcam(model, defects, top=5)
+    local = mlflow.artifacts.download_artifacts(
+        f"runs:/{run.info.run_id}/{contract.GRADCAM_ARTIFACT}", dst_path=str(tmp_path)
+    )
+    with Image.open(local) as grid:
+        assert grid.format == "PNG" and grid.width > 400 and grid.height > 300  # 4 columns, 2 rows of maps
+
+
+def test_gradcam_points_at_the_evidence():
+    """A network that sees a defect in bright pixels: its heat map must sit on the bright patch."""
+    import keras
+
+    inputs = keras.Input((16, 16, 1))
+    conv = keras.layers.Conv2D(1, 1, use_bias=False, name="conv")(inputs)
+    features = keras.layers.Activation("relu", name="relu")(conv)
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="out")(pooled)
+    network = keras.Model(inputs, outputs)
+    network.get_layer("conv").set_weights([np.ones((1, 1, 1, 1))])  # features = pixels
+    network.get_layer("out").set_weights([np.full((1, 1), 0.1), np.zeros(1)])  # brighter = more defect
+    assert last_feature_map(network) == "relu"
+    image = np.zeros((1, 16, 16, 1), np.float32)
+    image[0, 10:14, 2:6] = 200.0  # bottom left
+    (heat,) = gradcam(network, image)
+    assert heat.shape == (16, 16) and heat.min() >= 0.0 and heat.max() == pytest.approx(1.0)
+    assert heat[10:14, 2:6].mean() > 0.9 and heat[:8].max() < 0.05  # on the patch, nothing far from it
+
+
+def test_infer_with_a_lost_tracking_server_says_so_in_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    argv = ["--input", str(tiny_data / "test"), "--output", str(tmp_path / "p.csv")]
+    with pytest.raises(SystemExit) as done:
+        cli.main(infer.infer, "", infer.OVERRIDES, argv=argv)
+    assert done.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach the tracking server at {uri} (")
