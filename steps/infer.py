@@ -42,7 +42,7 @@ import pandas as pd
 
 from steps import cli, contract, plots
 from steps.config import Config
-from steps.data import is_image
+from steps.data import IMAGE_SUFFIXES, is_image
 from steps.serving import DefectModel
 from steps.tracking import PipelineError, alias_version, load_keras, log_config, stage_run
 
@@ -203,7 +203,7 @@ def score_spark(model_uri: str, files: list[Path] | None, spec: str, master: str
     )
     reader = spark.read.format("binaryFile")
     if files is None:
-        suffixes = "|".join(s.lstrip(".") for s in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"))
+        suffixes = "|".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
         frame = reader.option("recursiveFileLookup", "true").load(spec)
         frame = frame.where(F.lower(F.col("path")).rlike(rf"\.({suffixes})$"))
     else:
@@ -237,7 +237,10 @@ def spark_rows(
     refused = {p: reason for p in files if (reason := outside_input(p, root))}
     by_path = {row["path"]: row for row in score_spark(model_uri, [p for p in files if p not in refused], spec, master)}
     for path in files:
-        yield _error_row(path, refused[path]) if path in refused else by_path[str(path)]
+        if path in refused:
+            yield _error_row(path, refused[path])
+        else:  # Spark fails the job on a file it cannot read; should a row be missing, it says so
+            yield by_path.get(str(path)) or _error_row(path, "Spark returned no row for this file")
 
 
 class Writer:

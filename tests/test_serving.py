@@ -91,8 +91,10 @@ def test_spark_engine_predicts_what_the_local_engine_does(store_copy, tiny_data,
     rows = {}
     for engine in ("local", "spark"):
         output = tmp_path / f"{engine}.jsonl"
+        # local[1]: one Spark Python worker to start (TensorFlow's import is most of the test); the
+        # master string is Spark's own, and rows are put in order by infer whatever the partitions.
         argv = ["--input", str(incoming), "--output", str(output), "--engine", engine, "--allow_errors", "true",
-                "--experiment", EXPERIMENT]  # fmt: skip
+                "--spark_master", "local[1]", "--experiment", EXPERIMENT]  # fmt: skip
         cli.main(infer.infer, "", infer.OVERRIDES, argv=argv)
         rows[engine] = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["path"] for r in rows["spark"]] == [r["path"] for r in rows["local"]]
