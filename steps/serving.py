@@ -23,6 +23,10 @@ Output, one row per input row: ``predicted_class`` (the good or defect class nam
 train: defect when the probability is at or above it) and ``error`` (empty, or why the image could
 not be used).
 
+Model config (``train`` logs it; ``mlflow.pyfunc.load_model(..., model_config=...)`` overrides a key):
+``classes`` ([good, defect] names), ``decision_threshold``, ``image_size``, ``predict_batch_size``,
+``read_paths``.
+
 Preprocessing is the training loader's: decode to 8-bit gray (``decode_gray``), resize to the
 trained size with the Keras resize (``resize``), and the network scales 0..255 to 0..1 itself.
 """
@@ -45,9 +49,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# The Keras artifact's key, and the keys of the model_config that train logs with the model.
+# The Keras network's key among the model's artifacts.
 KERAS_ARTIFACT = "keras_model"
-CONFIG_KEYS = ("classes", "decision_threshold", "image_size", "predict_batch_size", "read_paths")
 COLUMNS = ("predicted_class", "defect_probability", "decision_threshold", "error")
 ON_ERROR = ("raise", "row")
 
