@@ -136,14 +136,13 @@ def _error_row(path: Any, reason: str) -> dict[str, Any]:
             "decision_threshold": None, "error": reason}  # fmt: skip
 
 
-def _rows(paths: list[str], scored: pd.DataFrame) -> Iterator[dict[str, Any]]:
-    for path, row in zip(paths, scored.itertuples(index=False), strict=True):
-        if row.error:
-            yield _error_row(path, row.error)
-        else:
-            yield {"path": path, "predicted_class": row.predicted_class,
-                   "defect_probability": float(row.defect_probability),
-                   "decision_threshold": float(row.decision_threshold), "error": ""}  # fmt: skip
+def _row(path: Any, scored: Any) -> dict[str, Any]:
+    """An output row from one row of the model's output (a pandas or a Spark row: read by key)."""
+    if scored["error"]:
+        return _error_row(path, scored["error"])
+    return {"path": str(path), "predicted_class": scored["predicted_class"],
+            "defect_probability": float(scored["defect_probability"]),
+            "decision_threshold": float(scored["decision_threshold"]), "error": ""}  # fmt: skip
 
 
 def score_local(model: DefectModel, files: list[Path], root: Path | None) -> Iterator[dict[str, Any]]:
@@ -163,8 +162,8 @@ def score_local(model: DefectModel, files: list[Path], root: Path | None) -> Ite
             refused[i] = reason
             sources.append(None)
         scored = model.predict(None, pd.DataFrame({"image": sources}), params={"on_error": "row"})
-        for i, row in enumerate(_rows([str(p) for p in chunk], scored)):
-            yield _error_row(chunk[i], refused[i]) if i in refused else row
+        for i, (path, row) in enumerate(zip(chunk, scored.to_dict("records"), strict=True)):
+            yield _error_row(path, refused[i]) if i in refused else _row(path, row)
 
 
 def score_spark(model_uri: str, files: list[Path] | None, spec: str, master: str) -> Iterator[dict[str, Any]]:
@@ -215,16 +214,10 @@ def score_spark(model_uri: str, files: list[Path] | None, spec: str, master: str
     # rows name it as the local engine does.
     local = {str(p.absolute()): str(p) for p in files or []}
     for record in scored.toLocalIterator():
-        p = record["p"]
         path = record["path"]
         if path.startswith("file:"):
             path = local.get("/" + path.removeprefix("file:").lstrip("/"), path)
-        if p["error"]:
-            yield _error_row(path, p["error"])
-        else:
-            yield {"path": path, "predicted_class": p["predicted_class"],
-                   "defect_probability": float(p["defect_probability"]),
-                   "decision_threshold": float(p["decision_threshold"]), "error": ""}  # fmt: skip
+        yield _row(path, record["p"])
 
 
 def spark_rows(

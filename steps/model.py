@@ -15,7 +15,7 @@ import keras
 from keras import layers
 
 from steps.config import HParams
-from steps.serving import RESIZE, resize  # noqa: F401 - the one resize, shared with the served model
+from steps.serving import RESIZE  # the one resize, shared with the loader and the served model
 
 
 def set_seed(seed: int) -> None:

@@ -71,17 +71,23 @@ def misclassified(
     if wrong.size == 0:
         return None
     worst = wrong[np.argsort(-np.abs(prob[wrong] - y_true[wrong]))][:most]
-    cols = min(4, worst.size)
-    rows = -(-worst.size // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
+    fig, axes = _image_grid(worst.size, (2.2, 2.4))
     for ax, i in zip(axes.ravel(), worst, strict=False):
         ax.imshow(images[i, :, :, 0], cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"true {classes[int(y_true[i])]}\np(defect) {prob[i]:.2f}", fontsize=8)
     fig.suptitle(f"misclassified test images ({wrong.size}), worst first")
     fig.tight_layout()
     return fig
+
+
+def _image_grid(n: int, cell: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    """Up to 4 columns of axes for ``n`` images, ``cell`` inches each, all with their frames off."""
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    return fig, axes
 
 
 def close(fig: Figure) -> None:
@@ -92,11 +98,7 @@ def gradcam_grid(
     images: np.ndarray, heatmaps: np.ndarray, prob: Sequence[float], names: Sequence[str], threshold: float
 ) -> Figure:
     """Each image with its Grad-CAM heat map over it, most confident first; titled by file and probability."""
-    cols = min(4, len(images))
-    rows = -(-len(images) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.9 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
+    fig, axes = _image_grid(len(images), (2.4, 2.9))
     for ax, image, heat, p, name in zip(axes.ravel(), images, heatmaps, prob, names, strict=False):
         ax.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=255)
         # Opacity follows the evidence, so the image stays visible where the network does not look.

@@ -95,10 +95,10 @@ def model_signature():
         ),
         outputs=Schema(
             [
-                ColSpec(DataType.string, "predicted_class"),
-                ColSpec(DataType.double, "defect_probability"),
-                ColSpec(DataType.double, "decision_threshold"),
-                ColSpec(DataType.string, "error"),
+                ColSpec(kind, name)
+                for kind, name in zip(
+                    (DataType.string, DataType.double, DataType.double, DataType.string), serving.COLUMNS, strict=True
+                )
             ]
         ),
         params=ParamSchema([ParamSpec("on_error", DataType.string, "raise")]),

@@ -7,7 +7,8 @@ import pytest
 
 from steps.config import load_config
 from steps.data import decode_gray, load_images, scan_split
-from steps.model import make_model, resize, set_seed
+from steps.model import make_model, set_seed
+from steps.serving import resize
 
 pytestmark = pytest.mark.model
 HP = load_config().hparam_sets["small"]
