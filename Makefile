@@ -15,7 +15,7 @@ endif
 MLFLOW_TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 export MLFLOW_TRACKING_URI
 
-.PHONY: venv run test test-fast lint bench-pipeline bench-serving server serve ui prod-history clean
+.PHONY: venv run test test-fast lint bench bench-pipeline bench-serving server serve ui prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,14 @@ lint: venv
 test-fast: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not e2e"
 
-## Time the default pipeline on the full ELPV set in a fresh store; results go to BENCHMARKS.md.
+## Training speed (side by side with a plain Keras loop, against the machine's peak, precision,
+## scaling), then the default pipeline timed on the full ELPV set with its test accuracy; results go
+## to BENCHMARKS.md. A smoke check on a tiny subset: make bench ARGS=--quick
+bench: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_training.py --write $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_pipeline.py --write $(ARGS)
+
+## Only the pipeline part of `make bench`; ARGS takes -P overrides, e.g. ARGS="-P hparams=small"
 bench-pipeline: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_pipeline.py --write $(ARGS)
 

@@ -33,9 +33,13 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or out of range."""
 
 
+AUGMENTATIONS = ("none", "flips", "dihedral")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+
+
 @dataclass(frozen=True)
 class HParams:
-    """One hyperparameter set of ``conf/hparams.yaml``."""
+    """One hyperparameter set of ``conf/hparams.yaml`` (the network, its optimiser and schedule)."""
 
     filters: tuple[int, ...]
     dense_units: int
@@ -43,16 +47,38 @@ class HParams:
     learning_rate: float
     batch_size: int
     epochs: int
+    # A patchify stem: a stem_stride x stem_stride convolution with that stride and stem_filters
+    # outputs, so the 3x3 stages run on a smaller grid (0 filters: no stem).
+    stem_filters: int = 0
+    stem_stride: int = 1
+    convs_per_stage: int = 1
+    weight_decay: float = 0.0
+    # Linear warm-up to learning_rate over these epochs, then cosine decay to zero.
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    # none; flips (left-right, up-down); dihedral (flips and transposes: all 8 symmetries of a square).
+    augment: str = "flips"
+    # Stop when validation accuracy has not improved for this many epochs and keep the best epoch's
+    # weights (0: train every epoch, keep the best epoch's weights all the same).
+    patience: int = 0
 
     def __post_init__(self) -> None:
         _check(
             len(self.filters) >= 1 and min(self.filters) >= 1, "filters", "one or more positive integers", self.filters
         )
-        _check(self.dense_units >= 1, "dense_units", "an integer >= 1", self.dense_units)
+        _check(self.dense_units >= 0, "dense_units", "an integer >= 0", self.dense_units)
         _check(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)", self.dropout)
         _check(0.0 < self.learning_rate < 1.0, "learning_rate", "a number in (0, 1)", self.learning_rate)
         _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        _check(self.stem_filters >= 0, "stem_filters", "an integer >= 0", self.stem_filters)
+        _check(1 <= self.stem_stride <= 8, "stem_stride", "an integer in [1, 8]", self.stem_stride)
+        _check(self.convs_per_stage >= 1, "convs_per_stage", "an integer >= 1", self.convs_per_stage)
+        _check(0.0 <= self.weight_decay < 1.0, "weight_decay", "a number in [0, 1)", self.weight_decay)
+        _check(self.warmup_epochs >= 0, "warmup_epochs", "an integer >= 0", self.warmup_epochs)
+        _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", "a number in [0, 0.5)", self.label_smoothing)
+        _check(self.augment in AUGMENTATIONS, "augment", f"one of {', '.join(AUGMENTATIONS)}", self.augment)
+        _check(self.patience >= 0, "patience", "an integer >= 0", self.patience)
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,9 @@ class DataConfig:
     bootstrap_elpv: bool
     # Leave out images that cannot be decoded (counted, logged) instead of failing the stage.
     skip_bad_images: bool = False
+    # Keep each split's decoded, resized images on disk, keyed by the files' contents and the size,
+    # so a rerun decodes nothing (steps.data.load_images; where: steps.data.cache_dir).
+    cache: bool = True
 
     def __post_init__(self) -> None:
         _check(bool(self.dir), "data.dir", "a directory", self.dir)
@@ -90,6 +119,11 @@ class TrainConfig:
     epochs: int | None = None
     # What the decision threshold on the defect probability is tuned for, on the validation split.
     threshold_objective: str = "balanced_accuracy"
+    # auto: mixed precision only where the hardware computes in it natively (a GPU: mixed_float16;
+    # a CPU with AMX or AVX512-BF16: mixed_bfloat16), else float32. See steps.model.resolve_precision.
+    precision: str = "auto"
+    # true: TensorFlow's deterministic ops, so one seed gives the same metrics on every rerun.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _check(len(self.hparams) >= 1, "train.hparams", "one or more hyperparameter set names", self.hparams)
@@ -101,6 +135,7 @@ class TrainConfig:
             f"one of {', '.join(OBJECTIVES)}",
             self.threshold_objective,
         )
+        _check(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,16 @@ METRIC_N_ERRORS = "n_errors"
 # Not in the contract (issue 7): images left out by data.skip_bad_images, and the class balance of
 # each split, named by label (good, defect) so the names do not depend on the folder names.
 METRIC_N_SKIPPED = "n_skipped"
+# Not in the contract (issue 5): each train child keeps its best epoch's weights (by val_accuracy),
+# so it records which epoch that was and its validation scores, which pick the best set; its
+# network's forward FLOPs per image; and each epoch's training speed and learning rate. Every
+# stage run, and every train child, carries the library versions as tags "versions.<package>".
+METRIC_BEST_EPOCH = "best_epoch"
+METRIC_BEST_VAL_LOSS = "best_val_loss"
+METRIC_FLOPS = "flops_per_image"
+METRIC_IMAGES_PER_SECOND = "images_per_second"
+METRIC_LEARNING_RATE = "learning_rate"
+TAG_VERSIONS_PREFIX = "versions."
 
 
 def class_count_metric(split: str, label_name: str) -> str:

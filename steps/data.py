@@ -4,19 +4,24 @@ Layout: ``<data_dir>/train/<class>/`` and ``<data_dir>/test/<class>/``, one fold
 Label 1 is the defect class and 0 the good class (``conf/pipeline.yaml``: ``data``).
 
 Every image is checked before a stage uses it: ``decode_gray`` turns any file into 8-bit gray or
-raises ``ImageError`` with the reason; ``load_split`` decodes a whole split once and fails with the
-list of unusable files (or leaves them out, when told to skip them); ``check_not_shared`` refuses an
-image that sits in two splits or under two classes.
+raises ``ImageError`` with the reason; ``load_split`` decodes a whole split once (with the cache
+on, keeping the result for the next run) and fails with the list of unusable files (or leaves
+them out, when told to skip them); ``check_not_shared`` refuses an image that sits in two
+splits or under two classes.
 
 Splitting and digests are pure functions; reading files happens in ``scan_split``,
-``decode_gray``, ``load_images``, ``shared_images`` and ``file_sha256``.
+``decode_gray``, ``load_images`` (and its cache), ``shared_images`` and ``file_sha256``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import sys
+import tempfile
+import zipfile
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -116,7 +121,7 @@ def stratified_split(strata: Sequence[Hashable], fraction: float, seed: int) -> 
 
 
 def load_images(
-    paths: Sequence[Path], image_size: int, progress: bool | None = None
+    paths: Sequence[Path], image_size: int, progress: bool | None = None, cache: bool = False
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Decode and resize every image once: ``(n, image_size, image_size, 1)`` float32 in 0..255.
 
@@ -124,7 +129,59 @@ def load_images(
     zeros): every file is tried, so one pass reports all the bad ones. Resizing uses the model's own
     resize (``steps.serving.resize``), so an image resized here and one resized inside the served
     model give the same pixels.
+
+    ``cache``: keep the result in ``cache_dir()``, keyed by the files' contents (not their names or
+    times), the size and the decoder; a rerun on the same files reads it back instead of decoding.
     """
+    if not cache:
+        return _decode_all(paths, image_size, progress)
+    key = _cache_key(paths, image_size)
+    path = cache_dir() / f"images-{image_size}-{key}.npz"
+    try:
+        with np.load(path) as stored:
+            images, failures = stored["images"], json.loads(str(stored["failures"]))
+        logger.info("read %d decoded images from the cache %s", len(images), path)
+        return images, {int(i): reason for i, reason in failures.items()}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged: decode again
+        logger.warning("ignoring the unreadable cache file %s: %s", path, err)
+    images, failures = _decode_all(paths, image_size, progress)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written aside and renamed: a reader in another process sees the whole file or none.
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.part", delete=False) as tmp:
+            np.savez(tmp, images=images, failures=np.array(json.dumps(failures)))
+        os.replace(tmp.name, path)
+    except OSError as err:
+        logger.warning("could not cache the decoded images in %s: %s", path.parent, err)
+    return images, failures
+
+
+# Part of every cache key: bump it when decoding or resizing changes what they produce.
+DECODER_VERSION = "decode_gray-1"
+
+
+def cache_dir() -> Path:
+    """``$DEFECT_CACHE_DIR``, else ``$XDG_CACHE_HOME/defect-detection``, else ``~/.cache/defect-detection``."""
+    if os.environ.get("DEFECT_CACHE_DIR"):
+        return Path(os.environ["DEFECT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "defect-detection"
+
+
+def _cache_key(paths: Sequence[Path], image_size: int) -> str:
+    from steps.serving import RESIZE
+
+    h = hashlib.sha256(f"{DECODER_VERSION} {image_size} {sorted(RESIZE.items())}".encode())
+    for path in paths:
+        try:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        except OSError as err:  # the decoder reports it for this file; the key only needs to differ
+            h.update(f"unreadable {path.name} {err.errno}".encode())
+    return h.hexdigest()[:24]
+
+
+def _decode_all(paths: Sequence[Path], image_size: int, progress: bool | None) -> tuple[np.ndarray, dict[int, str]]:
     from keras.utils import Progbar
 
     from steps.serving import resize
@@ -149,7 +206,7 @@ class Rejected(NamedTuple):
 
 
 def load_split(
-    samples: Sequence[Sample], image_size: int, split: str, skip_bad: bool
+    samples: Sequence[Sample], image_size: int, split: str, skip_bad: bool, cache: bool = False
 ) -> tuple[np.ndarray, list[Sample], list[Rejected]]:
     """Every image of a split, checked before any work: ``(images, kept samples, rejected)``.
 
@@ -157,7 +214,7 @@ def load_split(
     ``skip_bad``: then they are left out and returned, to be counted and logged. Either way, a
     class left with no usable image is refused.
     """
-    images, failures = load_images([s.path for s in samples], image_size)
+    images, failures = load_images([s.path for s in samples], image_size, cache=cache)
     rejected = [Rejected(samples[i], reason) for i, reason in sorted(failures.items())]
     if rejected and not skip_bad:
         raise DataError(

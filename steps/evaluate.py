@@ -153,16 +153,19 @@ class TestSet:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, samples: Sequence[Sample], batch_size: int, images: Mapping[int, np.ndarray]) -> None:
+    def __init__(
+        self, samples: Sequence[Sample], batch_size: int, images: Mapping[int, np.ndarray], cache: bool = False
+    ) -> None:
         """``samples`` checked by ``load_split``; ``images`` what it decoded, by image size."""
         self.samples = samples
+        self.cache = cache
         self.y = np.array([s.label for s in samples])
         self.batch_size = batch_size
         self._images = dict(images)
 
     def images(self, size: int) -> np.ndarray:
         if size not in self._images:
-            images, failures = load_images([s.path for s in self.samples], size)
+            images, failures = load_images([s.path for s in self.samples], size, cache=self.cache)
             if failures:  # they all decoded a moment ago: a file changed under us
                 raise DataError(f"test images changed during evaluation: {sorted(failures.values())[0]}")
             self._images[size] = images
@@ -263,9 +266,11 @@ def evaluate(config: Config, run_id: str) -> str:
     classes = config.data.classes
     data_dir = ensure_data(config)
     samples = scan_split(data_dir, "test", classes)
-    images, samples, skipped = load_split(samples, image_size, "test", config.data.skip_bad_images)
+    images, samples, skipped = load_split(
+        samples, image_size, "test", config.data.skip_bad_images, cache=config.data.cache
+    )
     check_not_shared({**other_split(data_dir, "train", classes), "test": samples})
-    test = TestSet(samples, config.evaluate.batch_size, {image_size: images})
+    test = TestSet(samples, config.evaluate.batch_size, {image_size: images}, cache=config.data.cache)
     balance = class_balance(samples, "test")
     logger.info("class balance: test %s", describe_balance(balance, "test"))
     client = mlflow.MlflowClient()

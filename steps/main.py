@@ -37,6 +37,8 @@ def stage_parameters(config: Config) -> dict[str, dict[str, str]]:
         "data_dir": config.data.dir,
         "seed": str(config.seed),
         "skip_bad_images": str(config.data.skip_bad_images).lower(),
+        "precision": config.train.precision,
+        "deterministic": str(config.train.deterministic).lower(),
         "experiment": config.experiment,
     }
     if config.train.epochs is not None:

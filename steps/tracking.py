@@ -155,6 +155,22 @@ def artifact_root(tracking_uri: str) -> str | None:
     return (db_path.parent / "mlruns").as_uri()
 
 
+VERSIONED = ("tensorflow", "keras", "mlflow", "numpy", "pillow", "pandas")
+
+
+def library_versions() -> dict[str, str]:
+    """Tags ``versions.<package>`` for Python and the libraries a result depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0]}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return {contract.TAG_VERSIONS_PREFIX + name: v for name, v in found.items()}
+
+
 def ensure_experiment(name: str) -> str:
     """The experiment's ID, creating it (artifacts beside a SQLite store) if it does not exist."""
     client = mlflow.MlflowClient()
@@ -186,7 +202,7 @@ def stage_run(stage: str, experiment: str) -> Iterator[Run]:
     wanted = contract.experiment_name(stage, experiment)
     if os.environ.get("MLFLOW_RUN_ID"):
         with mlflow.start_run() as run, _closing():
-            mlflow.set_tag(contract.TAG_PROCESS, process_identity())
+            mlflow.set_tags({contract.TAG_PROCESS: process_identity(), **library_versions()})
             actual = mlflow.MlflowClient().get_experiment(run.info.experiment_id).name
             if actual != wanted:
                 logger.warning(
@@ -202,7 +218,9 @@ def stage_run(stage: str, experiment: str) -> Iterator[Run]:
     experiment_id = ensure_experiment(wanted)
     reap_stale_runs(experiment_id)
     with (
-        mlflow.start_run(experiment_id=experiment_id, tags={contract.TAG_PROCESS: process_identity()}) as run,
+        mlflow.start_run(
+            experiment_id=experiment_id, tags={contract.TAG_PROCESS: process_identity(), **library_versions()}
+        ) as run,
         _closing(),
     ):
         yield run
@@ -212,7 +230,7 @@ def stage_run(stage: str, experiment: str) -> Iterator[Run]:
 def nested_run(name: str, experiment_id: str) -> Iterator[Run]:
     """A child of the active run, in its experiment (a nested run otherwise goes to the *active*
     experiment, "Default" when a step is called as a function); KILLED on an interrupt."""
-    tags = {contract.TAG_PROCESS: process_identity()}
+    tags = {contract.TAG_PROCESS: process_identity(), **library_versions()}
     with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id, tags=tags) as run:
         with _closing():
             yield run

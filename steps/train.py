@@ -2,7 +2,8 @@
 
 Parameters (an empty value keeps ``conf/``): ``hparams`` (comma-separated set names of
 ``conf/hparams.yaml``), ``epochs`` (overrides every set's), ``image_size``, ``data_dir``, ``seed``,
-``skip_bad_images``, ``experiment``.
+``skip_bad_images``, ``precision`` (auto, float32, mixed_bfloat16, mixed_float16),
+``deterministic`` (true: TensorFlow's deterministic ops), ``experiment``.
 
 Before any run is written, every image of ``<data_dir>/train`` is decoded and checked
 (``steps.data.load_split``): a file that cannot be used fails the stage with the list of them, or,
@@ -11,20 +12,28 @@ in ``test`` or under both classes, are refused. A seeded validation split strati
 then kept out of the usable images; ``test`` is never used for training (only hashed, for that check).
 Writes, in experiment ``train/<experiment>``:
 
-- the parent run: tags ``best_run_id`` (the child with the highest final ``val_accuracy``; ties go
-  to the lower ``val_loss``), ``data_digest`` and ``pipeline.process``; metrics ``best_val_accuracy``,
+- the parent run: tags ``best_run_id`` (the child with the highest ``best_val_accuracy``; ties go
+  to the lower ``best_val_loss``), ``data_digest`` and ``pipeline.process``; metrics ``best_val_accuracy``,
   ``n_skipped`` and the class balance ``n_train_good``, ``n_train_defect``, ``n_val_good``,
   ``n_val_defect``; artifacts ``config.yaml`` (the resolved configuration), the train/val manifests,
   also logged as the run's dataset inputs with their digests, and ``skipped_images.csv`` (file,
   class, reason) when any were skipped;
-- one nested child run per set: tag ``hparam_set``; its hyperparameters as params; per-epoch
-  ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``; metric ``decision_threshold`` (the cut-off
-  on the defect probability that maximises ``train.threshold_objective`` on the validation split,
-  never the test set); the model under ``model``: the served pyfunc of ``steps/serving.py`` (encoded
-  image bytes in, class, probability and cut-off out), logged as its code beside the Keras network
-  (which scales 0..255 to 0..1 and resizes itself), with a signature, a serving input example (a
-  validation image as PNG bytes) and, in its metadata and model config, the class names, image size
-  and ``decision_threshold``.
+- one nested child run per set: tag ``hparam_set``; its hyperparameters, ``image_size``, ``seed``
+  and the resolved ``precision`` as params; per epoch ``loss``, ``accuracy``, ``val_loss``,
+  ``val_accuracy``, ``learning_rate`` and ``images_per_second``; ``best_epoch``, whose weights are
+  kept (the highest ``val_accuracy``; ``patience`` epochs without a better one stop training), and
+  its ``best_val_accuracy`` and ``best_val_loss``, which pick the best set; ``flops_per_image``
+  (forward); metric ``decision_threshold`` (the cut-off on the defect probability that maximises
+  ``train.threshold_objective`` on the validation split, never the test set); the model under
+  ``model``: the served pyfunc of ``steps/serving.py`` (encoded image bytes in, class, probability
+  and cut-off out), logged as its code beside the Keras network (which scales 0..255 to 0..1 and
+  resizes itself), with a signature, a serving input example (a validation image as PNG bytes)
+  and, in its metadata and model config, the class names, image size and ``decision_threshold``;
+- on every run, tags ``versions.<package>`` (Python, TensorFlow, Keras, MLflow, NumPy, ...).
+
+Training reads the decoded images from memory through ``steps.dataset`` (seeded shuffle, batch
+gather, vectorised augmentation in a parallel map, prefetch). With ``deterministic`` on, TensorFlow's
+deterministic ops make a rerun with the same seed give the same metrics.
 
 Interrupted (Ctrl-C, SIGTERM), the parent and the running child end KILLED; nothing is registered
 here in any case (``evaluate`` registers, and only from a FINISHED run).
@@ -37,6 +46,7 @@ import io
 import logging
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -46,6 +56,7 @@ import keras
 import mlflow
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from PIL import Image
 
 from steps import cli, contract, serving
@@ -61,7 +72,8 @@ from steps.data import (
     scan_split,
     stratified_split,
 )
-from steps.model import make_model, set_seed
+from steps.dataset import eval_batches, training_batches
+from steps.model import forward_flops, make_model, resolve_precision, schedule, set_seed
 from steps.prepare import ensure_data
 from steps.scoring import tune_threshold
 from steps.tracking import log_config, log_dataset, log_skipped, nested_run, stage_run
@@ -156,10 +168,23 @@ def log_model(
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Logs every epoch's metrics (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``) to the active run."""
+    """Logs every epoch's metrics to the active run: ``loss``, ``accuracy``, ``val_loss``,
+    ``val_accuracy``, ``learning_rate`` and ``images_per_second`` (training images over the
+    epoch's wall time, validation included)."""
+
+    def __init__(self, n_images: int) -> None:
+        super().__init__()
+        self.n_images = n_images
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
+        speed = self.n_images / max(time.perf_counter() - self.started, 1e-9)
+        rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))  # the schedule's, now
+        extra = {contract.METRIC_IMAGES_PER_SECOND: speed, contract.METRIC_LEARNING_RATE: rate}
+        mlflow.log_metrics({**{k: float(v) for k, v in (logs or {}).items()}, **extra}, step=epoch)
 
 
 def fit_one(
@@ -169,25 +194,52 @@ def fit_one(
     train_xy: tuple[np.ndarray, np.ndarray],
     val_xy: tuple[np.ndarray, np.ndarray],
 ) -> tuple[str, float, float]:
-    """Train one set in a nested run; return ``(run_id, val_accuracy, val_loss)`` of the last epoch."""
+    """Train one set in a nested run; return ``(run_id, val_accuracy, val_loss)`` of its best epoch."""
     parent = mlflow.active_run()
     assert parent is not None, "fit_one runs inside train's parent run"
     with nested_run(name, parent.info.experiment_id) as child:
         mlflow.set_tag(contract.TAG_HPARAM_SET, name)
-        mlflow.log_params({**dataclasses.asdict(hp), "image_size": config.train.image_size, "seed": config.seed})
+        precision = resolve_precision(config.train.precision)
+        mlflow.log_params(
+            {
+                **dataclasses.asdict(hp),
+                "image_size": config.train.image_size,
+                "seed": config.seed,
+                "precision": precision,
+            }
+        )
         set_seed(config.seed)  # every set starts from the same seed, so sets differ only by their params
-        model = make_model(hp, config.train.image_size, config.seed)
-        logger.info("training %r: %s", name, hp)
-        history = model.fit(
-            *train_xy,
-            validation_data=val_xy,
-            batch_size=hp.batch_size,
+        batches, steps = training_batches(*train_xy, hp.batch_size, config.seed, hp.augment)
+        keras.mixed_precision.set_global_policy(precision)
+        try:
+            model = make_model(hp, config.train.image_size, config.seed)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")  # the policy is global; the model keeps its own
+        mlflow.log_metric(contract.METRIC_FLOPS, forward_flops(model))
+        logger.info("training %r (%s, %d steps an epoch): %s", name, precision, steps, hp)
+        # The best epoch's weights are kept whether or not training stops early.
+        best = keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", mode="max", patience=hp.patience or hp.epochs, restore_best_weights=True
+        )
+        validation = eval_batches(*val_xy, config.evaluate.batch_size)
+        model.fit(
+            batches,
+            steps_per_epoch=steps,
+            validation_data=validation,
             epochs=hp.epochs,
-            shuffle=True,
-            callbacks=[EpochLogger()],
+            shuffle=False,  # the input pipeline shuffles, seeded
+            callbacks=[schedule(hp), EpochLogger(len(train_xy[0])), best],
             verbose=1 if sys.stdout.isatty() else 2,  # a progress bar on a terminal, a line per epoch in logs
         )
-        val_prob = model.predict(val_xy[0], batch_size=hp.batch_size, verbose=0).reshape(-1)
+        val_loss, val_accuracy = (float(v) for v in model.evaluate(validation, verbose=0))
+        mlflow.log_metrics(
+            {
+                contract.METRIC_BEST_EPOCH: best.best_epoch + 1,
+                contract.METRIC_BEST_VAL_ACCURACY: val_accuracy,
+                contract.METRIC_BEST_VAL_LOSS: val_loss,
+            }
+        )
+        val_prob = model.predict(validation, verbose=0).reshape(-1)
         cutoff = tune_threshold(val_xy[1], val_prob, config.train.threshold_objective)
         mlflow.log_metric(contract.METRIC_DECISION_THRESHOLD, cutoff)
         good, defect = config.data.classes
@@ -198,8 +250,6 @@ def fit_one(
             "decision_threshold": cutoff,
         }
         log_model(model, config, metadata, example=val_xy[0][0])
-        val_accuracy = float(history.history["val_accuracy"][-1])
-        val_loss = float(history.history["val_loss"][-1])
         return child.info.run_id, val_accuracy, val_loss
 
 
@@ -211,7 +261,7 @@ def train(config: Config) -> str:
     size = config.train.image_size
     logger.info("decoding and checking %d training images at %dx%d", len(samples), size, size)
     # Decoded once, checked before any work, shared by every hyperparameter set.
-    images, samples, skipped = load_split(samples, size, "train", config.data.skip_bad_images)
+    images, samples, skipped = load_split(samples, size, "train", config.data.skip_bad_images, config.data.cache)
     check_not_shared({"train": samples, **other_split(data_dir, "test", classes)})
     fit, val = split_train_val(samples, config.data.val_fraction, config.seed)
     fit_samples, val_samples = [samples[i] for i in fit], [samples[i] for i in val]
@@ -222,6 +272,9 @@ def train(config: Config) -> str:
     balance = {**class_balance(fit_samples, "train"), **class_balance(val_samples, "val")}
     logger.info("class balance: train %s; val %s", describe_balance(balance, "train"), describe_balance(balance, "val"))
 
+    if config.train.deterministic:
+        # Same seed, same metrics: deterministic kernels and tf.data order, at some cost in speed.
+        tf.config.experimental.enable_op_determinism()
     with stage_run(contract.STAGE_TRAIN, config.experiment) as parent:
         log_config(config)
         log_skipped(skipped, data_dir)
@@ -250,6 +303,8 @@ OVERRIDES = {
     "data_dir": "data.dir",
     "seed": "seed",
     "skip_bad_images": "data.skip_bad_images",
+    "precision": "train.precision",
+    "deterministic": "train.deterministic",
     "experiment": "experiment",
 }
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(PROJECT_DIR / "tests"))
 import mlflow  # noqa: E402
 from bench_pipeline import machine  # noqa: E402
 
-from helpers import free_port, replace_section, wait_until_up  # noqa: E402
+from helpers import free_port, publish, wait_until_up  # noqa: E402
 from steps import train  # noqa: E402
 from steps.config import load_config  # noqa: E402
 from steps.data import load_images, scan_split  # noqa: E402
@@ -183,10 +183,7 @@ def main() -> None:
             "latency": rest_latency(paths[0].read_bytes(), 20 if options.quick else 200),
             "load": load_times(1 if options.quick else 3),
         }
-    text = report(results, options.quick, options.hparams)
-    print(text)
-    if options.write:
-        replace_section(PROJECT_DIR / "BENCHMARKS.md", BEGIN, END, text)
+    publish(report(results, options.quick, options.hparams), BEGIN, END, options.write, options.quick)
 
 
 if __name__ == "__main__":

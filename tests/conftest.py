@@ -11,28 +11,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from PIL import Image
 
-from helpers import free_port
+from helpers import free_port, make_tiny_elpv
 from steps.config import load_config
-from steps.prepare import elpv_labels, elpv_split
-
-# Small enough that one epoch of all three sets takes seconds; big enough that each class shows
-# up in the validation split.
-TINY_PER_CLASS = {"train": 12, "test": 6}
-TINY_SIZE = 48
-
-
-def make_tiny_elpv(root: Path, per_class: dict[str, int] = TINY_PER_CLASS, size: int = TINY_SIZE) -> Path:
-    """Real ELPV cells, downscaled, laid out as <root>/{train,test}/{def_front,ok_front}/."""
-    plan = elpv_split(elpv_labels(), ("ok_front", "def_front"))
-    for (split, _cls), group in plan.groupby(["split", "class"]):
-        for row in group.head(per_class[split]).itertuples():
-            target = root / row.file
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(row.source) as image:
-                image.resize((size, size), Image.Resampling.BILINEAR).save(target)
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -151,3 +132,7 @@ def _restore_root_logging():
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The decoded-image cache (steps.data.cache_dir) of this test session alone, for every stage the
+# tests run, in process or through mlflow run: never the user's ~/.cache, and gone afterwards.
+_CACHE = tempfile.TemporaryDirectory(prefix="defect-cache-")
+os.environ["DEFECT_CACHE_DIR"] = _CACHE.name

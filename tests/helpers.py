@@ -17,9 +17,27 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from steps.prepare import elpv_labels, elpv_split
 from steps.serving import MAX_PIXELS
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+# Small enough that one epoch of all three sets takes seconds; big enough that each class shows
+# up in the validation split.
+TINY_PER_CLASS = {"train": 12, "test": 6}
+TINY_SIZE = 48
+
+
+def make_tiny_elpv(root: Path, per_class: dict[str, int] = TINY_PER_CLASS, size: int = TINY_SIZE) -> Path:
+    """Real ELPV cells, downscaled, laid out as <root>/{train,test}/{def_front,ok_front}/."""
+    plan = elpv_split(elpv_labels(), ("ok_front", "def_front"))
+    for (split, _cls), group in plan.groupby(["split", "class"]):
+        for row in group.head(per_class[split]).itertuples():
+            target = root / row.file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(row.source) as image:
+                image.resize((size, size), Image.Resampling.BILINEAR).save(target)
+    return root
 
 
 def mlflow_run_command(
@@ -127,6 +145,16 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> bool:
             if process.poll() is not None or time.monotonic() > deadline:
                 return False
             time.sleep(0.5)
+
+
+def publish(text: str, begin: str, end: str, write: bool, quick: bool) -> None:
+    """Print a benchmark's section; with ``write``, put it in BENCHMARKS.md, unless it is a quick
+    smoke check, whose figures must not replace measured ones."""
+    print(text)
+    if write and quick:
+        print("(a --quick run is a smoke check: BENCHMARKS.md keeps its measured figures)")
+    elif write:
+        replace_section(PROJECT_DIR / "BENCHMARKS.md", begin, end, text)
 
 
 def replace_section(path: Path, begin: str, end: str, text: str) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from steps import model as model_module
 from steps.config import load_config
 from steps.data import decode_gray, load_images, scan_split
-from steps.model import make_model, set_seed
+from steps.model import forward_flops, learning_rate, make_model, resolve_precision, schedule, set_seed
 from steps.serving import resize
 
 pytestmark = pytest.mark.model
@@ -47,3 +50,50 @@ def test_same_seed_gives_the_same_initial_weights():
     second = make_model(HP, 32, seed=5).get_weights()
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(load_config().hparam_sets))
+def test_every_set_can_drive_training_loss_down_on_one_batch(tiny_data, name):
+    """The network can learn: on one fixed batch of real cells, without dropout, regularisation or
+    augmentation, the training loss falls to a small part of where it started."""
+    hp = dataclasses.replace(
+        load_config().hparam_sets[name], dropout=0.0, weight_decay=0.0, label_smoothing=0.0, epochs=15, warmup_epochs=0
+    )
+    samples = scan_split(tiny_data, "train", ("ok_front", "def_front"))[::3]  # both classes
+    images, failures = load_images([s.path for s in samples], 32, progress=False)
+    labels = np.array([s.label for s in samples], "float32")
+    assert failures == {} and 0 < labels.mean() < 1
+    set_seed(0)
+    model = make_model(hp, 32, seed=0)
+    # One step an epoch, so each epoch's loss is that step's loss on this batch, in training mode.
+    fitted = model.fit(images, labels, batch_size=len(labels), epochs=15, shuffle=False, callbacks=[schedule(hp)],
+                       verbose=0)  # fmt: skip
+    losses = fitted.history["loss"]
+    assert losses[-1] < 0.1 * losses[0] and losses[-1] < 0.07, (losses[0], losses[-1])
+
+
+def test_forward_flops_count_each_convolution_and_dense_layer():
+    hp = dataclasses.replace(HP, stem_filters=8, stem_stride=4, filters=(16,), convs_per_stage=1, dense_units=4)
+    model = make_model(hp, 32, seed=0)
+    stem = 2 * 8 * 8 * 8 * (4 * 4 * 1)  # 8x8 outputs, 8 channels, a 4x4 kernel over 1 channel
+    conv = 2 * 8 * 8 * 16 * (3 * 3 * 8)
+    dense = 2 * 16 * 4 + 2 * 4 * 1
+    assert forward_flops(model) == stem + conv + dense
+
+
+def test_auto_precision_is_float32_on_a_cpu_without_native_bfloat16(tmp_path):
+    plain, amx = tmp_path / "plain", tmp_path / "amx"
+    plain.write_text("processor : 0\nflags : fpu sse2 avx2 fma\n")
+    amx.write_text("processor : 0\nflags : fpu avx512f amx_bf16 amx_tile\n")
+    assert not model_module._cpu_has_native_bf16(plain)
+    assert model_module._cpu_has_native_bf16(amx)
+    assert not model_module._cpu_has_native_bf16(tmp_path / "missing")
+    assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16"  # asked for by name: as asked
+
+
+def test_the_learning_rate_warms_up_then_decays_towards_zero():
+    hp = dataclasses.replace(HP, learning_rate=0.01, warmup_epochs=2, epochs=10)
+    rates = [learning_rate(hp, epoch) for epoch in range(10)]
+    assert rates[:3] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01])
+    assert all(a > b for a, b in zip(rates[2:], rates[3:], strict=False))  # decays every epoch after
+    assert 0 < rates[-1] < 0.001

@@ -12,6 +12,7 @@ import threading
 
 import mlflow
 import pytest
+import tensorflow as tf
 
 from helpers import building_store, use_copy_of
 from steps import cli, contract, evaluate, infer, main
@@ -50,17 +51,25 @@ def test_train_logs_three_children_and_names_the_best(trained_store):
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.data.tags[contract.TAG_HPARAM_SET] for c in children) == ["medium", "small", "wide"]
     for child in children:
-        for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "images_per_second", "learning_rate"):
             assert len(client.get_metric_history(child.info.run_id, metric)) == 1  # one per epoch
         assert child.data.params["epochs"] == "1"  # logged params come back as strings
+        assert child.data.params["precision"] == "float32"  # auto, on a CPU without native bfloat16
+        # The kept epoch's validation scores are the epoch's own, measured again on the kept weights.
+        assert child.data.metrics["best_epoch"] == 1
+        assert child.data.metrics["best_val_accuracy"] == pytest.approx(child.data.metrics["val_accuracy"])
+        assert child.data.metrics["best_val_loss"] == pytest.approx(child.data.metrics["val_loss"], rel=1e-4)
+        assert child.data.metrics["flops_per_image"] > 0
+        assert child.data.tags["versions.tensorflow"] == tf.__version__
         info = mlflow.models.get_model_info(f"runs:/{child.info.run_id}/model")
         assert info.signature is not None
         # The cut-off tuned on validation travels with the model.
         assert info.metadata["decision_threshold"] == child.data.metrics["decision_threshold"]
         assert 0.0 <= info.metadata["decision_threshold"] <= 1.0
-    best = max(children, key=lambda c: (c.data.metrics["val_accuracy"], -c.data.metrics["val_loss"]))
+    best = max(children, key=lambda c: (c.data.metrics["best_val_accuracy"], -c.data.metrics["best_val_loss"]))
     assert parent.data.tags[contract.TAG_BEST_RUN_ID] == best.info.run_id
-    assert parent.data.metrics[contract.METRIC_BEST_VAL_ACCURACY] == best.data.metrics["val_accuracy"]
+    assert parent.data.metrics[contract.METRIC_BEST_VAL_ACCURACY] == best.data.metrics["best_val_accuracy"]
+    assert {"versions.python", "versions.keras", "versions.mlflow"} <= set(parent.data.tags)
     digests = {d.dataset.name: d.dataset.digest for d in parent.inputs.dataset_inputs}
     assert digests["train"] == parent.data.tags[contract.TAG_DATA_DIGEST] and "val" in digests
     assert parent.data.params["conf.train.image_size"] == "32"
