@@ -2,7 +2,7 @@
 
 Run with ``make bench-serving`` (or ``python tests/bench_serving.py --write``; ``--quick`` for a
 smoke check). In a fresh temporary SQLite store it logs and registers the network of one
-hyperparameter set (``--hparams``, default ``medium``, the set that won the pipeline benchmark) at
+hyperparameter set (``--hparams``, default ``small``, the set that won the pipeline benchmark) at
 the default image size, exactly as ``train`` and ``evaluate`` do, as ``Bench_Reg@prod``. Its
 weights are not trained: the time per image does not depend on their values. Then, on the real
 ELPV test images (300x300 grayscale PNG):
@@ -167,7 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="replace the serving section of BENCHMARKS.md")
     parser.add_argument("--quick", action="store_true", help="a smoke check: 64 images, 2 repeats, 20 requests")
-    parser.add_argument("--hparams", default="medium", help="which set of conf/hparams.yaml (default medium)")
+    parser.add_argument("--hparams", default="small", help="which set of conf/hparams.yaml (default small)")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
