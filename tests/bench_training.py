@@ -211,7 +211,7 @@ def report(result: dict[str, Any], command: str) -> str:
         "",
         f"| set {result['scaling']['set']}: training images | seconds per epoch |",
         "| --- | --- |",
-        *[f"| {count} | {secs:.1f} |" for count, secs in result["scaling"]["by_count"]],
+        *[f"| {count} | {secs:.3g} |" for count, secs in result["scaling"]["by_count"]],
         "",
         "| image size | forward MFLOP/image | training images/s |",
         "| --- | --- | --- |",
