@@ -147,14 +147,18 @@ def load_images(
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged: decode again
         logger.warning("ignoring the unreadable cache file %s: %s", path, err)
     images, failures = _decode_all(paths, image_size, progress)
+    part = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Written aside and renamed: a reader in another process sees the whole file or none.
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.part", delete=False) as tmp:
+            part = Path(tmp.name)
             np.savez(tmp, images=images, failures=np.array(json.dumps(failures)))
-        os.replace(tmp.name, path)
-    except OSError as err:
+        os.replace(part, path)
+    except OSError as err:  # a full or read-only disk: train on, uncached, and leave no partial file
         logger.warning("could not cache the decoded images in %s: %s", path.parent, err)
+        if part is not None:
+            part.unlink(missing_ok=True)
     return images, failures
 
 

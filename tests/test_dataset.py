@@ -103,3 +103,17 @@ def test_a_damaged_cache_file_is_decoded_again_with_a_warning(tiny_data, cache, 
         again, _ = data.load_images(paths, 16, progress=False, cache=True)
     np.testing.assert_array_equal(again, first)
     assert "ignoring the unreadable cache file" in caplog.text
+
+
+def test_a_cache_that_cannot_be_written_leaves_no_file_and_loses_nothing(tiny_data, cache, monkeypatch, caplog):
+    paths = sorted((tiny_data / "test").rglob("*.png"))[:3]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data.np, "savez", disk_full)
+    with caplog.at_level(logging.WARNING, logger="steps.data"):
+        images, failures = data.load_images(paths, 16, progress=False, cache=True)
+    assert images.shape == (3, 16, 16, 1) and failures == {}
+    assert "could not cache the decoded images" in caplog.text
+    assert list(cache.iterdir()) == []
