@@ -15,6 +15,7 @@ Splitting and digests are pure functions; reading files happens in ``scan_split`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -179,7 +180,7 @@ def _cache_key(paths: Sequence[Path], image_size: int) -> str:
     h = hashlib.sha256(f"{DECODER_VERSION} {image_size} {sorted(RESIZE.items())}".encode())
     for path in paths:
         try:
-            h.update(hashlib.sha256(path.read_bytes()).digest())
+            h.update(file_sha256(path).encode())
         except OSError as err:  # the decoder reports it for this file; the key only needs to differ
             h.update(f"unreadable {path.name} {err.errno}".encode())
     return h.hexdigest()[:24]
@@ -299,7 +300,15 @@ def check_not_shared(splits: dict[str, Sequence[Sample]]) -> None:
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The SHA-256 of a file's bytes, remembered by path, size and modification time: train needs
+    each file's for the decoded-image cache key, the overlap check and the manifest, one read will do."""
+    stat = path.stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def manifest(samples: Sequence[Sample], split: str, root: Path) -> pd.DataFrame:

@@ -24,7 +24,6 @@ import argparse
 import base64
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ sys.path.insert(0, str(PROJECT_DIR / "tests"))
 import mlflow  # noqa: E402
 from bench_pipeline import machine  # noqa: E402
 
-from helpers import free_port, publish, wait_until_up  # noqa: E402
+from helpers import free_port, publish, spread, wait_until_up  # noqa: E402
 from steps import train  # noqa: E402
 from steps.config import load_config  # noqa: E402
 from steps.data import load_images, scan_split  # noqa: E402
@@ -131,10 +130,6 @@ def load_times(repeats: int) -> dict[str, list[float]]:
         subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
         cold.append(time.perf_counter() - start)
     return {"warm": warm, "cold": cold}
-
-
-def spread(values: list[float], fmt: str = "{:.0f}") -> str:
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
 
 def report(r: dict, quick: bool, hparams: str) -> str:

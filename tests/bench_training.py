@@ -41,7 +41,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from bench_pipeline import machine  # noqa: E402
 
-from helpers import make_tiny_elpv, publish  # noqa: E402
+from helpers import make_tiny_elpv, publish, spread  # noqa: E402
 from steps.config import Config, HParams, load_config  # noqa: E402
 from steps.data import load_split, scan_split  # noqa: E402
 from steps.dataset import training_batches  # noqa: E402
@@ -93,10 +93,6 @@ def plain_speed(model: keras.Model, x: np.ndarray, y: np.ndarray, hp: HParams, s
     start = time.perf_counter()
     model.fit(xs, ys, batch_size=hp.batch_size, shuffle=True, epochs=1, verbose=0)
     return n / (time.perf_counter() - start)
-
-
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def measure(config: Config, quick: bool, repeats: int) -> dict[str, Any]:
@@ -196,16 +192,16 @@ def report(result: dict[str, Any], command: str) -> str:
     for name, s in result["sets"].items():
         achieved = statistics.median(s["achieved"])
         lines.append(
-            f"| {name} | {s['flops'] / 1e6:.0f} | {spread(s['pipeline'])} | {spread(s['plain'])} "
-            f"| **{spread(s['ratio'])}** | {achieved:.0f} | {achieved / peak['float32']:.0%} |"
+            f"| {name} | {s['flops'] / 1e6:.0f} | {spread(s['pipeline'], '{:.2f}')} | {spread(s['plain'], '{:.2f}')} "
+            f"| **{spread(s['ratio'], '{:.2f}')}** | {achieved:.0f} | {achieved / peak['float32']:.0%} |"
         )
     p = result["precision"]
     lines += [
         "",
         f"| set {p['set']}: precision | training images/s |",
         "| --- | --- |",
-        *[f"| {policy} | {spread(v)} |" for policy, v in p["speeds"].items()],
-        f"| mixed_bfloat16 / float32 | **{spread(p['ratio'])}** |",
+        *[f"| {policy} | {spread(v, '{:.2f}')} |" for policy, v in p["speeds"].items()],
+        f"| mixed_bfloat16 / float32 | **{spread(p['ratio'], '{:.2f}')}** |",
         f"| same weights, validation images: largest probability change | {p['max_prob_diff']:.4f} |",
         f"| same weights, validation images: same class at 0.5 | {p['same_class']:.1%} |",
         "",

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -145,6 +146,11 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> bool:
             if process.poll() is not None or time.monotonic() > deadline:
                 return False
             time.sleep(0.5)
+
+
+def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    """A benchmark's repeats as ``median (lowest–highest)``."""
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
 
 def publish(text: str, begin: str, end: str, write: bool, quick: bool) -> None:
