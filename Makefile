@@ -15,7 +15,7 @@ endif
 MLFLOW_TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 export MLFLOW_TRACKING_URI
 
-.PHONY: venv run test test-fast lint bench bench-pipeline bench-serving server serve ui prod-history clean
+.PHONY: venv run test test-fast lint bench bench-pipeline bench-accuracy bench-serving server serve ui prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ bench: venv
 ## Only the pipeline part of `make bench`; ARGS takes -P overrides, e.g. ARGS="-P hparams=small"
 bench-pipeline: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_pipeline.py --write $(ARGS)
+
+## What moves test accuracy (each set; the first at other training seeds, with twice the epochs, at
+## 1.5x the image size), trained as `train` does, about 45 minutes on 2 cores; results go to
+## BENCHMARKS.md. A smoke check: make bench-accuracy ARGS=--quick
+bench-accuracy: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_accuracy.py --write $(ARGS)
 
 ## The registered model serving images, against the bare network, side by side; REST latency; load
 ## time. Results go to BENCHMARKS.md. A smoke check: make bench-serving ARGS=--quick

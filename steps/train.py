@@ -187,6 +187,43 @@ class EpochLogger(keras.callbacks.Callback):
         mlflow.log_metrics({**{k: float(v) for k, v in (logs or {}).items()}, **extra}, step=epoch)
 
 
+def fit(
+    hp: HParams,
+    image_size: int,
+    seed: int,
+    precision: str,
+    train_xy: tuple[np.ndarray, np.ndarray],
+    val_xy: tuple[np.ndarray, np.ndarray],
+    eval_batch_size: int,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> tuple[keras.Model, int, int]:
+    """Train one set as the pipeline does; return the network with its best epoch's weights, that
+    epoch and the epochs run (from 1; fewer than ``hp.epochs`` when ``patience`` stopped it).
+    No MLflow here: ``fit_one`` logs around it, the benchmarks call it alone."""
+    set_seed(seed)  # every set starts from the same seed, so sets differ only by their params
+    batches, steps = training_batches(*train_xy, hp.batch_size, seed, hp.augment)
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        model = make_model(hp, image_size, seed)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")  # the policy is global; the model keeps its own
+    logger.info("training (%s, %d steps an epoch): %s", precision, steps, hp)
+    # The best epoch's weights are kept whether or not training stops early.
+    best = keras.callbacks.EarlyStopping(
+        monitor="val_accuracy", mode="max", patience=hp.patience or hp.epochs, restore_best_weights=True
+    )
+    history = model.fit(
+        batches,
+        steps_per_epoch=steps,
+        validation_data=eval_batches(*val_xy, eval_batch_size),
+        epochs=hp.epochs,
+        shuffle=False,  # the input pipeline shuffles, seeded
+        callbacks=[schedule(hp), *callbacks, best],
+        verbose=1 if sys.stdout.isatty() else 2,  # a progress bar on a terminal, a line per epoch in logs
+    )
+    return model, best.best_epoch + 1, len(history.epoch)
+
+
 def fit_one(
     name: str,
     hp: HParams,
@@ -208,33 +245,23 @@ def fit_one(
                 "precision": precision,
             }
         )
-        set_seed(config.seed)  # every set starts from the same seed, so sets differ only by their params
-        batches, steps = training_batches(*train_xy, hp.batch_size, config.seed, hp.augment)
-        keras.mixed_precision.set_global_policy(precision)
-        try:
-            model = make_model(hp, config.train.image_size, config.seed)
-        finally:
-            keras.mixed_precision.set_global_policy("float32")  # the policy is global; the model keeps its own
-        mlflow.log_metric(contract.METRIC_FLOPS, forward_flops(model))
-        logger.info("training %r (%s, %d steps an epoch): %s", name, precision, steps, hp)
-        # The best epoch's weights are kept whether or not training stops early.
-        best = keras.callbacks.EarlyStopping(
-            monitor="val_accuracy", mode="max", patience=hp.patience or hp.epochs, restore_best_weights=True
+        logger.info("training %r", name)
+        model, best_epoch, _ = fit(
+            hp,
+            config.train.image_size,
+            config.seed,
+            precision,
+            train_xy,
+            val_xy,
+            config.evaluate.batch_size,
+            callbacks=[EpochLogger(len(train_xy[0]))],
         )
         validation = eval_batches(*val_xy, config.evaluate.batch_size)
-        model.fit(
-            batches,
-            steps_per_epoch=steps,
-            validation_data=validation,
-            epochs=hp.epochs,
-            shuffle=False,  # the input pipeline shuffles, seeded
-            callbacks=[schedule(hp), EpochLogger(len(train_xy[0])), best],
-            verbose=1 if sys.stdout.isatty() else 2,  # a progress bar on a terminal, a line per epoch in logs
-        )
         val_loss, val_accuracy = (float(v) for v in model.evaluate(validation, verbose=0))
         mlflow.log_metrics(
             {
-                contract.METRIC_BEST_EPOCH: best.best_epoch + 1,
+                contract.METRIC_FLOPS: forward_flops(model),
+                contract.METRIC_BEST_EPOCH: best_epoch,
                 contract.METRIC_BEST_VAL_ACCURACY: val_accuracy,
                 contract.METRIC_BEST_VAL_LOSS: val_loss,
             }
@@ -263,12 +290,12 @@ def train(config: Config) -> str:
     # Decoded once, checked before any work, shared by every hyperparameter set.
     images, samples, skipped = load_split(samples, size, "train", config.data.skip_bad_images, config.data.cache)
     check_not_shared({"train": samples, **other_split(data_dir, "test", classes)})
-    fit, val = split_train_val(samples, config.data.val_fraction, config.seed)
-    fit_samples, val_samples = [samples[i] for i in fit], [samples[i] for i in val]
+    fit_rows, val_rows = split_train_val(samples, config.data.val_fraction, config.seed)
+    fit_samples, val_samples = [samples[i] for i in fit_rows], [samples[i] for i in val_rows]
     if not {s.label for s in val_samples} >= {0, 1}:
         logger.warning("the validation split lacks a class; add images or raise data.val_fraction")
     labels = np.array([s.label for s in samples], "float32")
-    train_xy, val_xy = (images[fit], labels[fit]), (images[val], labels[val])
+    train_xy, val_xy = (images[fit_rows], labels[fit_rows]), (images[val_rows], labels[val_rows])
     balance = {**class_balance(fit_samples, "train"), **class_balance(val_samples, "val")}
     logger.info("class balance: train %s; val %s", describe_balance(balance, "train"), describe_balance(balance, "val"))
 

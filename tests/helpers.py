@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -30,14 +31,16 @@ TINY_SIZE = 48
 
 
 def make_tiny_elpv(root: Path, per_class: dict[str, int] = TINY_PER_CLASS, size: int = TINY_SIZE) -> Path:
-    """Real ELPV cells, downscaled, laid out as <root>/{train,test}/{def_front,ok_front}/."""
+    """Real ELPV cells, downscaled, laid out as <root>/{train,test}/{def_front,ok_front}/, with the
+    ``manifest.csv`` of those files that ``prepare`` writes for the full set."""
     plan = elpv_split(elpv_labels(), ("ok_front", "def_front"))
-    for (split, _cls), group in plan.groupby(["split", "class"]):
-        for row in group.head(per_class[split]).itertuples():
-            target = root / row.file
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(row.source) as image:
-                image.resize((size, size), Image.Resampling.BILINEAR).save(target)
+    chosen = pd.concat(group.head(per_class[split]) for (split, _cls), group in plan.groupby(["split", "class"]))
+    for row in chosen.itertuples():
+        target = root / row.file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(row.source) as image:
+            image.resize((size, size), Image.Resampling.BILINEAR).save(target)
+    chosen.drop(columns="source").to_csv(root / "manifest.csv", index=False)
     return root
 
 

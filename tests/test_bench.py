@@ -1,4 +1,4 @@
-"""The benchmark's quick mode, on the tiny subset: it produces every figure (never how fast they are).
+"""The benchmarks' quick modes, on the tiny subset: they produce every figure (never how fast or how accurate).
 
 The pipeline half of the benchmark (``bench_pipeline``) runs in ``test_e2e``, whose ``main`` it times.
 """
@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import math
 
+import bench_accuracy
 import bench_training
+import numpy as np
 import pytest
 
 from steps.config import load_config
+from steps.data import Sample
 
 pytestmark = pytest.mark.model
 
@@ -44,3 +47,49 @@ def test_quick_training_benchmark_produces_every_figure(tiny_data):
     for figure in ("float32 |", "bfloat16 |", "pipeline / plain", "of float32 peak", "mixed_bfloat16 / float32",
                    "seconds per epoch", "training images/s |", "Measured "):  # fmt: skip
         assert figure in text
+
+
+def test_quick_accuracy_benchmark_produces_every_figure(tiny_data):
+    config = load_config(
+        {"data.dir": str(tiny_data), "train.image_size": "32", "train.epochs": "1", "train.hparams": "small"}
+    )
+    result = bench_accuracy.measure(config)
+
+    labels = [row["label"] for row in result["rows"]]
+    assert labels == [
+        "set small",
+        "set small, training seed +1",
+        "set small, training seed +2",
+        "set small, 2 epochs",
+        "set small, 2 epochs, no early stop",
+        "set small, 1.5x image size",
+    ]
+    assert [row["size"] for row in result["rows"]] == [32, 32, 32, 32, 32, 48]
+    assert [row["epochs"] for row in result["rows"]] == [1, 1, 1, 2, 2, 1]
+    n_test = len(list((tiny_data / "test").rglob("*.png")))
+    assert result["n_test"] == n_test and 0 < result["n_sure"] <= n_test  # the tiny set's manifest.csv
+    for row in result["rows"]:
+        assert 1 <= row["best_epoch"] <= row["epochs_run"] <= row["epochs"] and finite_positive(row["seconds"])
+        for key in ("val_accuracy", "test_accuracy", "test_sure"):
+            assert 0.0 <= row[key] <= 1.0, key
+        # Accuracy on all test images is the sure and unsure parts weighted by their counts.
+        unsure = row["test_unsure"] or 0.0
+        weighted = (row["test_sure"] * result["n_sure"] + unsure * (n_test - result["n_sure"])) / n_test
+        assert abs(weighted - row["test_accuracy"]) < 1e-9
+
+    text = bench_accuracy.report(result, "make bench-accuracy ARGS=--quick")
+    assert text.startswith(bench_accuracy.BEGIN) and text.endswith(bench_accuracy.END)
+    assert "nan" not in text and text.count("| set small") == 6
+    for figure in ("validation accuracy", "test accuracy", "test, sure", "test, unsure", "Measured "):
+        assert figure in text
+
+
+def test_accuracy_by_expert_certainty_needs_a_manifest_that_covers_every_image(tmp_path):
+    samples = [Sample(tmp_path / "test" / "def_front" / "a.png", 1, "def_front"),
+               Sample(tmp_path / "test" / "ok_front" / "b.png", 0, "ok_front")]  # fmt: skip
+    assert bench_accuracy.expert_certainty(tmp_path, samples) is None  # no manifest: a plain folder-per-class set
+    (tmp_path / "manifest.csv").write_text("file,probability\ntest/def_front/a.png,1.0\ntest/ok_front/b.png,0.333\n")
+    assert bench_accuracy.expert_certainty(tmp_path, samples).tolist() == [True, False]
+    (tmp_path / "manifest.csv").write_text("file,probability\ntest/def_front/a.png,1.0\n")
+    assert bench_accuracy.expert_certainty(tmp_path, samples) is None  # b.png is not in it
+    assert bench_accuracy.accuracy(np.array([1.0, 0.0]), np.array([0.9, 0.7]), np.array([False, False])) is None
