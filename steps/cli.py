@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
+from steps import signals
 from steps.config import Config, ConfigError, load_config
 from steps.data import DataError
 from steps.tracking import PipelineError, configure, lost_server
@@ -49,14 +50,6 @@ def parse(
     return config, {k: args[k] for k in own}
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a CI job cancelled, ``docker stop``), raised like Ctrl-C so runs end KILLED."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
-
-
 def main(
     step: Callable[..., Any],
     description: str,
@@ -66,26 +59,39 @@ def main(
 ) -> Any:
     """Parse and validate, set up logging and the store, then run ``step(config, **own_args)``.
 
-    A user error (bad parameter, bad data, missing run or model) exits 2 with one line.
+    A user error (bad parameter, bad data, missing run or model) exits 2 with one line. A stop
+    signal exits 128 + its number (130 for Ctrl-C, 143 for SIGTERM), also when the work under way
+    swallowed its exception (``steps.signals``).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-        signal.signal(signal.SIGTERM, _terminate)
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") >= "2":  # quiet unless asked (steps/__init__.py)
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)  # "tf.function retracing" notes and the like
+    signals.install()
     try:
         config, own_args = parse(description, overrides, argv, own)
         configure()
-        return step(config, **own_args)
+        result = step(config, **own_args)
+        signals.check()  # a SIGTERM swallowed after the last run had closed still stops with 143
+        return result
+    except KeyboardInterrupt as err:
+        _stopped(signal.SIGTERM if isinstance(err, signals.Terminated) else signal.SIGINT)
     except USER_ERRORS as err:
+        if signals.received():
+            _stopped(signals.received())
         print(f"error: {err}", file=sys.stderr)
         # 1: the step did its work but some inputs failed (infer's unreadable images); 2: it could not start.
         raise SystemExit(getattr(err, "exit_code", 2)) from None
-    except KeyboardInterrupt as err:
-        signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
-        print(f"error: stopped by {signum.name}; any run it had started is marked KILLED", file=sys.stderr)
-        raise SystemExit(128 + signum) from None
     except Exception as err:
+        if signals.received():  # the error is what the interrupted work made of the signal
+            _stopped(signals.received())
         lost = lost_server(err)
         if lost is None:
             raise  # a bug: keep the traceback
         print(f"error: {lost}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _stopped(signum: signal.Signals | None) -> NoReturn:
+    signum = signum or signal.SIGTERM
+    print(f"error: stopped by {signum.name}; any run it had started is marked KILLED", file=sys.stderr)
+    raise SystemExit(128 + signum) from None

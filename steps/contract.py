@@ -80,9 +80,14 @@ METRIC_BALANCED_ACCURACY = "balanced_accuracy"
 TUNED_PREFIX = "tuned_"
 METRIC_DECISION_THRESHOLD = "decision_threshold"
 METRIC_CHAMPION_TEST_ACCURACY = "champion_test_accuracy"
-METRIC_N_IMAGES = "n_images"
+METRIC_N_IMAGES = "n_images"  # infer: every image given, scored or not
+METRIC_N_SCORED = "n_scored"  # infer: the images that got a prediction (n_images - n_errors)
 METRIC_N_DEFECT = "n_defect"
 METRIC_N_ERRORS = "n_errors"
+# train: the threshold objective on the validation split at the tuned cut-off and at 0.5, so a
+# cut-off that stayed at 0.5 shows why (nothing scored better), and one that moved shows the gain.
+METRIC_OBJECTIVE_AT_CUTOFF = "val_objective_at_cutoff"
+METRIC_OBJECTIVE_AT_HALF = "val_objective_at_0.5"
 # Not in the contract (issue 7): images left out by data.skip_bad_images, and the class balance of
 # each split, named by label (good, defect) so the names do not depend on the folder names.
 METRIC_N_SKIPPED = "n_skipped"

@@ -15,7 +15,8 @@ train) and ``error`` (empty, or why the image could not be read: the decoder's r
 leading out of the input directory, which is never followed; such a row has no prediction and the
 rest of the batch still runs). Rows are in path order. Nothing else is written on disk. In
 experiment ``infer/<experiment>`` one run with tags ``model_uri``, ``model_version`` and
-``infer_engine``; metrics ``n_images``, ``n_defect``, ``n_errors``; the output file and, when any
+``infer_engine``; metrics ``n_images`` (every image given), ``n_scored`` (those predicted),
+``n_defect`` and ``n_errors`` (those that could not be read); the output file and, when any
 image is predicted defective, ``gradcam.png`` as artifacts. Prints a one-line summary; exits 1
 after writing everything when any image could not be read, unless ``allow_errors``.
 
@@ -32,6 +33,9 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -166,6 +170,36 @@ def score_local(model: DefectModel, files: list[Path], root: Path | None) -> Ite
             yield _error_row(path, refused[i]) if i in refused else _row(path, row)
 
 
+JAVA_INSTALL = "Debian/Ubuntu: apt-get install openjdk-17-jre-headless; macOS: brew install openjdk@17"
+
+
+def java_problem() -> str | None:
+    """Why Spark cannot start here (it runs on the JVM and needs Java 17 or newer), or None.
+
+    Looks where pyspark does: ``$JAVA_HOME/bin/java``, else ``java`` on ``PATH``.
+    """
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not java or not Path(java).is_file():
+        return "Java was not found (" + (f"JAVA_HOME={home} has no bin/java" if home else "no java on PATH") + ")"
+    try:
+        text = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"{java} -version failed ({err})"
+    found = re.search(r'version "(\d+)(?:\.(\d+))?', text)
+    major = int(found.group(2) if found and found.group(1) == "1" else found.group(1)) if found else 0
+    return None if major >= 17 else f"{java} is Java {major or 'of an unknown version'}"
+
+
+def check_spark() -> None:
+    """One line, before any work, when ``engine=spark`` cannot run here."""
+    problem = java_problem()
+    if problem:
+        raise PipelineError(
+            f"parameter engine: spark needs Java 17 or newer, and {problem}; install it ({JAVA_INSTALL})"
+        )
+
+
 def score_spark(model_uri: str, files: list[Path] | None, spec: str, master: str) -> Iterator[dict[str, Any]]:
     """Rows from ``mlflow.pyfunc.spark_udf`` over Spark's ``binaryFile`` source (by path for ``files=None``).
 
@@ -182,17 +216,21 @@ def score_spark(model_uri: str, files: list[Path] | None, spec: str, master: str
             "(requirements-dev.txt has it; .ci/run installs Java)"
         ) from None
     # Spark's Python workers must be this interpreter, which has the model's packages; they inherit
-    # this environment, so TensorFlow's start-up chatter stays out of the logs there too.
+    # this environment, so TensorFlow's start-up chatter stays out of the logs there too (steps/__init__.py).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    spark = (
-        SparkSession.builder.master(master)
-        .appName("defect-detection infer")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower())  # a bar on a terminal only
-        .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(CHUNK))
-        .getOrCreate()
-    )
+    try:
+        spark = (
+            SparkSession.builder.master(master)
+            .appName("defect-detection infer")
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower())  # a bar on a terminal only
+            .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(CHUNK))
+            .getOrCreate()
+        )
+    except Exception as err:  # noqa: BLE001 - pyspark raises its own runtime error types
+        if "JAVA_GATEWAY_EXITED" not in str(err):
+            raise
+        raise PipelineError(f"parameter engine: Spark's JVM did not start ({JAVA_INSTALL}; Java 17+)") from None
     udf = mlflow.pyfunc.spark_udf(
         spark,
         model_uri,
@@ -241,7 +279,7 @@ class Writer:
 
     def __init__(self, path: Path, defect_class: str) -> None:
         self.path, self.defect_class = path, defect_class
-        self.n_images = self.n_defect = self.n_errors = 0
+        self.n_images = self.n_scored = self.n_defect = self.n_errors = 0
         self.defects: list[tuple[float, str]] = []  # (probability, path) of every predicted defect
 
     def write(self, rows: Iterable[dict[str, Any]], total: int | None = None) -> None:
@@ -263,7 +301,9 @@ class Writer:
         self.n_images += 1
         if row["error"]:
             self.n_errors += 1
-        elif row["predicted_class"] == self.defect_class:
+            return
+        self.n_scored += 1
+        if row["predicted_class"] == self.defect_class:
             self.n_defect += 1
             self.defects.append((row["defect_probability"], row["path"]))
 
@@ -338,6 +378,8 @@ def infer(config: Config) -> str:
     """Predict, write the output, log the run; return the infer run's ID."""
     ic = config.infer
     spec = config.infer_input
+    if ic.engine == "spark":
+        check_spark()
     remote = ic.engine == "spark" and "://" in spec  # a cluster path only Spark can list
     files = None if remote else resolve_inputs(spec)
     output = Path(ic.output)
@@ -367,6 +409,7 @@ def infer(config: Config) -> str:
         mlflow.log_metrics(
             {
                 contract.METRIC_N_IMAGES: writer.n_images,
+                contract.METRIC_N_SCORED: writer.n_scored,
                 contract.METRIC_N_DEFECT: writer.n_defect,
                 contract.METRIC_N_ERRORS: writer.n_errors,
             }
@@ -377,9 +420,8 @@ def infer(config: Config) -> str:
 
     n_errors = writer.n_errors
     print(
-        f"{writer.n_images} images scored with {config.infer_model_uri} (version {version}): "
-        f"{writer.n_defect} {defect}, {writer.n_images - writer.n_defect - n_errors} {good}, "
-        f"{n_errors} unreadable -> {output}"
+        f"{writer.n_images} images, {writer.n_scored} scored with {config.infer_model_uri} (version {version}): "
+        f"{writer.n_defect} {defect}, {writer.n_scored - writer.n_defect} {good}; {n_errors} unreadable -> {output}"
     )
     if n_errors:
         logger.warning("%d images could not be read; see the error column of %s", n_errors, output)

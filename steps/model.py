@@ -12,10 +12,7 @@ network's cost in floating-point operations (``forward_flops``), which the bench
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of logs
 
 import keras
 from keras import layers

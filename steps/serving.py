@@ -19,9 +19,9 @@ Params: ``on_error`` = ``"raise"`` (default: an image that cannot be decoded fai
 server) or ``"row"`` (that row gets the reason in ``error`` and no prediction; the rest are scored).
 
 Output, one row per input row: ``predicted_class`` (the good or defect class name),
-``defect_probability``, ``decision_threshold`` (the model's own cut-off, tuned on validation by
-train: defect when the probability is at or above it) and ``error`` (empty, or why the image could
-not be used).
+``defect_probability`` (None, JSON null, where the image could not be used),
+``decision_threshold`` (the model's own cut-off, tuned on validation by train: defect when the
+probability is at or above it) and ``error`` (empty, or why the image could not be used).
 
 Model config (``train`` logs it; ``mlflow.pyfunc.load_model(..., model_config=...)`` overrides a key):
 ``classes`` ([good, defect] names), ``decision_threshold``, ``image_size``, ``predict_batch_size``,
@@ -143,9 +143,27 @@ def resize(images: np.ndarray, image_size: int) -> np.ndarray:
 # --- The model ---------------------------------------------------------------------------
 
 
+class BadInput(MlflowException):
+    """A request the model refuses: HTTP 400 from the scoring server, with this reason alone.
+
+    The scoring server rewrites an ``MlflowException``'s message to begin with the whole request
+    ("Failed to predict data '<every uploaded byte>'"): a reply that echoes a caller's upload back,
+    and can be megabytes long. The first message set is kept; later rewrites are ignored.
+    """
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_reason"):
+            self._reason = value
+
+
 def _bad_input(message: str) -> MlflowException:
     # INVALID_PARAMETER_VALUE: the scoring server answers HTTP 400 with this message.
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+    return BadInput(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class DefectModel(PythonModel):
@@ -260,13 +278,18 @@ class DefectModel(PythonModel):
         rows = []
         for i in range(len(prob)):
             if i in errors:
-                rows.append({"predicted_class": "", "defect_probability": np.nan,
+                rows.append({"predicted_class": "", "defect_probability": None,
                              "decision_threshold": self.threshold, "error": errors[i]})  # fmt: skip
             else:
                 p = float(prob[i])
                 rows.append({"predicted_class": defect if p >= self.threshold else good, "defect_probability": p,
                              "decision_threshold": self.threshold, "error": ""})  # fmt: skip
-        return pd.DataFrame(rows, columns=list(COLUMNS))
+        frame = pd.DataFrame(rows, columns=list(COLUMNS))
+        if errors:
+            # None, not NaN, for a row without a probability: NaN is not JSON, and the scoring server
+            # would send it as is. Spark reads None as null too.
+            frame["defect_probability"] = frame["defect_probability"].astype(object).where(frame["error"] == "", None)
+        return frame
 
 
 def _as_bytes(value: Any) -> bytes | None:

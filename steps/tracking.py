@@ -26,7 +26,7 @@ from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import Run, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from steps import contract
+from steps import contract, signals
 from steps.config import Config
 from steps.data import Rejected, digest
 
@@ -238,14 +238,19 @@ def nested_run(name: str, experiment_id: str) -> Iterator[Run]:
 
 @contextlib.contextmanager
 def _closing() -> Iterator[None]:
-    """How a stage's run ends when the stage does not finish."""
+    """How a stage's run ends when the stage does not finish: KILLED when it was told to stop,
+    even if the work under way swallowed the signal's exception or turned it into another error."""
     try:
         yield
+        signals.check()
     except KeyboardInterrupt:
         # mlflow.start_run's own exit would say FAILED; an interrupted run was killed.
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except Exception as err:
+        if signals.received():
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise signals.Terminated() from err
         if lost_server(err) is not None:
             # The server is gone: closing the runs would only retry with backoff once per run
             # before failing too. Fail those calls at once; a rerun marks these runs FAILED.

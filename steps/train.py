@@ -24,7 +24,8 @@ Writes, in experiment ``train/<experiment>``:
   kept (the highest ``val_accuracy``; ``patience`` epochs without a better one stop training), and
   its ``best_val_accuracy`` and ``best_val_loss``, which pick the best set; ``flops_per_image``
   (forward); metric ``decision_threshold`` (the cut-off on the defect probability that maximises
-  ``train.threshold_objective`` on the validation split, never the test set); the model under
+  ``train.threshold_objective`` on the validation split, never the test set) with that objective
+  there and at 0.5 (``val_objective_at_cutoff``, ``val_objective_at_0.5``); the model under
   ``model``: the served pyfunc of ``steps/serving.py`` (encoded image bytes in, class, probability
   and cut-off out), logged as its code beside the Keras network (which scales 0..255 to 0..1 and
   resizes itself), with a signature, a serving input example (a validation image as PNG bytes)
@@ -59,7 +60,7 @@ import pandas as pd
 import tensorflow as tf
 from PIL import Image
 
-from steps import cli, contract, serving
+from steps import cli, contract, serving, signals
 from steps.config import Config, HParams
 from steps.data import (
     Sample,
@@ -75,7 +76,7 @@ from steps.data import (
 from steps.dataset import eval_batches, training_batches
 from steps.model import forward_flops, make_model, resolve_precision, schedule, set_seed
 from steps.prepare import ensure_data
-from steps.scoring import tune_threshold
+from steps.scoring import objective, tune_threshold
 from steps.tracking import log_config, log_dataset, log_skipped, nested_run, stage_run
 
 logger = logging.getLogger(__name__)
@@ -187,6 +188,16 @@ class EpochLogger(keras.callbacks.Callback):
         mlflow.log_metrics({**{k: float(v) for k, v in (logs or {}).items()}, **extra}, step=epoch)
 
 
+class StopOnSignal(keras.callbacks.Callback):
+    """Stops training at the next batch once a SIGTERM has arrived, even if an op swallowed it."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        signals.check()
+
+    def on_test_batch_end(self, batch, logs=None):
+        signals.check()
+
+
 def fit(
     hp: HParams,
     image_size: int,
@@ -218,7 +229,7 @@ def fit(
         validation_data=eval_batches(*val_xy, eval_batch_size),
         epochs=hp.epochs,
         shuffle=False,  # the input pipeline shuffles, seeded
-        callbacks=[schedule(hp), *callbacks, best],
+        callbacks=[StopOnSignal(), schedule(hp), *callbacks, best],
         verbose=1 if sys.stdout.isatty() else 2,  # a progress bar on a terminal, a line per epoch in logs
     )
     return model, best.best_epoch + 1, len(history.epoch)
@@ -267,8 +278,20 @@ def fit_one(
             }
         )
         val_prob = model.predict(validation, verbose=0).reshape(-1)
-        cutoff = tune_threshold(val_xy[1], val_prob, config.train.threshold_objective)
-        mlflow.log_metric(contract.METRIC_DECISION_THRESHOLD, cutoff)
+        goal = config.train.threshold_objective
+        cutoff = tune_threshold(val_xy[1], val_prob, goal)
+        at_cutoff, at_half = (objective(val_xy[1], val_prob >= t, goal) for t in (cutoff, 0.5))
+        mlflow.log_metrics(
+            {
+                contract.METRIC_DECISION_THRESHOLD: cutoff,
+                contract.METRIC_OBJECTIVE_AT_CUTOFF: at_cutoff,
+                contract.METRIC_OBJECTIVE_AT_HALF: at_half,
+            }
+        )
+        if cutoff == 0.5:
+            logger.info("cut-off kept at 0.5: no cut-off scored a higher validation %s than its %.4f", goal, at_half)
+        else:
+            logger.info("cut-off %.4f: validation %s %.4f, against %.4f at 0.5", cutoff, goal, at_cutoff, at_half)
         good, defect = config.data.classes
         metadata = {
             "classes": [good, defect],

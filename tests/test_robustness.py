@@ -297,6 +297,40 @@ def test_each_bad_parameter_fails_before_any_work_in_one_line(
     assert_store_consistent(client)
 
 
+@pytest.mark.model
+def test_spark_without_java_fails_before_any_work_in_one_line(store_copy, tiny_data, tmp_path, monkeypatch, capsys):
+    client, _ = store_copy
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-java"))  # where pyspark would look first
+    before = snapshot(client)
+    argv = ["--input", str(tiny_data / "test"), "--engine", "spark", "--output", str(tmp_path / "p.csv")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(infer.infer, "", infer.OVERRIDES, argv=argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: parameter engine: spark needs Java 17 or newer, and Java was not found (JAVA_HOME={tmp_path}/no-java "
+        f"has no bin/java); install it ({infer.JAVA_INSTALL})"
+    )
+    assert snapshot(client) == before
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("printed", "problem"),
+    [('openjdk version "17.0.15" 2025-04-15', None), ('openjdk version "21" 2023-09-19', None),
+     ('openjdk version "11.0.2" 2019-01-15', "is Java 11"), ('java version "1.8.0_292"', "is Java 8"),
+     ("no version here", "is Java of an unknown version")],
+)  # fmt: skip
+def test_java_version_is_read_as_pyspark_finds_it(printed, problem, tmp_path, monkeypatch):
+    java = tmp_path / "bin" / "java"
+    java.parent.mkdir()
+    java.write_text(f"#!/bin/sh\necho '{printed}' >&2\n")
+    java.chmod(0o755)
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path))
+    found = infer.java_problem()
+    assert found == problem if problem is None else found.endswith(problem)
+
+
 # --- Misuse: where models come from, where infer writes, what is logged ------------------------
 
 

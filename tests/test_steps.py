@@ -17,6 +17,7 @@ import tensorflow as tf
 from helpers import building_store, use_copy_of
 from steps import cli, contract, evaluate, infer, main
 from steps.config import load_config
+from steps.model import resolve_precision
 from steps.tracking import PipelineError
 from steps.train import train
 
@@ -54,7 +55,8 @@ def test_train_logs_three_children_and_names_the_best(trained_store):
         for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "images_per_second", "learning_rate"):
             assert len(client.get_metric_history(child.info.run_id, metric)) == 1  # one per epoch
         assert child.data.params["epochs"] == "1"  # logged params come back as strings
-        assert child.data.params["precision"] == "float32"  # auto, on a CPU without native bfloat16
+        # auto: what this machine's CPU resolves it to (bfloat16 where it is native, else float32)
+        assert child.data.params["precision"] == resolve_precision("auto")
         # The kept epoch's validation scores are the epoch's own, measured again on the kept weights.
         assert child.data.metrics["best_epoch"] == 1
         assert child.data.metrics["best_val_accuracy"] == pytest.approx(child.data.metrics["val_accuracy"])
@@ -66,6 +68,8 @@ def test_train_logs_three_children_and_names_the_best(trained_store):
         # The cut-off tuned on validation travels with the model.
         assert info.metadata["decision_threshold"] == child.data.metrics["decision_threshold"]
         assert 0.0 <= info.metadata["decision_threshold"] <= 1.0
+        # Tuning never picks a cut-off that scores worse on validation than 0.5 does.
+        assert child.data.metrics["val_objective_at_cutoff"] >= child.data.metrics["val_objective_at_0.5"]
     best = max(children, key=lambda c: (c.data.metrics["best_val_accuracy"], -c.data.metrics["best_val_loss"]))
     assert parent.data.tags[contract.TAG_BEST_RUN_ID] == best.info.run_id
     assert parent.data.metrics[contract.METRIC_BEST_VAL_ACCURACY] == best.data.metrics["best_val_accuracy"]
@@ -213,6 +217,7 @@ def test_infer_writes_one_row_per_image_and_survives_a_bad_file(trained_store, t
     assert run.info.status == "FINISHED"  # the work was done; only the exit status tells of the bad file
     assert run.data.metrics == {
         "n_images": n_images,
+        "n_scored": n_images - 1,
         "n_errors": 1,
         "n_defect": sum(r["predicted_class"] == "def_front" for r in rows),
     }

@@ -1,0 +1,47 @@
+"""Stop signals that are never lost: SIGTERM is recorded as well as raised.
+
+SIGTERM (``kill``, a cancelled CI job, ``docker stop``) raises ``Terminated`` where the main thread
+is, as Ctrl-C raises ``KeyboardInterrupt``, so the stage stops at once. But the code under way may
+swallow it: TensorFlow turns an exception raised during one of its ops into its own error type, and
+MLflow's input-example validation catches every ``Exception``. So the signal is also recorded, and
+``check`` raises it again at each boundary (every training batch, every run's end, the stage's
+end): a stage that was told to stop never ends FINISHED or exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+_received: signal.Signals | None = None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that runs end KILLED."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    global _received
+    first = _received is None
+    _received = signal.Signals(signum)
+    if first:
+        raise Terminated()
+    # A second SIGTERM while the first one is being handled is only recorded: raising again could
+    # cut short the writes that close the runs as KILLED.
+
+
+def install() -> None:
+    """Handle SIGTERM in this process (handlers live on the main thread; elsewhere this does nothing)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def received() -> signal.Signals | None:
+    """The stop signal this process was sent, if any (whether or not its exception got through)."""
+    return _received
+
+
+def check() -> None:
+    """Raise ``Terminated`` if a stop signal arrived: call at any point where stopping is safe."""
+    if _received is not None:
+        raise Terminated()

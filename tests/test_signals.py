@@ -1,0 +1,74 @@
+"""A stop signal is never lost: SIGTERM at any moment of a training ends it with 143 and KILLED runs.
+
+Each case sends the signal from inside the program at a named event (``tests/signal_at.py``), so
+the moment does not depend on how fast the machine is. ``swallow`` cases catch the signal's
+exception where it arrives, as work under way did (MLflow's input-example validation catching
+what TensorFlow made of it): the stage must stop all the same.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from helpers import PROJECT_DIR
+
+pytestmark = pytest.mark.model
+
+STOPPED = "error: stopped by SIGTERM; any run it had started is marked KILLED"
+# (where the signal arrives, what happens to its exception, which runs exist by then)
+MOMENTS = [
+    ("steps.train:load_split", "raise", "none"),  # start-up: decoding, before any run
+    ("steps.train:log_dataset", "raise", "parent"),  # the parent run open, no child yet
+    ("steps.train:EpochLogger.on_epoch_begin", "swallow", "child"),  # inside an epoch: the next batch stops it
+    ("steps.train:tune_threshold", "raise", "child"),  # evaluating on the validation split
+    ("mlflow.pyfunc:log_model", "raise", "child"),  # logging the model
+    ("keras.saving:load_model", "swallow", "child"),  # inside log_model: MLflow's validation loads it
+    ("steps.train:pick_best", "swallow", "children done"),  # every set trained, the parent still open
+]
+
+
+def train_at(tiny_data: Path, tmp_path: Path, target: str, mode: str) -> tuple[subprocess.Popen, str]:
+    store = f"sqlite:///{tmp_path / (target.replace(':', '_') + '.db')}"
+    cmd = [sys.executable, str(PROJECT_DIR / "tests" / "signal_at.py"), "SIGTERM", target, mode, "--",
+           "--data_dir", str(tiny_data), "--hparams", "small,medium", "--epochs", "2", "--image_size", "32",
+           "--experiment", "sig"]  # fmt: skip
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    process = subprocess.Popen(
+        cmd, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    return process, store
+
+
+def test_sigterm_at_every_moment_exits_143_and_leaves_no_run_running(tiny_data, tmp_path):
+    # All at once: most of each case is TensorFlow's import, which two cores overlap.
+    started = [(moment, *train_at(tiny_data, tmp_path, moment[0], moment[1])) for moment in MOMENTS]
+    for (target, mode, stage), process, store in started:
+        stderr = process.communicate(timeout=600)[1]
+        assert f"signal_at: SIGTERM at {target}" in stderr, f"{target}: the moment never came\n{stderr[-3000:]}"
+        assert process.returncode == 128 + signal.SIGTERM, (
+            f"{target} ({mode}): exit {process.returncode}\n{stderr[-3000:]}"
+        )
+        assert stderr.strip().splitlines()[-1] == STOPPED, target
+        client = mlflow.MlflowClient(store)
+        experiment = client.get_experiment_by_name("train/sig")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        statuses = sorted(r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags)
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert "RUNNING" not in {r.info.status for r in runs}, target
+        if stage == "none":
+            assert not runs, target
+            continue
+        assert statuses == ["KILLED"], f"{target}: parent {statuses}"  # the stage never ends FINISHED
+        if stage == "parent":
+            assert not children, target
+        elif stage == "child":  # the set being trained was killed, and no later set started
+            assert [c.info.status for c in children] == ["KILLED"], target
+        else:
+            assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"], target
