@@ -34,6 +34,8 @@ class ConfigError(ValueError):
 
 
 AUGMENTATIONS = ("none", "flips", "dihedral")
+# The networks steps.model.make_model builds (its ARCHS table; a test keeps the two in step).
+ARCHS = ("cnn", "efficientnet_lite0")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
@@ -41,31 +43,49 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 class HParams:
     """One hyperparameter set of ``conf/hparams.yaml`` (the network, its optimiser and schedule)."""
 
-    filters: tuple[int, ...]
-    dense_units: int
-    dropout: float
     learning_rate: float
     batch_size: int
     epochs: int
-    # A patchify stem: a stem_stride x stem_stride convolution with that stride and stem_filters
-    # outputs, so the 3x3 stages run on a smaller grid (0 filters: no stem).
+    # The network: one of steps.model.ARCHS ("cnn": trained from scratch; "efficientnet_lite0": an
+    # ImageNet-trained EfficientNet-Lite0, fine-tuned) and the size images are resized to.
+    arch: str = "cnn"
+    image_size: int = 128
+    # cnn: 3x3 stages of these widths, after a patchify stem (a stem_stride x stem_stride
+    # convolution with that stride and stem_filters outputs; 0 filters: no stem).
+    filters: tuple[int, ...] = ()
+    dense_units: int = 0
+    dropout: float = 0.0
     stem_filters: int = 0
     stem_stride: int = 1
     convs_per_stage: int = 1
+    # efficientnet_lite0: the stem and this many of its 16 blocks keep their ImageNet weights
+    # (no gradient through them; -1: nothing frozen, the stem trains too); the stochastic-depth rate.
+    freeze_blocks: int = 0
+    drop_connect: float = 0.0
     weight_decay: float = 0.0
     # Linear warm-up to learning_rate over these epochs, then cosine decay to zero.
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     # none; flips (left-right, up-down); dihedral (flips and transposes: all 8 symmetries of a square).
     augment: str = "flips"
+    # Test-time augmentation in the logged model: the mean prediction over those views of each image
+    # (none, flips: 4 views, dihedral: 8), at that many times the cost of scoring an image.
+    tta: str = "none"
     # Stop when validation accuracy has not improved for this many epochs and keep the best epoch's
     # weights (0: train every epoch, keep the best epoch's weights all the same).
     patience: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.arch in ARCHS, "arch", f"one of {', '.join(ARCHS)}", self.arch)
+        _check(16 <= self.image_size <= 1024, "image_size", "an integer in [16, 1024]", self.image_size)
         _check(
-            len(self.filters) >= 1 and min(self.filters) >= 1, "filters", "one or more positive integers", self.filters
+            self.arch != "cnn" or (len(self.filters) >= 1 and min(self.filters) >= 1),
+            "filters",
+            "one or more positive integers (arch cnn)",
+            self.filters,
         )
+        _check(-1 <= self.freeze_blocks <= 16, "freeze_blocks", "an integer in [-1, 16]", self.freeze_blocks)
+        _check(0.0 <= self.drop_connect < 1.0, "drop_connect", "a number in [0, 1)", self.drop_connect)
         _check(self.dense_units >= 0, "dense_units", "an integer >= 0", self.dense_units)
         _check(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)", self.dropout)
         _check(0.0 < self.learning_rate < 1.0, "learning_rate", "a number in (0, 1)", self.learning_rate)
@@ -78,6 +98,7 @@ class HParams:
         _check(self.warmup_epochs >= 0, "warmup_epochs", "an integer >= 0", self.warmup_epochs)
         _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", "a number in [0, 0.5)", self.label_smoothing)
         _check(self.augment in AUGMENTATIONS, "augment", f"one of {', '.join(AUGMENTATIONS)}", self.augment)
+        _check(self.tta in AUGMENTATIONS, "tta", f"one of {', '.join(AUGMENTATIONS)}", self.tta)
         _check(self.patience >= 0, "patience", "an integer >= 0", self.patience)
 
 
@@ -114,8 +135,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     hparams: tuple[str, ...]
-    image_size: int
-    # None: each hyperparameter set's own epochs; an integer overrides them all.
+    # None: each hyperparameter set's own image_size and epochs; an integer overrides them all.
+    image_size: int | None = None
     epochs: int | None = None
     # What the decision threshold on the defect probability is tuned for, on the validation split.
     threshold_objective: str = "balanced_accuracy"
@@ -127,7 +148,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(len(self.hparams) >= 1, "train.hparams", "one or more hyperparameter set names", self.hparams)
-        _check(16 <= self.image_size <= 1024, "train.image_size", "an integer in [16, 1024]", self.image_size)
+        _check(
+            self.image_size is None or 16 <= self.image_size <= 1024,
+            "train.image_size",
+            "an integer in [16, 1024]",
+            self.image_size,
+        )
         _check(self.epochs is None or self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
         _check(
             self.threshold_objective in OBJECTIVES,
@@ -227,11 +253,10 @@ class Config:
             )
 
     def selected_hparams(self) -> dict[str, HParams]:
-        """The hyperparameter sets to train, with the ``train.epochs`` override applied."""
-        chosen = {name: self.hparam_sets[name] for name in self.train.hparams}
-        if self.train.epochs is not None:
-            chosen = {name: dataclasses.replace(hp, epochs=self.train.epochs) for name, hp in chosen.items()}
-        return chosen
+        """The hyperparameter sets to train, with the ``train.epochs`` and ``train.image_size`` overrides applied."""
+        given = {"epochs": self.train.epochs, "image_size": self.train.image_size}
+        changes: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
+        return {name: dataclasses.replace(self.hparam_sets[name], **changes) for name in self.train.hparams}
 
     @property
     def infer_input(self) -> str:

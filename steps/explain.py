@@ -20,11 +20,20 @@ def last_feature_map(network: keras.Model) -> str:
     for layer in network.layers:
         if isinstance(layer, pooling):
             break
-        if isinstance(layer, keras.layers.Conv2D | keras.layers.Activation | keras.layers.BatchNormalization):
+        if isinstance(
+            layer, keras.layers.Conv2D | keras.layers.Activation | keras.layers.ReLU | keras.layers.BatchNormalization
+        ):
             found = layer.name
     if found is None:
         raise ValueError(f"network {network.name!r} has no convolutional feature map before its pooling")
     return found
+
+
+def unwrap(network: keras.Model) -> keras.Model:
+    """The network inside a test-time-augmentation wrapper (``steps.model.with_tta``), else itself:
+    Grad-CAM explains the image as it is, not the average over its flipped views."""
+    inner = [layer for layer in network.layers if isinstance(layer, keras.Model)]
+    return inner[0] if len(inner) == 1 else network
 
 
 def gradcam(network: keras.Model, images: np.ndarray, layer: str | None = None) -> np.ndarray:
@@ -34,6 +43,7 @@ def gradcam(network: keras.Model, images: np.ndarray, layer: str | None = None) 
     the spatially averaged gradient of the defect probability, then scaled to its own maximum (a map
     with no positive evidence is all zeros) and resized to the image.
     """
+    network = unwrap(network)
     layer = layer or last_feature_map(network)
     probe = keras.Model(network.inputs, [network.get_layer(layer).output, network.outputs[0]])
     x = tf.convert_to_tensor(np.asarray(images, dtype=np.float32))

@@ -33,7 +33,6 @@ def stage_parameters(config: Config) -> dict[str, dict[str, str]]:
     """What main passes to each stage: the values it resolved, so every stage runs on the same ones."""
     train = {
         "hparams": ",".join(config.train.hparams),
-        "image_size": str(config.train.image_size),
         "data_dir": config.data.dir,
         "seed": str(config.seed),
         "skip_bad_images": str(config.data.skip_bad_images).lower(),
@@ -41,8 +40,9 @@ def stage_parameters(config: Config) -> dict[str, dict[str, str]]:
         "deterministic": str(config.train.deterministic).lower(),
         "experiment": config.experiment,
     }
-    if config.train.epochs is not None:
-        train["epochs"] = str(config.train.epochs)
+    for key in ("epochs", "image_size"):  # None: each set's own
+        if getattr(config.train, key) is not None:
+            train[key] = str(getattr(config.train, key))
     return {
         contract.STAGE_TRAIN: train,
         contract.STAGE_EVAL: {

@@ -1,8 +1,8 @@
 """The one model factory. Preprocessing lives inside the model, so training and serving cannot drift.
 
 The model takes raw grayscale pixels, ``(batch, height, width, 1)`` floats in 0..255 at any size,
-resizes them to ``image_size`` and scales them to 0..1 itself, and returns the defect probability
-``(batch, 1)``. Augmentation is not part of it: it runs in the training input pipeline
+resizes them to the set's ``image_size`` and scales them as its network expects (``ARCHS``), and
+returns the defect probability ``(batch, 1)``. Augmentation is not part of it: it runs in the training input pipeline
 (``steps.dataset``), so the logged model does exactly what serving needs and nothing else.
 
 Also here: the optimiser's schedule, the numeric precision (``resolve_precision``) and the
@@ -12,11 +12,15 @@ network's cost in floating-point operations (``forward_flops``), which the bench
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import keras
+import numpy as np
 from keras import layers
 
+from steps import pretrained
 from steps.config import HParams
 from steps.serving import RESIZE  # the one resize, shared with the loader and the served model
 
@@ -26,18 +30,40 @@ def set_seed(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def make_model(hp: HParams, image_size: int, seed: int) -> keras.Model:
+def make_model(hp: HParams, seed: int) -> keras.Model:
     """The compiled network of one hyperparameter set (train with ``schedule(hp)`` as a callback).
 
-    A patchify stem (``stem_filters`` > 0) first turns each ``stem_stride``-pixel square into one
-    feature vector: on two CPU cores most of the cost of a plain CNN is its 3x3 convolutions at full
-    resolution on few channels, which run far below the machine's peak (BENCHMARKS.md). Then one
-    stage per entry of ``filters``: ``convs_per_stage`` 3x3 convolutions (batch norm, ReLU), then
-    2x2 max pooling; global average pooling, dropout, an optional dense layer and the sigmoid.
-    The sigmoid computes in float32 under any mixed-precision policy, for a stable loss.
+    Gray pixels in 0..255 at any size are resized to ``hp.image_size``; the arch's features
+    (``ARCHS[hp.arch]``) are averaged over the image, then dropout and, for the from-scratch
+    network, an optional dense layer, and the sigmoid. The sigmoid computes in float32 under any
+    mixed-precision policy, for a stable loss.
     """
     inputs = keras.Input(shape=(None, None, 1), name="image")
-    x = layers.Resizing(image_size, image_size, name="resize", **RESIZE)(inputs)
+    x = layers.Resizing(hp.image_size, hp.image_size, name="resize", **RESIZE)(inputs)
+    x = ARCHS[hp.arch](hp, x, seed)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(hp.dropout, seed=seed, name="dropout0")(x)
+    if hp.dense_units:
+        x = layers.Dense(hp.dense_units, activation="relu", name="dense")(x)
+        x = layers.Dropout(hp.dropout, seed=seed, name="dropout1")(x)
+    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="defect_probability")(x)
+    model = keras.Model(inputs, outputs, name=f"defect_{hp.arch}")
+    if hp.arch in pretrained.WEIGHTS:
+        pretrained.load_imagenet_weights(model, pretrained.load_state_dict(hp.arch))
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=learning_rate(hp, 0), weight_decay=hp.weight_decay),
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=hp.label_smoothing),
+        metrics=["accuracy"],  # by keyword: Keras 3 compile's positional order is not (opt, loss, metrics)
+    )
+    return model
+
+
+def cnn_features(hp: HParams, x, seed: int):
+    """Trained from scratch: scale to 0..1; a patchify stem (``stem_filters`` > 0) first turns each
+    ``stem_stride``-pixel square into one feature vector (on two CPU cores most of the cost of a
+    plain CNN is its 3x3 convolutions at full resolution on few channels, which run far below the
+    machine's peak: BENCHMARKS.md); then one stage per entry of ``filters``: ``convs_per_stage``
+    3x3 convolutions (batch norm, ReLU), then 2x2 max pooling."""
     x = layers.Rescaling(1.0 / 255.0, name="scale")(x)
     if hp.stem_filters:
         x = layers.Conv2D(
@@ -52,19 +78,57 @@ def make_model(hp: HParams, image_size: int, seed: int) -> keras.Model:
             x = layers.BatchNormalization(name=f"bn{name}")(x)
             x = layers.Activation("relu", name=f"relu{name}")(x)
         x = layers.MaxPooling2D(name=f"pool{stage}")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    x = layers.Dropout(hp.dropout, seed=seed, name="dropout0")(x)
-    if hp.dense_units:
-        x = layers.Dense(hp.dense_units, activation="relu", name="dense")(x)
-        x = layers.Dropout(hp.dropout, seed=seed, name="dropout1")(x)
-    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="defect_probability")(x)
-    model = keras.Model(inputs, outputs, name="defect_cnn")
-    model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=learning_rate(hp, 0), weight_decay=hp.weight_decay),
-        loss=keras.losses.BinaryCrossentropy(label_smoothing=hp.label_smoothing),
-        metrics=["accuracy"],  # by keyword: Keras 3 compile's positional order is not (opt, loss, metrics)
-    )
-    return model
+    return x
+
+
+def lite0_features(hp: HParams, x, seed: int):
+    """EfficientNet-Lite0 with ImageNet weights (``steps.pretrained``): the gray image as the three
+    equal channels of an RGB one, normalised as the weights expect, inside the model so that serving
+    does the same."""
+    x = layers.Concatenate(name="gray_to_rgb")([x, x, x])
+    mean, std = pretrained.INPUT_MEAN, pretrained.INPUT_STD
+    x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalise")(x)
+    return pretrained.lite0_features(x, hp.freeze_blocks, hp.drop_connect, seed)
+
+
+# Every network make_model can build, by the name a set's ``arch`` gives: a new one is one entry here
+# (and its name in steps.config.ARCHS, which validates conf/ before anything imports Keras).
+ARCHS: dict[str, Callable[[HParams, Any, int], Any]] = {"cnn": cnn_features, "efficientnet_lite0": lite0_features}
+
+
+def with_tta(network: keras.Model, hp: HParams) -> keras.Model:
+    """The trained network averaged over symmetric views of each image (test-time augmentation).
+
+    ``hp.tta``: ``none`` (the network itself), ``flips`` (as is, flipped left-right, up-down and
+    both) or ``dihedral`` (all eight symmetries of the square, as ``augment: dihedral`` trains on).
+    Built from Keras's own layers so the logged model still loads with ``safe_mode``: a transpose is
+    a ``Permute``, and a flip a ``Dense`` over one axis whose frozen kernel is the exchange matrix
+    (ones on the anti-diagonal: an exact copy in reverse order, computed in float32).
+    """
+    if hp.tta == "none":
+        return network
+    size = hp.image_size
+    inputs = keras.Input(shape=(None, None, 1), name="image")
+    x = layers.Resizing(size, size, name="tta_resize", **RESIZE)(inputs)
+    exchange = np.eye(size, dtype="float32")[::-1]
+
+    def flip(view, name):  # reverse the width axis
+        view = layers.Permute((1, 3, 2), name=f"{name}_to_last")(view)
+        reverse = layers.Dense(size, use_bias=False, trainable=False, dtype="float32", name=name)
+        view = reverse(view)
+        reverse.set_weights([exchange])
+        return layers.Permute((1, 3, 2), name=f"{name}_back")(view)
+
+    def transpose(view, name):
+        return layers.Permute((2, 1, 3), name=name)(view)
+
+    lr = flip(x, "flip_lr")
+    ud = transpose(flip(transpose(x, "t1"), "flip_ud"), "t2")
+    views = [x, lr, ud, flip(ud, "flip_both")]
+    if hp.tta == "dihedral":
+        views += [transpose(view, f"transpose{i}") for i, view in enumerate(views)]
+    outputs = layers.Average(name="tta_mean", dtype="float32")([network(view) for view in views])
+    return keras.Model(inputs, outputs, name=f"{network.name}_tta")
 
 
 def learning_rate(hp: HParams, epoch: int) -> float:
@@ -91,10 +155,11 @@ def forward_flops(network: keras.Model) -> int:
     forward pass, and two products of the same size for the gradients."""
     total = 0
     for layer in network.layers:
-        if isinstance(layer, layers.Conv2D):
+        if isinstance(layer, layers.Conv2D | layers.DepthwiseConv2D):
             _, height, width, channels = layer.output.shape
             kh, kw = layer.kernel_size
-            total += 2 * height * width * channels * kh * kw * layer.input.shape[-1]
+            inputs = 1 if isinstance(layer, layers.DepthwiseConv2D) else layer.input.shape[-1]  # one filter a channel
+            total += 2 * height * width * channels * kh * kw * inputs
         elif isinstance(layer, layers.Dense):
             total += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
     return int(total)
@@ -103,9 +168,11 @@ def forward_flops(network: keras.Model) -> int:
 def resolve_precision(requested: str) -> str:
     """The Keras dtype policy for ``train.precision``.
 
-    ``auto`` picks mixed precision only where the hardware has the narrow type natively: on a CPU
-    without it, TensorFlow emulates bfloat16 and trains several times slower than float32 (measured
-    in BENCHMARKS.md), so the default must not assume it helps.
+    ``auto`` picks mixed precision only where the hardware has matrix units for the narrow type: a
+    GPU (``mixed_float16``) or a CPU with AMX (``mixed_bfloat16``). Elsewhere float32: without
+    bfloat16 at all, TensorFlow emulates it and trains several times slower; with AVX512-BF16 alone
+    (AMD Zen 4, Intel Cooper Lake) it is native, yet EfficientNet-Lite0 trained slower than in
+    float32 in five of six measured settings (0.46-1.25 times its speed: BENCHMARKS.md).
     """
     if requested != "auto":
         return requested
@@ -113,12 +180,12 @@ def resolve_precision(requested: str) -> str:
 
     if tf.config.list_physical_devices("GPU"):
         return "mixed_float16"
-    return "mixed_bfloat16" if _cpu_has_native_bf16() else "float32"
+    return "mixed_bfloat16" if _cpu_has_amx() else "float32"
 
 
-def _cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def _cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     try:
         flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         return False  # not Linux: no way to tell cheaply, and float32 is never the slow choice
-    return bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
+    return "amx_bf16" in flags.split()

@@ -28,7 +28,7 @@ Model config (``train`` logs it; ``mlflow.pyfunc.load_model(..., model_config=..
 ``read_paths``.
 
 Preprocessing is the training loader's: decode to 8-bit gray (``decode_gray``), resize to the
-trained size with the Keras resize (``resize``), and the network scales 0..255 to 0..1 itself.
+trained size with the Keras resize (``resize``), and the network scales 0..255 as it needs itself.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Entry point ``train``: fit the CNN once per hyperparameter set and record the best.
 
 Parameters (an empty value keeps ``conf/``): ``hparams`` (comma-separated set names of
-``conf/hparams.yaml``), ``epochs`` (overrides every set's), ``image_size``, ``data_dir``, ``seed``,
+``conf/hparams.yaml``), ``epochs`` and ``image_size`` (each overrides every set's), ``data_dir``, ``seed``,
 ``skip_bad_images``, ``precision`` (auto, float32, mixed_bfloat16, mixed_float16),
 ``deterministic`` (true: TensorFlow's deterministic ops), ``experiment``.
 
@@ -18,18 +18,20 @@ Writes, in experiment ``train/<experiment>``:
   ``n_val_defect``; artifacts ``config.yaml`` (the resolved configuration), the train/val manifests,
   also logged as the run's dataset inputs with their digests, and ``skipped_images.csv`` (file,
   class, reason) when any were skipped;
-- one nested child run per set: tag ``hparam_set``; its hyperparameters, ``image_size``, ``seed``
+- one nested child run per set: tag ``hparam_set``; its hyperparameters (``arch``, ``image_size``...), ``seed``
   and the resolved ``precision`` as params; per epoch ``loss``, ``accuracy``, ``val_loss``,
   ``val_accuracy``, ``learning_rate`` and ``images_per_second``; ``best_epoch``, whose weights are
   kept (the highest ``val_accuracy``; ``patience`` epochs without a better one stop training), and
-  its ``best_val_accuracy`` and ``best_val_loss``, which pick the best set; ``flops_per_image``
+  its ``best_val_accuracy`` and ``best_val_loss`` (of the logged model: with the set's ``tta``,
+  the mean over the symmetric views), which pick the best set; ``flops_per_image``
   (forward); metric ``decision_threshold`` (the cut-off on the defect probability that maximises
   ``train.threshold_objective`` on the validation split, never the test set) with that objective
   there and at 0.5 (``val_objective_at_cutoff``, ``val_objective_at_0.5``); the model under
   ``model``: the served pyfunc of ``steps/serving.py`` (encoded image bytes in, class, probability
-  and cut-off out), logged as its code beside the Keras network (which scales 0..255 to 0..1 and
-  resizes itself), with a signature, a serving input example (a validation image as PNG bytes)
-  and, in its metadata and model config, the class names, image size and ``decision_threshold``;
+  and cut-off out), logged as its code beside the Keras network (which resizes and scales its
+  input itself, and averages over the set's ``tta`` views), with a signature, a serving input
+  example (a validation image as PNG bytes) and, in its metadata and model config, the class
+  names, image size and ``decision_threshold``;
 - on every run, tags ``versions.<package>`` (Python, TensorFlow, Keras, MLflow, NumPy, ...).
 
 Training reads the decoded images from memory through ``steps.dataset`` (seeded shuffle, batch
@@ -67,6 +69,7 @@ from steps.data import (
     check_not_shared,
     class_balance,
     describe_balance,
+    load_images,
     load_split,
     manifest,
     other_split,
@@ -74,7 +77,7 @@ from steps.data import (
     stratified_split,
 )
 from steps.dataset import eval_batches, training_batches
-from steps.model import forward_flops, make_model, resolve_precision, schedule, set_seed
+from steps.model import forward_flops, make_model, resolve_precision, schedule, set_seed, with_tta
 from steps.prepare import ensure_data
 from steps.scoring import objective, tune_threshold
 from steps.tracking import log_config, log_dataset, log_skipped, nested_run, stage_run
@@ -200,7 +203,6 @@ class StopOnSignal(keras.callbacks.Callback):
 
 def fit(
     hp: HParams,
-    image_size: int,
     seed: int,
     precision: str,
     train_xy: tuple[np.ndarray, np.ndarray],
@@ -215,7 +217,7 @@ def fit(
     batches, steps = training_batches(*train_xy, hp.batch_size, seed, hp.augment)
     keras.mixed_precision.set_global_policy(precision)
     try:
-        model = make_model(hp, image_size, seed)
+        model = make_model(hp, seed)
     finally:
         keras.mixed_precision.set_global_policy("float32")  # the policy is global; the model keeps its own
     logger.info("training (%s, %d steps an epoch): %s", precision, steps, hp)
@@ -235,6 +237,15 @@ def fit(
     return model, best.best_epoch + 1, len(history.epoch)
 
 
+def served_network(network: keras.Model, hp: HParams) -> keras.Model:
+    """What is logged and scored: the trained network, inside its test-time augmentation if the set
+    has one (``steps.model.with_tta``), compiled to report validation loss and accuracy."""
+    served = with_tta(network, hp)
+    if served is not network:
+        served.compile(loss=keras.losses.BinaryCrossentropy(label_smoothing=hp.label_smoothing), metrics=["accuracy"])
+    return served
+
+
 def fit_one(
     name: str,
     hp: HParams,
@@ -251,7 +262,6 @@ def fit_one(
         mlflow.log_params(
             {
                 **dataclasses.asdict(hp),
-                "image_size": config.train.image_size,
                 "seed": config.seed,
                 "precision": precision,
             }
@@ -259,7 +269,6 @@ def fit_one(
         logger.info("training %r", name)
         model, best_epoch, _ = fit(
             hp,
-            config.train.image_size,
             config.seed,
             precision,
             train_xy,
@@ -267,11 +276,13 @@ def fit_one(
             config.evaluate.batch_size,
             callbacks=[EpochLogger(len(train_xy[0]))],
         )
+        flops = forward_flops(model)  # of one view: test-time augmentation runs it once a view
+        model = served_network(model, hp)
         validation = eval_batches(*val_xy, config.evaluate.batch_size)
         val_loss, val_accuracy = (float(v) for v in model.evaluate(validation, verbose=0))
         mlflow.log_metrics(
             {
-                contract.METRIC_FLOPS: forward_flops(model),
+                contract.METRIC_FLOPS: flops,
                 contract.METRIC_BEST_EPOCH: best_epoch,
                 contract.METRIC_BEST_VAL_ACCURACY: val_accuracy,
                 contract.METRIC_BEST_VAL_LOSS: val_loss,
@@ -295,7 +306,7 @@ def fit_one(
         good, defect = config.data.classes
         metadata = {
             "classes": [good, defect],
-            "image_size": config.train.image_size,
+            "image_size": hp.image_size,
             "hparam_set": name,
             "decision_threshold": cutoff,
         }
@@ -308,17 +319,21 @@ def train(config: Config) -> str:
     data_dir = ensure_data(config)
     classes = config.data.classes
     samples = scan_split(data_dir, "train", classes)
-    size = config.train.image_size
-    logger.info("decoding and checking %d training images at %dx%d", len(samples), size, size)
-    # Decoded once, checked before any work, shared by every hyperparameter set.
-    images, samples, skipped = load_split(samples, size, "train", config.data.skip_bad_images, config.data.cache)
+    sets = config.selected_hparams()
+    first, *more = sorted({hp.image_size for hp in sets.values()})
+    logger.info("decoding and checking %d training images at %dx%d", len(samples), first, first)
+    # Decoded once per image size, checked before any work, shared by the sets of that size.
+    images, samples, skipped = load_split(samples, first, "train", config.data.skip_bad_images, config.data.cache)
+    at_size = {first: images}
+    for size in more:
+        logger.info("decoding the %d usable training images at %dx%d", len(samples), size, size)
+        at_size[size], _ = load_images([s.path for s in samples], size, cache=config.data.cache)
     check_not_shared({"train": samples, **other_split(data_dir, "test", classes)})
     fit_rows, val_rows = split_train_val(samples, config.data.val_fraction, config.seed)
     fit_samples, val_samples = [samples[i] for i in fit_rows], [samples[i] for i in val_rows]
     if not {s.label for s in val_samples} >= {0, 1}:
         logger.warning("the validation split lacks a class; add images or raise data.val_fraction")
     labels = np.array([s.label for s in samples], "float32")
-    train_xy, val_xy = (images[fit_rows], labels[fit_rows]), (images[val_rows], labels[val_rows])
     balance = {**class_balance(fit_samples, "train"), **class_balance(val_samples, "val")}
     logger.info("class balance: train %s; val %s", describe_balance(balance, "train"), describe_balance(balance, "val"))
 
@@ -334,7 +349,9 @@ def train(config: Config) -> str:
         mlflow.set_tag(contract.TAG_DATA_DIGEST, data_digest)
 
         results = {}
-        for name, hp in config.selected_hparams().items():
+        for name, hp in sets.items():
+            train_xy = (at_size[hp.image_size][fit_rows], labels[fit_rows])
+            val_xy = (at_size[hp.image_size][val_rows], labels[val_rows])
             run_id, val_accuracy, val_loss = fit_one(name, hp, config, train_xy, val_xy)
             results[run_id] = (val_accuracy, val_loss)
             logger.info("%s: val_accuracy=%.4f val_loss=%.4f (run %s)", name, val_accuracy, val_loss, run_id)

@@ -31,14 +31,20 @@ BEGIN, END = "<!-- pipeline:begin -->", "<!-- pipeline:end -->"
 
 
 def machine() -> str:
+    """The machine a figure was measured on: cores, the CPU (with its family and model, since one
+    name covers several generations) and what it has for bfloat16, and the library versions."""
     cpu = platform.processor() or platform.machine()
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    if "model name" in info:
+        flags = set(info.get("flags", "").split())
+        bf16 = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no bfloat16"
+        cpu = f"{info['model name']}, family {info.get('cpu family', '?')} model {info.get('model', '?')}, {bf16}"
     import keras
     import tensorflow as tf
 
@@ -150,7 +156,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-data-") as tmp:
         if options.quick:
             # threshold 0: one epoch on the tiny set may score below the bar, and infer must still run
-            tiny = {"data_dir": str(make_tiny_elpv(Path(tmp) / "data")), "epochs": "1", "image_size": "32"}
+            tiny = {"data_dir": str(make_tiny_elpv(Path(tmp) / "data")), "epochs": "1", "image_size": "32",
+                    "hparams": "small,medium,wide"}  # fmt: skip
             params = {**tiny, "threshold": "0.0", **params}
         text = report(run(params), params, quick=options.quick)
     publish(text, BEGIN, END, options.write, options.quick)

@@ -45,7 +45,7 @@ from helpers import free_port, publish, spread, wait_until_up  # noqa: E402
 from steps import train  # noqa: E402
 from steps.config import load_config  # noqa: E402
 from steps.data import load_images, scan_split  # noqa: E402
-from steps.model import make_model, set_seed  # noqa: E402
+from steps.model import make_model, set_seed, with_tta  # noqa: E402
 from steps.prepare import ensure_data  # noqa: E402
 
 BEGIN, END = "<!-- serving:begin -->", "<!-- serving:end -->"
@@ -56,9 +56,10 @@ URI = f"models:/{NAME}@prod"
 def register(hparams: str) -> tuple[object, int]:
     """Log the network of set ``hparams`` as train does, register it, alias it prod; (config, image size)."""
     config = load_config({"train.hparams": hparams})
-    size = config.train.image_size
+    hp = config.hparam_sets[hparams]
+    size = hp.image_size
     set_seed(config.seed)
-    network = make_model(config.hparam_sets[hparams], size, config.seed)
+    network = with_tta(make_model(hp, config.seed), hp)  # as train logs it
     metadata = {"classes": list(config.data.classes), "image_size": size, "hparam_set": hparams,
                 "decision_threshold": 0.5}  # fmt: skip
     with mlflow.start_run():

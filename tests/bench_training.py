@@ -22,6 +22,7 @@ With ``--write`` the results replace the "training" section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -66,11 +67,11 @@ def peak_gflops(dtype: tf.DType, n: int, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def build(hp: HParams, size: int, seed: int, policy: str = "float32") -> keras.Model:
+def build(hp: HParams, seed: int, policy: str = "float32") -> keras.Model:
     keras.mixed_precision.set_global_policy(policy)
     try:
         set_seed(seed)
-        return make_model(hp, size, seed)
+        return make_model(hp, seed)
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
@@ -97,7 +98,8 @@ def plain_speed(model: keras.Model, x: np.ndarray, y: np.ndarray, hp: HParams, s
 
 def measure(config: Config, quick: bool, repeats: int) -> dict[str, Any]:
     """Every figure of the training benchmark, on ``config``'s data and sets."""
-    size, seed = config.train.image_size, config.seed
+    seed = config.seed
+    size = next(iter(config.selected_hparams().values())).image_size
     data_dir = ensure_data(config)
     samples = scan_split(data_dir, "train", config.data.classes)
     images, samples, _ = load_split(samples, size, "train", skip_bad=False, cache=config.data.cache)
@@ -112,7 +114,8 @@ def measure(config: Config, quick: bool, repeats: int) -> dict[str, Any]:
 
     sets = {}
     for name, hp in config.selected_hparams().items():
-        model = build(hp, size, seed)  # one model for both: the time per step does not depend on the weights
+        # One model for both: the time per step does not depend on the weights.
+        model = build(dataclasses.replace(hp, image_size=size), seed)
         ours, plain = [], []
         for _ in range(repeats):  # interleaved: a slow moment of the machine hits both
             ours.append(pipeline_speed(model, x, y, hp, seed, steps))
@@ -130,9 +133,9 @@ def measure(config: Config, quick: bool, repeats: int) -> dict[str, Any]:
 
     # The largest set, as the others are chosen relative to it: mixed bfloat16 against float32.
     big = max(sets, key=lambda k: sets[k]["flops"])
-    hp = config.hparam_sets[big]
+    hp = dataclasses.replace(config.hparam_sets[big], image_size=size)
     fp32 = sets[big]["model"]
-    bf16 = build(hp, size, seed, "mixed_bfloat16")
+    bf16 = build(hp, seed, "mixed_bfloat16")
     short = max(2, steps // 4)  # bfloat16 may be several times slower: fewer steps, same comparison
     speeds = {"float32": [], "mixed_bfloat16": []}
     for _ in range(repeats):
@@ -155,7 +158,7 @@ def measure(config: Config, quick: bool, repeats: int) -> dict[str, Any]:
     counts = [max(1, int(len(x) * share)) for share in (0.25, 0.5, 1.0)]
     sizes = (32, 48) if quick else (64, 96, 128, 192)
     grown = {s: np.asarray(tf.image.resize(x[: hp.batch_size * 2], (s, s), antialias=True)) for s in sizes}
-    models = {s: fp32 if s == size else build(hp, s, seed) for s in sizes}
+    models = {s: fp32 if s == size else build(dataclasses.replace(hp, image_size=s), seed) for s in sizes}
     count_speeds: dict[int, list[float]] = {c: [] for c in counts}
     size_speeds: dict[int, list[float]] = {s: [] for s in sizes}
     for _ in range(repeats):
@@ -217,12 +220,17 @@ def report(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
+# The networks trained from scratch, whose speed this measures; the pretrained one's cost is
+# tests/bench_pretrained.py's (one of its epochs would take longer than this whole benchmark).
+SCRATCH = {"train.hparams": "small,medium,wide"}
+
+
 def bench_config(quick: bool, tmp: Path) -> Config:
-    """The default configuration; ``quick``: on a tiny real-image subset at 32x32."""
+    """The from-scratch sets on the default data; ``quick``: on a tiny real-image subset at 32x32."""
     if not quick:
-        return load_config()
+        return load_config(SCRATCH)
     data = make_tiny_elpv(tmp / "data")
-    return load_config({"data.dir": str(data), "train.image_size": "32", "data.cache": "false"})
+    return load_config({**SCRATCH, "data.dir": str(data), "train.image_size": "32", "data.cache": "false"})
 
 
 def main() -> None:

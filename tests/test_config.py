@@ -13,10 +13,11 @@ from steps.config import CONF_DIR, ConfigError, load_config
 pytestmark = pytest.mark.unit
 
 
-def test_default_config_has_three_sets_and_the_contract_defaults():
+def test_default_config_has_three_pretrained_sets_and_the_contract_defaults():
     config = load_config()
-    assert config.train.hparams == ("small", "medium", "wide")
-    assert len(config.selected_hparams()) == 3
+    assert len(config.train.hparams) == 3
+    assert {hp.arch for hp in config.selected_hparams().values()} == {"efficientnet_lite0"}
+    assert config.hparam_sets["small"].arch == "cnn"  # the networks trained from scratch stay available
     assert config.evaluate.threshold == 0.60
     assert config.evaluate.min_improvement == 0.0  # any gain promotes; a tie keeps the champion
     assert config.registry.production == "Production_Reg"
@@ -33,11 +34,14 @@ def test_overrides_are_parsed_into_their_types():
     assert config.train.epochs == 3
 
 
-def test_epochs_null_keeps_each_sets_own_epochs():
+def test_epochs_and_image_size_null_keep_each_sets_own():
     config = load_config()
-    assert [hp.epochs for hp in config.selected_hparams().values()] == [
-        config.hparam_sets[name].epochs for name in config.train.hparams
-    ]
+    for key in ("epochs", "image_size"):
+        assert [getattr(hp, key) for hp in config.selected_hparams().values()] == [
+            getattr(config.hparam_sets[name], key) for name in config.train.hparams
+        ]
+    resized = load_config({"train.image_size": "64"})
+    assert {hp.image_size for hp in resized.selected_hparams().values()} == {64}
 
 
 @pytest.mark.parametrize(
@@ -46,6 +50,7 @@ def test_epochs_null_keeps_each_sets_own_epochs():
         ({"train.epochs": "abc"}, "train.epochs: expected an integer, got 'abc'"),
         ({"train.epochs": "0"}, "train.epochs: expected an integer >= 1, got 0"),
         ({"train.image_size": "1.5"}, "train.image_size: expected an integer, got '1.5'"),
+        ({"train.image_size": "8"}, "train.image_size: expected an integer in [16, 1024], got 8"),
         ({"train.hparams": "small,huge"}, "train.hparams: unknown hyperparameter set 'huge'"),
         ({"evaluate.threshold": "1.5"}, "evaluate.threshold: expected a number in [0, 1], got 1.5"),
         ({"evaluate.threshold": "1.01"}, "evaluate.threshold: expected a number in [0, 1], got 1.01"),
@@ -100,8 +105,11 @@ def test_unknown_key_in_a_conf_file_is_rejected(conf_copy):
         ("stem_stride", 0, "hparams.yaml: small.stem_stride: expected an integer in [1, 8], got 0"),
         ("label_smoothing", 0.5, "hparams.yaml: small.label_smoothing: expected a number in [0, 0.5), got 0.5"),
         ("patience", -1, "hparams.yaml: small.patience: expected an integer >= 0, got -1"),
-        ("filters", [], "hparams.yaml: small.filters: expected one or more positive integers, got ()"),
-        ("warmup", 2, "hparams.yaml: small.warmup: unknown key; expected one of augment, batch_size,"),
+        ("filters", [], "hparams.yaml: small.filters: expected one or more positive integers (arch cnn), got ()"),
+        ("arch", "resnet", "hparams.yaml: small.arch: expected one of cnn, efficientnet_lite0, got 'resnet'"),
+        ("image_size", 8, "hparams.yaml: small.image_size: expected an integer in [16, 1024], got 8"),
+        ("freeze_blocks", 17, "hparams.yaml: small.freeze_blocks: expected an integer in [-1, 16], got 17"),
+        ("warmup", 2, "hparams.yaml: small.warmup: unknown key; expected one of arch, augment, batch_size,"),
     ],
 )
 def test_bad_value_in_a_hparam_set_names_the_set_and_the_key(conf_copy, key, value, message):

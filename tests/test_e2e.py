@@ -16,6 +16,7 @@ import bench_pipeline
 import mlflow
 import pytest
 
+from conftest import SCRATCH_SETS
 from helpers import PROJECT_DIR, assert_store_consistent, mlflow_run, mlflow_runs_at_once
 from steps import contract
 from steps.tracking import create_sqlite_store
@@ -31,6 +32,7 @@ def run_main(tiny_data: Path, store: str, tmp_path: Path, threshold: str, seed: 
         "data_dir": str(tiny_data),
         "epochs": "1",
         "image_size": "32",
+        "hparams": SCRATCH_SETS,
         "threshold": threshold,
         "seed": seed,
         "output": str(output),

@@ -37,7 +37,7 @@ MOMENTS = [
 def train_at(tiny_data: Path, tmp_path: Path, target: str, mode: str) -> tuple[subprocess.Popen, str]:
     store = f"sqlite:///{tmp_path / (target.replace(':', '_') + '.db')}"
     cmd = [sys.executable, str(PROJECT_DIR / "tests" / "signal_at.py"), "SIGTERM", target, mode, "--",
-           "--data_dir", str(tiny_data), "--hparams", "small,medium", "--epochs", "2", "--image_size", "32",
+           "--data_dir", str(tiny_data), "--hparams", "small", "--epochs", "1", "--image_size", "32",
            "--experiment", "sig"]  # fmt: skip
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
     process = subprocess.Popen(
@@ -68,7 +68,7 @@ def test_sigterm_at_every_moment_exits_143_and_leaves_no_run_running(tiny_data, 
         assert statuses == ["KILLED"], f"{target}: parent {statuses}"  # the stage never ends FINISHED
         if stage == "parent":
             assert not children, target
-        elif stage == "child":  # the set being trained was killed, and no later set started
+        elif stage == "child":  # the set being trained was killed
             assert [c.info.status for c in children] == ["KILLED"], target
         else:
-            assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"], target
+            assert [c.info.status for c in children] == ["FINISHED"], target

@@ -14,6 +14,7 @@ import mlflow
 import pytest
 import tensorflow as tf
 
+from conftest import SCRATCH_SETS
 from helpers import building_store, use_copy_of
 from steps import cli, contract, evaluate, infer, main
 from steps.config import load_config
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.model
 
 
 def tiny(tiny_data, **overrides: str):
-    values = {"data.dir": str(tiny_data), "train.image_size": "32", "train.epochs": "1", "experiment": "test"}
+    values = {"data.dir": str(tiny_data), "train.image_size": "32", "train.epochs": "1", "experiment": "test",
+              "train.hparams": SCRATCH_SETS}  # fmt: skip
     return load_config({**values, **overrides})
 
 
