@@ -1,4 +1,4 @@
-"""The names every stage writes to MLflow, in one place (../shared/design/pipeline-contract.md).
+"""The names every stage writes to MLflow, in one place (the README's "What lands in MLflow" lists them).
 
 Stages, tests and users read runs through these names, so nothing else in the code spells them.
 Registry names and the alias are configuration (``conf/pipeline.yaml``: ``registry``), since the

@@ -183,9 +183,14 @@ def resolve_precision(requested: str) -> str:
     return "mixed_bfloat16" if _cpu_has_amx() else "float32"
 
 
-def _cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``); empty where they cannot be read."""
     try:
-        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+        text = cpuinfo.read_text()
     except OSError:
-        return False  # not Linux: no way to tell cheaply, and float32 is never the slow choice
-    return "amx_bf16" in flags.split()
+        return set()  # not Linux: no way to tell cheaply, and float32 is never the slow choice
+    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+
+
+def _cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    return "amx_bf16" in cpu_flags(cpuinfo)

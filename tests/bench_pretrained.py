@@ -30,7 +30,7 @@ from bench_training import build, pipeline_speed  # noqa: E402
 from helpers import publish  # noqa: E402
 from steps.config import HParams, load_config  # noqa: E402
 from steps.data import load_split, scan_split  # noqa: E402
-from steps.model import forward_flops  # noqa: E402
+from steps.model import cpu_flags, forward_flops  # noqa: E402
 from steps.prepare import ensure_data  # noqa: E402
 
 BEGIN, END = "<!-- pretrained:begin -->", "<!-- pretrained:end -->"
@@ -41,18 +41,10 @@ FROZEN = (-1, 3, 5, 8)  # -1: everything trains; 3: the stride-4 stages; 5: to 2
 def candidates(quick: bool, sizes=SIZES, frozen=FROZEN) -> list[tuple[int, int, str]]:
     """Every (image size, frozen blocks, precision); bfloat16 where the CPU has it natively, to
     show whether it is faster (``precision: auto`` picks it only with AMX)."""
-    native = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     precisions = ["float32"] + (["mixed_bfloat16"] if native else [])
     sizes, frozen = ((64,), (-1, 5)) if quick else (sizes, frozen)
     return [(s, f, p) for s in sizes for f in frozen for p in precisions]
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
 
 
 def measure(quick: bool, repeats: int, steps: int, sizes=SIZES, frozen=FROZEN) -> dict[str, Any]:
