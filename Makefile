@@ -14,8 +14,13 @@ MLFLOW_TRACKING_URI := $(shell sed -n 's/^\(export \)\{0,1\}MLFLOW_TRACKING_URI=
 endif
 MLFLOW_TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 export MLFLOW_TRACKING_URI
+# A URI with user:token@ in it: the stages strip it (steps.tracking.credentials_from_uri), but
+# `mlflow run` itself prints each run's URL with the URI as given; keep the token out of logs.
+ifneq ($(findstring @,$(MLFLOW_TRACKING_URI)),)
+export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
+endif
 
-.PHONY: venv run test test-fast lint bench bench-pipeline bench-accuracy bench-pretrained bench-serving server serve ui prod-history clean
+.PHONY: venv run test test-fast lint bench bench-pipeline bench-accuracy bench-pretrained bench-serving bench-memory server serve ui prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +76,11 @@ bench-pretrained: venv
 ## time. Results go to BENCHMARKS.md. A smoke check: make bench-serving ARGS=--quick
 bench-serving: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_serving.py --write $(ARGS)
+
+## Peak memory of scoring 64-megapixel frames, infer's way against a stacked batch, side by side;
+## results go to BENCHMARKS.md. A smoke check on small frames: make bench-memory ARGS=--quick
+bench-memory: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_memory.py --write $(ARGS)
 
 ## A tracking server on loopback for the pipeline to use over HTTP: SQLite backend, artifacts
 ## served by the server itself. Then: MLFLOW_TRACKING_URI=http://127.0.0.1:$(PORT) make run

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from steps import signals
 from steps.config import Config, ConfigError, load_config
 from steps.data import DataError
-from steps.tracking import PipelineError, configure, lost_server
+from steps.tracking import PipelineError, configure, lost_server, redact
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def main(
     except USER_ERRORS as err:
         if signals.received():
             _stopped(signals.received())
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)  # a URI in it may carry user:token@
         # 1: the step did its work but some inputs failed (infer's unreadable images); 2: it could not start.
         raise SystemExit(getattr(err, "exit_code", 2)) from None
     except Exception as err:

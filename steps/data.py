@@ -164,7 +164,7 @@ def load_images(
 
 
 # Part of every cache key: bump it when decoding or resizing changes what they produce.
-DECODER_VERSION = "decode_gray-1"
+DECODER_VERSION = "decode_gray-2"
 
 
 def cache_dir() -> Path:

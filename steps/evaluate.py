@@ -64,11 +64,13 @@ from steps.scoring import model_cutoff, score
 from steps.tracking import (
     PipelineError,
     alias_version,
+    first_line,
     get_run,
     load_keras,
     log_config,
     log_dataset,
     log_skipped,
+    pipeline_model_problem,
     stage_run,
 )
 
@@ -114,18 +116,29 @@ def resolve_model_run(run_id: str) -> str:
             f"run {run.info.run_id} is {run.info.status}, not FINISHED: only a finished train run is "
             "evaluated; rerun `mlflow run . -e train`"
         )
+    # best_run_id is a tag anyone can set: only this store's train runs are registered.
+    experiment = mlflow.MlflowClient().get_experiment(run.info.experiment_id).name
+    if not experiment.startswith(contract.experiment_name(contract.STAGE_TRAIN, "")):
+        raise PipelineError(
+            f"run {run.info.run_id} is in experiment {experiment!r}, not a train/ experiment: only models "
+            "trained by `mlflow run . -e train` are evaluated and registered"
+        )
     return run.info.run_id
 
 
 def load_model_info(run_id: str):
     uri = f"runs:/{run_id}/{contract.MODEL_ARTIFACT}"
     try:
-        return mlflow.models.get_model_info(uri)
+        info = mlflow.models.get_model_info(uri)
     except Exception:  # MLflow raises several types for "no such model"
         raise PipelineError(
             f"run {run_id!r} has no logged model '{contract.MODEL_ARTIFACT}'; pass a train run: the "
             "train parent run or its best_run_id tag (run `mlflow run . -e train` first)"
         ) from None
+    problem = pipeline_model_problem(info)
+    if problem:
+        raise PipelineError(f"run {run_id}'s model is not one train logged: {problem}; it is not registered")
+    return info
 
 
 def log_figures(
@@ -189,15 +202,43 @@ class Outcome:
 
 
 def rescore(client: mlflow.MlflowClient, reg: RegistryConfig, test: TestSet, digest: str, version: str) -> float | None:
-    """Score a production version on this test set and record it; None (and a warning) when it cannot be."""
+    """Score a production version on this test set and record it.
+
+    None (and a warning) when the version is no model of this pipeline (registered by hand): it can
+    never be scored, and counts as unscored. Any other failure (the store or its artifacts did not
+    answer) fails the stage with ``prod`` untouched: a champion must not lose ``prod`` to a
+    challenger because a download failed once.
+    """
     uri = f"models:/{reg.production}/{version}"
     before = client.get_model_version(reg.production, version).tags
     try:
-        size = int((mlflow.models.get_model_info(uri).metadata or {})["image_size"])
-        acc = score(test.y, test.predict(uri, size))[0][contract.METRIC_TEST_ACCURACY]
-    except Exception as err:  # noqa: BLE001 - a hand-registered version may hold anything
-        logger.warning("cannot score prod version %s on this test set (%s); it counts as unscored", version, err)
-        mlflow.set_tag(contract.TAG_CHAMPION_RESCORED, f"version {version}: failed ({type(err).__name__}: {err})"[:500])
+        info = mlflow.models.get_model_info(uri)
+        problem = pipeline_model_problem(info)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise PipelineError(
+                f"cannot read prod version {version} to score it on this test set ({type(err).__name__}: "
+                f"{first_line(err)}); {reg.production}@{reg.alias} left on version {version}; rerun"
+            ) from None
+        problem = f"it has no model ({first_line(err)})"  # the store answered: there is none
+    try:
+        if problem is None:
+            size = int((info.metadata or {})["image_size"])  # checked by pipeline_model_problem
+            acc = score(test.y, test.predict(uri, size))[0][contract.METRIC_TEST_ACCURACY]
+    except PipelineError as err:  # refused by load_keras: it never will load
+        problem = str(err)
+    except Exception as err:  # noqa: BLE001 - a download or the store failed: not the version's fault
+        raise PipelineError(
+            f"cannot score prod version {version} on this test set ({type(err).__name__}: "
+            f"{first_line(err)}); {reg.production}@{reg.alias} left on version {version}; rerun"
+        ) from None
+    if problem is not None:
+        logger.warning(
+            "prod version %s cannot be scored on this test set (%s); it counts as unscored", version, problem
+        )
+        mlflow.set_tag(
+            contract.TAG_CHAMPION_RESCORED, f"version {version}: not a model of this pipeline ({problem})"[:500]
+        )
         return None
     registry.record_score(client, reg.production, version, acc, digest)
     was = f"{before.get(contract.VERSION_TAG_ACC)} on test set {before.get(contract.VERSION_TAG_TEST_DIGEST)}"

@@ -11,9 +11,12 @@ path Spark reads), ``allow_errors`` (``true``: exit 0 even when some images coul
 
 Writes ``output``: one row per input image with ``path``, ``predicted_class``,
 ``defect_probability``, ``decision_threshold`` (the model's own cut-off, tuned on validation by
-train) and ``error`` (empty, or why the image could not be read: the decoder's reason, or a symlink
-leading out of the input directory, which is never followed; such a row has no prediction and the
-rest of the batch still runs). Rows are in path order. Nothing else is written on disk. In
+train) and ``error`` (empty, or why the image could not be read: the decoder's reason, a format
+other than PNG, JPEG, BMP, TIFF, GIF or WebP, or a symlink leading out of the input, which is never
+followed; such a row has no prediction and the rest of the batch still runs). The input's root is
+the directory given, a glob's directory part before its first wildcard, or a single file's folder.
+Rows are in path order. ``output`` is written aside and renamed into place when complete: a crash
+or a kill leaves the previous file as it was. Nothing else is written on disk. In
 experiment ``infer/<experiment>`` one run with tags ``model_uri``, ``model_version`` and
 ``infer_engine``; metrics ``n_images`` (every image given), ``n_scored`` (those predicted),
 ``n_defect`` and ``n_errors`` (those that could not be read); the output file and, when any
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import json
 import logging
 import math
@@ -47,14 +51,19 @@ import pandas as pd
 from steps import cli, contract, plots
 from steps.config import Config
 from steps.data import IMAGE_SUFFIXES, is_image
-from steps.serving import DefectModel
+from steps.serving import DefectModel, ImageError
 from steps.tracking import PipelineError, alias_version, load_keras, log_config, stage_run
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("path", "predicted_class", "defect_probability", "decision_threshold", "error")
-# Files read and scored per step: enough to keep both cores busy decoding, little memory.
+# Files read and scored per step: enough to keep both cores busy decoding, little memory. A step
+# also ends once its files' bytes reach CHUNK_BYTES, so a folder of large frames stays bounded too.
 CHUNK = 256
+CHUNK_BYTES = 64 * 1024 * 1024
+# infer bounds memory by chunk and decodes one image at a time, so the served model's per-request
+# pixel cap (a REST safeguard) does not apply to it.
+NO_PIXEL_CAP = {"max_request_pixels": 0}
 
 
 class ImagesFailed(PipelineError):
@@ -63,20 +72,33 @@ class ImagesFailed(PipelineError):
     exit_code = 1
 
 
-def resolve_inputs(spec: str) -> list[Path]:
-    """An image file, a directory (recursive) or a glob, as a sorted list of image files."""
+def resolve_inputs(spec: str) -> tuple[list[Path], Path]:
+    """An image file, a directory (recursive) or a glob: ``(sorted image files, the input's root)``.
+
+    Nothing is read from outside the root (``outside_input``): the directory itself, a glob's
+    directory part before its first wildcard, or a single file's folder.
+    """
     path = Path(spec)
     if path.is_file():
-        return [path]
+        return [path], path.parent
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if is_image(p))
+        root = path
     else:
         files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if is_image(Path(p)))
+        root = glob_root(spec)
     if not files:
         raise PipelineError(
             f"parameter input: no images found at {spec!r}; expected an image file, a directory or a glob"
         )
-    return files
+    return files, root
+
+
+def glob_root(pattern: str) -> Path:
+    """The directory a glob searches: its parts before the first one with a wildcard."""
+    parts = Path(pattern).parts
+    fixed = [part for part in itertools.takewhile(lambda part: not re.search(r"[*?[]", part), parts)]
+    return Path(*fixed) if fixed else Path(".")
 
 
 def check_output(output: Path) -> None:
@@ -90,15 +112,27 @@ def check_output(output: Path) -> None:
         raise PipelineError(f"parameter output: cannot create {output}: {existing} is not a writable directory")
 
 
-def outside_input(path: Path, root: Path | None) -> str | None:
-    """Why a file found under the input directory is not read: a link that leads out of it.
+def outside_input(path: Path, root: Path) -> str | None:
+    """Why a file found under the input's root is not read: a link (to it, or to a folder on its
+    way) that leads out of the root.
 
-    A folder handed to infer decides what is scored, not where infer reads from: a symlink in
-    it pointing elsewhere on the machine is reported, never followed.
+    The input decides what is scored, not where infer reads from: a symlink pointing elsewhere on
+    the machine is reported, never followed, whichever form the input took.
     """
-    if root is None or path.resolve().is_relative_to(root.resolve()):
+    if path.resolve().is_relative_to(root.resolve()):
         return None
-    return f"a symlink to {path.resolve()}, outside the input directory {root}: not read"
+    return f"a symlink to {path.resolve()}, outside the input {root}: not read"
+
+
+def read_inside(path: Path, root: Path) -> bytes:
+    """The file's bytes, checked against the root at the moment it is read; ``ImageError`` says why not."""
+    reason = outside_input(path, root)
+    if reason is not None:
+        raise ImageError(reason)
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ImageError(f"cannot read the file: {err.strerror or err}") from None
 
 
 def pinned_uri(model_uri: str) -> tuple[str, str | None]:
@@ -131,6 +165,7 @@ def load_production_model(model_uri: str, batch_size: int) -> tuple[DefectModel,
         "decision_threshold": float(metadata.get("decision_threshold", 0.5)),
         "image_size": int(metadata["image_size"]),
         "predict_batch_size": batch_size,
+        **NO_PIXEL_CAP,
     }
     return DefectModel(network, config), uri, version
 
@@ -149,24 +184,33 @@ def _row(path: Any, scored: Any) -> dict[str, Any]:
             "decision_threshold": float(scored["decision_threshold"]), "error": ""}  # fmt: skip
 
 
-def score_local(model: DefectModel, files: list[Path], root: Path | None) -> Iterator[dict[str, Any]]:
-    """Rows in file order, ``CHUNK`` files at a time; an unreadable file gets its reason, not a crash."""
-    for start in range(0, len(files), CHUNK):
-        chunk = files[start : start + CHUNK]
-        sources: list[bytes | None] = []
-        refused: dict[int, str] = {}
-        for i, path in enumerate(chunk):
-            reason = outside_input(path, root)
-            if reason is None:
-                try:
-                    sources.append(path.read_bytes())
-                    continue
-                except OSError as err:
-                    reason = f"cannot read the file: {err.strerror or err}"
-            refused[i] = reason
-            sources.append(None)
+def chunks(files: list[Path], root: Path) -> Iterator[tuple[list[Path], list[bytes | None], dict[int, str]]]:
+    """``(paths, their bytes, {index: why not read})`` of at most ``CHUNK`` files or ``CHUNK_BYTES`` bytes."""
+    paths: list[Path] = []
+    sources: list[bytes | None] = []
+    refused: dict[int, str] = {}
+    size = 0
+    for path in files:
+        try:
+            data = read_inside(path, root)
+        except ImageError as err:
+            refused[len(paths)] = str(err)
+            data = None
+        paths.append(path)
+        sources.append(data)
+        size += len(data or b"")
+        if len(paths) == CHUNK or size >= CHUNK_BYTES:
+            yield paths, sources, refused
+            paths, sources, refused, size = [], [], {}, 0
+    if paths:
+        yield paths, sources, refused
+
+
+def score_local(model: DefectModel, files: list[Path], root: Path) -> Iterator[dict[str, Any]]:
+    """Rows in file order, a chunk at a time; an unreadable file gets its reason, not a crash."""
+    for paths, sources, refused in chunks(files, root):
         scored = model.predict(None, pd.DataFrame({"image": sources}), params={"on_error": "row"})
-        for i, (path, row) in enumerate(zip(chunk, scored.to_dict("records"), strict=True)):
+        for i, (path, row) in enumerate(zip(paths, scored.to_dict("records"), strict=True)):
             yield _error_row(path, refused[i]) if i in refused else _row(path, row)
 
 
@@ -237,6 +281,7 @@ def score_spark(model_uri: str, files: list[Path] | None, spec: str, master: str
         result_type=("predicted_class string, defect_probability double, decision_threshold double, error string"),
         env_manager="local",
         params={"on_error": "row"},
+        model_config=NO_PIXEL_CAP,  # an Arrow batch is not a REST request; each image is resized as decoded
     )
     reader = spark.read.format("binaryFile")
     if files is None:
@@ -258,13 +303,8 @@ def score_spark(model_uri: str, files: list[Path] | None, spec: str, master: str
         yield _row(path, record["p"])
 
 
-def spark_rows(
-    model_uri: str, files: list[Path] | None, root: Path | None, spec: str, master: str
-) -> Iterator[dict[str, Any]]:
-    """Spark's rows; for local files, in the local engine's order, with its refusals of links out of ``root``."""
-    if files is None:
-        yield from score_spark(model_uri, None, spec, master)
-        return
+def spark_rows(model_uri: str, files: list[Path], root: Path, spec: str, master: str) -> Iterator[dict[str, Any]]:
+    """Spark's rows for local files, in the local engine's order, with its refusals of links out of ``root``."""
     refused = {p: reason for p in files if (reason := outside_input(p, root))}
     by_path = {row["path"]: row for row in score_spark(model_uri, [p for p in files if p not in refused], spec, master)}
     for path in files:
@@ -275,7 +315,12 @@ def spark_rows(
 
 
 class Writer:
-    """Rows to a CSV or JSON Lines file (by suffix) as they come; counts them on the way."""
+    """Rows to a CSV or JSON Lines file (by suffix) as they come; counts them on the way.
+
+    The rows go to a hidden file beside ``path``, renamed over it once all are written: a reader
+    never sees half a file, a failed or killed run leaves the previous one untouched, and of two
+    runs writing one path the last to finish wins whole.
+    """
 
     def __init__(self, path: Path, defect_class: str) -> None:
         self.path, self.defect_class = path, defect_class
@@ -285,17 +330,25 @@ class Writer:
     def write(self, rows: Iterable[dict[str, Any]], total: int | None = None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         jsonl = self.path.suffix.lower() == ".jsonl"
-        with self.path.open("w", newline="") as handle, Progress(total) as progress:
-            writer = None if jsonl else csv.DictWriter(handle, fieldnames=COLUMNS)
-            if writer:
-                writer.writeheader()
-            for row in rows:
-                self.count(row)
+        # Same folder, so the rename is atomic; the PID keeps two runs' partial files apart.
+        part = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
+        try:
+            with part.open("w", newline="") as handle, Progress(total) as progress:
+                writer = None if jsonl else csv.DictWriter(handle, fieldnames=COLUMNS)
                 if writer:
-                    writer.writerow({**row, **_csv_numbers(row)})
-                else:
-                    handle.write(json.dumps(row) + "\n")
-                progress.step()
+                    writer.writeheader()
+                for row in rows:
+                    self.count(row)
+                    if writer:
+                        writer.writerow({**row, **_csv_numbers(row)})
+                    else:
+                        handle.write(json.dumps(row) + "\n")
+                    progress.step()
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(part, self.path)
+        finally:
+            part.unlink(missing_ok=True)
 
     def count(self, row: dict[str, Any]) -> None:
         self.n_images += 1
@@ -340,14 +393,18 @@ class Progress:
             logger.info("scored %d images", self.done)
 
 
-def log_gradcam(model: DefectModel, defects: list[tuple[float, str]], top: int) -> None:
-    """Grad-CAM of the ``top`` most confident defects, one PNG grid (``gradcam.png``)."""
+def log_gradcam(model: DefectModel, defects: list[tuple[float, str]], top: int, root: Path | None) -> None:
+    """Grad-CAM of the ``top`` most confident defects, one PNG grid (``gradcam.png``).
+
+    The files are read again, and checked against the input's ``root`` again as they are: one
+    replaced by a link since scoring is not followed (its heat map is left out).
+    """
     from steps.explain import gradcam
 
     chosen = sorted(defects, key=lambda d: -d[0])[:top]
     if not chosen:
         return
-    sources = [_read(path) for _, path in chosen]
+    sources = [_read(path, root) for _, path in chosen]
     images, errors = model.preprocess(sources)
     keep = [i for i in range(len(chosen)) if i not in errors]  # a file changed or gone since scoring
     if not keep:
@@ -360,16 +417,16 @@ def log_gradcam(model: DefectModel, defects: list[tuple[float, str]], top: int) 
     plots.close(fig)
 
 
-def _read(path: str) -> bytes | None:
-    """A scored file's bytes again, local or (from Spark) any URI Spark read it from."""
+def _read(path: str, root: Path | None) -> bytes | None:
+    """A scored file's bytes again, local (inside ``root``) or (from Spark) any URI Spark read it from."""
     try:
-        if "://" in path or path.startswith("file:"):
+        if root is None:
             from pyspark.sql import SparkSession
 
             spark = SparkSession.getActiveSession()
             row = spark.read.format("binaryFile").load(path).first() if spark else None
             return bytes(row["content"]) if row else None
-        return Path(path).read_bytes()
+        return read_inside(Path(path), root)
     except Exception:  # noqa: BLE001 - a heat map is a bonus; a file gone since scoring must not fail infer
         return None
 
@@ -381,10 +438,9 @@ def infer(config: Config) -> str:
     if ic.engine == "spark":
         check_spark()
     remote = ic.engine == "spark" and "://" in spec  # a cluster path only Spark can list
-    files = None if remote else resolve_inputs(spec)
+    files, root = (None, None) if remote else resolve_inputs(spec)
     output = Path(ic.output)
     check_output(output)
-    root = Path(spec) if Path(spec).is_dir() else None
     model, uri, version = load_production_model(config.infer_model_uri, ic.batch_size)
     good, defect = model.classes
 
@@ -399,10 +455,12 @@ def infer(config: Config) -> str:
         )
         n = "?" if files is None else len(files)
         logger.info("scoring %s images with %s (version %s), engine %s", n, config.infer_model_uri, version, ic.engine)
-        if ic.engine == "spark":
-            rows: Iterable[dict[str, Any]] = spark_rows(uri, files, root, spec, ic.spark_master)
+        rows: Iterable[dict[str, Any]]
+        if files is None or root is None:
+            rows = score_spark(uri, None, spec, ic.spark_master)
+        elif ic.engine == "spark":
+            rows = spark_rows(uri, files, root, spec, ic.spark_master)
         else:
-            assert files is not None
             rows = score_local(model, files, root)
         writer = Writer(output, defect)
         writer.write(rows, total=None if files is None else len(files))
@@ -416,7 +474,7 @@ def infer(config: Config) -> str:
         )
         mlflow.log_artifact(str(output))
         if ic.gradcam_top:
-            log_gradcam(model, writer.defects, ic.gradcam_top)
+            log_gradcam(model, writer.defects, ic.gradcam_top, root)
 
     n_errors = writer.n_errors
     print(

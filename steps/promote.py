@@ -90,9 +90,17 @@ def promote(config: Config, version: str, reason: str) -> str | None:
         log_config(config)
         if contract.VERSION_TAG_BLOCKED in target.tags:
             client.delete_model_version_tag(reg.production, version, contract.VERSION_TAG_BLOCKED)
-        registry.move_alias(client, reg, version, current, "promote", reason, run.info.run_id)
+        # Block first, then move: an evaluation settling in between then finds nothing to hand
+        # prod back to. Then read the alias again: a newer, better model may still take it.
         note = f"passed over by {who} in promote run {run.info.run_id}: {reason}"
         blocked = registry.pin(client, reg, version, digest, config.evaluate.min_improvement, note)
+        registry.move_alias(client, reg, version, current, "promote", reason, run.info.run_id)
+        now = alias_version(reg.production, reg.alias)
+        if now != version:
+            raise PipelineError(
+                f"{prod} is on version {now}, not {version}: an evaluation moved it while this promote ran (see "
+                f"`make prod-history`); rerun promote if version {version} should still hold it"
+            )
         mlflow.set_tags(
             {
                 contract.TAG_PROMOTED_VERSION: version,

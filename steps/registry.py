@@ -19,7 +19,14 @@ it writes, re-reads after every move and decides again until the holder is one t
 Whatever the interleaving of several processes, the last one to write has then seen every
 registered version, so the alias ends on the rule's choice. A write can still land on a holder
 that changed in the milliseconds after that check; its event's ``from`` is then the holder the
-writer saw, and the next event puts the alias right.
+writer saw, and the next event puts the alias right. A holder ``settle`` wrote itself has no margin
+to defend: it may have replaced a better version unseen, so the best version takes ``prod`` back
+from it by any gain (``min_improvement`` protects only a holder the process found in place).
+
+Only finished evaluations count: a version whose ``eval_run_id`` run is not FINISHED (killed,
+failed, or still running in another process, which settles it itself) never takes ``prod`` from
+``settle``. Each move is recorded before it is made (``state`` ``intended``) and marked ``done``
+after, so a process killed between the two leaves a record that says so, never a silent move.
 """
 
 from __future__ import annotations
@@ -61,10 +68,11 @@ class Scored:
     version: str
     acc: float | None
     blocked: bool = False
+    unfinished: bool = False  # its evaluation run did not finish
 
     @property
     def eligible(self) -> bool:
-        return self.acc is not None and not self.blocked
+        return self.acc is not None and not self.blocked and not self.unfinished
 
 
 def parse_acc(value: str | None) -> float | None:
@@ -96,12 +104,20 @@ def judge(challenger: Scored, champion: Scored | None, min_improvement: float) -
         return False, f"version {challenger.version} has no score on this test set"
     if challenger.blocked:
         return False, f"version {challenger.version} was rolled back and is blocked from automatic promotion"
+    if challenger.unfinished:
+        return False, f"version {challenger.version}'s evaluation run did not finish"
     if champion is None:
         return True, f"version {challenger.version} (acc {challenger.acc:.4f}) is the first to hold prod"
     if champion.version == challenger.version:
         return True, f"version {challenger.version} (acc {challenger.acc:.4f}) already holds prod"
     if not champion.eligible:
-        why = "has no score on this test set" if champion.acc is None else "is blocked"
+        why = (
+            "has no score on this test set"
+            if champion.acc is None
+            else "is blocked"
+            if champion.blocked
+            else "has an evaluation run that did not finish"
+        )
         return True, f"prod version {champion.version} {why}; version {challenger.version} (acc {challenger.acc:.4f})"
     assert champion.acc is not None
     gain = challenger.acc - champion.acc
@@ -136,6 +152,27 @@ def decide(current: str | None, entries: Sequence[Scored], min_improvement: floa
     return (best.version if takes else current), reason
 
 
+def retake(current: str, entries: Sequence[Scored]) -> tuple[str, str] | None:
+    """For a holder this process wrote itself: ``(better version, why)`` when one beats it by any gain.
+
+    Its check before writing cannot close the window in which another process moved ``prod`` to a
+    better version; the write may have replaced that version, and the margin, meant to keep an
+    established holder, must not keep this one.
+    """
+    by_version = {e.version: e for e in entries}
+    best = best_of(entries)
+    mine = by_version.get(current, Scored(current, None))
+    if best is None or best.version == current:
+        return None
+    if mine.eligible and best.acc is not None and mine.acc is not None and best.acc - mine.acc <= EPSILON:
+        return None
+    mine_acc = "no score" if mine.acc is None else f"acc {mine.acc:.4f}"
+    return best.version, (
+        f"version {best.version} (acc {best.acc:.4f}) is better than version {current} ({mine_acc}), which "
+        "this evaluation had just put on prod and which may have replaced it"
+    )
+
+
 # --- History -----------------------------------------------------------------------------
 
 
@@ -149,15 +186,22 @@ def history_key(alias: str, ns: int, nonce: str) -> str:
 
 
 def history_events(tags: Mapping[str, str], alias: str) -> list[dict[str, Any]]:
-    """The recorded moves of ``alias``, oldest first; a tag that is not valid JSON is kept as text."""
-    events = []
-    for key in sorted(k for k in tags if k.startswith(history_prefix(alias))):
+    """The recorded moves of ``alias``, oldest first; a tag that is not valid JSON is kept as text.
+
+    Ordered by when each move was made (``ns``, written when it is marked done), else by when it was
+    intended (the key): of two processes, the one that intends first may move last.
+    """
+    timed = []
+    for key in (k for k in tags if k.startswith(history_prefix(alias))):
         try:
             event = json.loads(tags[key])
         except json.JSONDecodeError:
             event = {"reason": tags[key]}
-        events.append(event if isinstance(event, dict) else {"reason": str(event)})
-    return events
+        event = event if isinstance(event, dict) else {"reason": str(event)}
+        intended = key.removeprefix(history_prefix(alias)).split(".")[0]
+        ns = event.get("ns") if isinstance(event.get("ns"), int) else int(intended) if intended.isdigit() else 0
+        timed.append((ns, key, event))
+    return [event for _, _, event in sorted(timed, key=lambda t: (t[0], t[1]))]
 
 
 def format_history(events: Sequence[Mapping[str, Any]], name: str, alias: str) -> str:
@@ -166,9 +210,13 @@ def format_history(events: Sequence[Mapping[str, Any]], name: str, alias: str) -
     lines = [f"{name}@{alias}, oldest first:"]
     for e in events:
         came_from = e.get("from") or "-"
+        # An event recorded as intended and never marked done: its process died around the move.
+        unconfirmed = (
+            " [intended, not confirmed: the process stopped around this move]" if e.get("state") == "intended" else ""
+        )
         lines.append(
             f"{e.get('at', '?')}  {came_from:>4} -> {e.get('to', '?'):<4} {e.get('action', '?'):<9} "
-            f"by {e.get('by', '?')}: {e.get('reason', '')}"
+            f"by {e.get('by', '?')}: {e.get('reason', '')}{unconfirmed}"
         )
     return "\n".join(lines)
 
@@ -203,17 +251,43 @@ def _write(call: Callable[..., Any], *args: Any) -> Any:
             time.sleep(0.05 * (attempt + 1))
 
 
-def read_versions(client: mlflow.MlflowClient, name: str, digest: str) -> list[Scored]:
-    """Every version of ``name`` with its score on ``digest`` (versions as strings: MLflow returns int or str)."""
+def read_versions(client: mlflow.MlflowClient, name: str, digest: str, own_run: str | None = None) -> list[Scored]:
+    """Every version of ``name`` with its score on ``digest`` (versions as strings: MLflow returns int or str).
+
+    A version whose ``eval_run_id`` run is not FINISHED is ``unfinished``, unless that run is
+    ``own_run``, the evaluation asking, which is still open while it settles.
+    """
     found: list[Scored] = []
     token = None
     while True:
         page = client.search_model_versions(f"name = '{name}'", page_token=token)
         for v in page:
-            found.append(Scored(str(v.version), score_on(v.tags, digest), contract.VERSION_TAG_BLOCKED in v.tags))
+            eval_run = v.tags.get(contract.VERSION_TAG_EVAL_RUN_ID) or ""
+            unfinished = bool(eval_run) and eval_run != own_run and _run_status(client, eval_run) != "FINISHED"
+            blocked = contract.VERSION_TAG_BLOCKED in v.tags
+            found.append(Scored(str(v.version), score_on(v.tags, digest), blocked, unfinished))
         token = page.token
         if not token:
             return found
+
+
+# Ended runs keep their status: read each once per process.
+_ENDED: dict[str, str] = {}
+
+
+def _run_status(client: mlflow.MlflowClient, run_id: str) -> str:
+    """A run's status; ``MISSING`` for a run this store does not have."""
+    if run_id not in _ENDED:
+        try:
+            status = client.get_run(run_id).info.status
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            status = "MISSING"
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            return status
+        _ENDED[run_id] = status
+    return _ENDED[run_id]
 
 
 def record_score(client: mlflow.MlflowClient, name: str, version: str, acc: float, digest: str) -> None:
@@ -233,12 +307,11 @@ def move_alias(
     reason: str,
     run_id: str | None,
 ) -> dict[str, Any]:
-    """Point the alias at ``to`` and record the move; return the recorded event."""
+    """Record the move as intended, point the alias at ``to``, mark the record done; return the event."""
     name, alias = registry.production, registry.alias
-    _write(client.set_registered_model_alias, name, alias, to)
     ns = time.time_ns()
     at = datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")
-    event = {
+    event: dict[str, Any] = {
         "at": at,
         "from": came_from,
         "to": to,
@@ -246,8 +319,16 @@ def move_alias(
         "by": requested_by(),
         "run_id": run_id,
         "reason": reason,
+        "state": "intended",
     }
-    _write(client.set_registered_model_tag, name, history_key(alias, ns, secrets.token_hex(3)), json.dumps(event))
+    key = history_key(alias, ns, secrets.token_hex(3))
+    # Record first: a process killed between these writes leaves "intended", never an unrecorded move.
+    _write(client.set_registered_model_tag, name, key, json.dumps(event))
+    _write(client.set_registered_model_alias, name, alias, to)
+    done = time.time_ns()  # the move's own time orders the history (history_events)
+    at = datetime.fromtimestamp(done / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")
+    event.update({"state": "done", "at": at, "ns": done})
+    _write(client.set_registered_model_tag, name, key, json.dumps(event))
     _write(client.set_model_version_tag, name, to, contract.VERSION_TAG_PROD_SINCE, at)
     _write(client.set_model_version_tag, name, to, contract.VERSION_TAG_REPLACED_VERSION, came_from or "")
     if came_from is not None and came_from != to:
@@ -285,11 +366,12 @@ def settle(
     """
     start: str | None = None
     tried: set[str] = set()
+    wrote: set[str] = set()  # holders this call put on the alias itself
     for round_no in range(MAX_ROUNDS):
         current = alias_version(registry.production, registry.alias)
         if round_no == 0:
             start = current
-        versions = read_versions(client, registry.production, digest)
+        versions = read_versions(client, registry.production, digest, own_run=run_id)
         holder = next((v for v in versions if v.version == current), None)
         if rescore is not None and holder is not None and holder.acc is None and holder.version not in tried:
             tried.add(holder.version)
@@ -297,6 +379,8 @@ def settle(
             rescore(holder.version)
             continue  # read again: the score is recorded now, or the version stays unscored
         target, reason = decide(current, versions, min_improvement)
+        if current is not None and current in wrote and (better := retake(current, versions)) is not None:
+            target, reason = better
         if target is None or target == current:
             return Settled(start, current, versions)
         if alias_version(registry.production, registry.alias) != current:
@@ -304,6 +388,7 @@ def settle(
         if before_write is not None:
             before_write()
         move_alias(client, registry, target, current, "evaluate", reason, run_id)
+        wrote.add(target)
     raise PipelineError(
         f"{registry.production}@{registry.alias} kept moving for {MAX_ROUNDS} rounds: another evaluation on a "
         f"different test set is promoting at the same time; rerun when it has finished (this one scored test set "

@@ -9,8 +9,9 @@ Nothing here may import ``steps``: this file is all the model's code.
 
 Input, a DataFrame with one of:
 
-- ``image`` (binary): the encoded file, PNG, JPEG, BMP, TIFF, GIF or WebP, any size, gray, RGB,
-  RGBA, palette or 16-bit. Over REST, base64 in ``dataframe_split`` (MLflow decodes binary columns).
+- ``image`` (binary): the encoded file, PNG, JPEG, BMP, TIFF, GIF or WebP (no other format is
+  opened), any size, gray, RGB, RGBA, palette, 16- or 32-bit. Over REST, base64 in
+  ``dataframe_split`` (MLflow decodes binary columns).
 - ``path`` (string): a file to read. Only read when the model is loaded with
   ``model_config={"read_paths": True}``: a served model must not open files named by its callers.
 
@@ -25,10 +26,13 @@ probability is at or above it) and ``error`` (empty, or why the image could not 
 
 Model config (``train`` logs it; ``mlflow.pyfunc.load_model(..., model_config=...)`` overrides a key):
 ``classes`` ([good, defect] names), ``decision_threshold``, ``image_size``, ``predict_batch_size``,
-``read_paths``.
+``read_paths`` (true or false, nothing else), ``max_request_pixels`` (the most pixels one call may
+decode, summed over its images from their headers before any is decoded; a call over it is refused
+whole, HTTP 400; 0 for no limit).
 
-Preprocessing is the training loader's: decode to 8-bit gray (``decode_gray``), resize to the
-trained size with the Keras resize (``resize``), and the network scales 0..255 as it needs itself.
+Preprocessing is the training loader's, one image at a time: decode to 8-bit gray (``decode_gray``)
+and at once resize to the trained size with the Keras resize (``resize``), so no more than one
+full-size image is held at a time; the network scales 0..255 as it needs itself.
 """
 
 from __future__ import annotations
@@ -64,8 +68,18 @@ class ImageError(ValueError):
 # An 8k x 8k line-scan frame (64 MP) fits; a decompression bomb does not. Checked from the header,
 # before any pixel is decoded, and below Pillow's own limit (about 89 MP), which stays on as well.
 MAX_PIXELS = 8192 * 8192
-# Pillow's own modes that carry a gray level we can map to 0..255 without guessing a range.
-_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Per call: sixteen 4k or four 8k frames. Each image is resized as soon as it is decoded, so memory
+# does not grow with this; decoding time does, and a server keeps decoding after its own timeout.
+MAX_REQUEST_PIXELS = 16 * 4096 * 4096
+# The only formats opened. Pillow reads forty; each is parsing code an upload can reach, and EPS
+# hands the file to Ghostscript where it is installed. (A JPEG may open as its MPO variant.)
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")
+FORMAT_NAMES = "PNG, JPEG, BMP, TIFF, GIF or WebP"
+# Gray levels wider than 8 bits, scaled by their mode's full range, never by the file's own maximum,
+# so one value decodes alike in every file. Pillow's "I" is 32-bit signed; negative values are 0.
+_RANGE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 2**31 - 1}
+# Rows converted at a time, so a 64 MP 16-bit frame never needs a full-size int64 copy.
+_STRIP = 512
 
 
 def decode_gray(source: Path | str | bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -86,23 +100,23 @@ def decode_gray(source: Path | str | bytes, max_pixels: int = MAX_PIXELS) -> np.
         with warnings.catch_warnings():
             # Pillow only warns between its own limit and twice that; a bomb is an error here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as opened:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as opened:
                 width, height = opened.size
                 if width * height > max_pixels:
                     raise ImageError(_too_large(width, height, max_pixels))
                 if opened.mode == "F":
                     raise ImageError("32-bit float pixels have no fixed range; save the image as 8- or 16-bit")
                 image = ImageOps.exif_transpose(opened)
-                if image.mode in _WIDE_MODES:
-                    wide = np.asarray(image, dtype=np.int64)
-                    top = 65535 if image.mode.startswith("I;16") or wide.max() > 255 else 255
-                    gray = np.clip(wide * 255 // top, 0, 255).astype(np.uint8)
+                if image.mode in _RANGE:
+                    # Pillow before 10.4 opens a 16-bit PNG as "I": its range is still 16 bits.
+                    top = 65535 if image.format == "PNG" or opened.format == "PNG" else _RANGE[image.mode]
+                    gray = _scale_wide(np.asarray(image), top)
                 else:
                     gray = np.asarray(image.convert("L"), dtype=np.uint8)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"not an image Pillow can read ({len(data)} bytes, unknown format)") from None
+        raise ImageError(f"not a {FORMAT_NAMES} image ({len(data)} bytes); no other format is read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         # Pillow's own limit (about 89 MP) fired before ours could: its message has the size.
         raise ImageError(f"a decompression bomb, or an image to downscale first ({err})") from None
@@ -111,6 +125,27 @@ def decode_gray(source: Path | str | bytes, max_pixels: int = MAX_PIXELS) -> np.
     if gray.ndim != 2 or gray.size == 0:
         raise ImageError(f"decoded to an unusable array of shape {gray.shape}")
     return gray[:, :, None]
+
+
+def _scale_wide(wide: np.ndarray, top: int) -> np.ndarray:
+    """16- or 32-bit gray levels to 0..255 by ``top``, the mode's full range, a strip of rows at a time."""
+    gray = np.empty(wide.shape, dtype=np.uint8)
+    for start in range(0, wide.shape[0], _STRIP):
+        strip = wide[start : start + _STRIP].astype(np.int64)
+        gray[start : start + _STRIP] = np.clip(strip * 255 // top, 0, 255)
+    return gray
+
+
+def header_pixels(source: Path | str | bytes | None) -> int:
+    """Width x height from the header alone (no pixel decoded); 0 when it cannot be read (decoding says why)."""
+    if source is None:
+        return 0
+    try:
+        opened = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS)
+    except Exception:  # noqa: BLE001 - decode_gray reports the reason for this row
+        return 0
+    with opened:
+        return opened.size[0] * opened.size[1]
 
 
 def _too_large(width: int, height: int, max_pixels: int) -> str:
@@ -166,21 +201,38 @@ def _bad_input(message: str) -> MlflowException:
     return BadInput(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+def check_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The model config, its types checked: a wrong one fails at load time, naming the key."""
+    read_paths = config.get("read_paths", False)
+    if not isinstance(read_paths, bool):
+        # The string "false" is truthy: only a real boolean may open files.
+        raise MlflowException(
+            f"model config read_paths: expected true or false, got {read_paths!r}", error_code=INVALID_PARAMETER_VALUE
+        )
+    cap = config.get("max_request_pixels", MAX_REQUEST_PIXELS)
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+        raise MlflowException(
+            f"model config max_request_pixels: expected a whole number >= 0 (0: no limit), got {cap!r}",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    return config
+
+
 class DefectModel(PythonModel):
     """Defect or good for encoded images; see the module docstring for the contract."""
 
     def __init__(self, network=None, config: dict[str, Any] | None = None) -> None:
         """MLflow builds it empty and calls ``load_context``; the pipeline passes a network directly."""
         self.network = network
-        self.config: dict[str, Any] = dict(config or {})
+        self.config: dict[str, Any] = check_config(dict(config or {}))
 
     def load_context(self, context) -> None:
         import keras
 
+        self.config = check_config(dict(context.model_config or {}))
         # safe_mode: a registered network is data; a layer that needs code to load is refused.
         # compile=False: serving needs no optimizer or loss.
         self.network = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False, safe_mode=True)
-        self.config = dict(context.model_config or {})
 
     @property
     def classes(self) -> list[str]:
@@ -199,6 +251,7 @@ class DefectModel(PythonModel):
         if on_error not in ON_ERROR:
             raise _bad_input(f"param on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
         sources = self.sources(model_input)
+        self.check_pixels(sources)
         prob = np.full(len(sources), np.nan)
         errors: dict[int, str] = {}
         for start, images, failed in self.batches(sources):
@@ -236,6 +289,20 @@ class DefectModel(PythonModel):
                 first, done = ahead.popleft()
                 yield first, *done.result()
 
+    def check_pixels(self, sources: list[Any]) -> None:
+        """Refuse a call whose images hold more pixels than ``max_request_pixels``, before decoding any."""
+        cap = self.config.get("max_request_pixels", MAX_REQUEST_PIXELS)
+        if not cap:
+            return
+        total = 0
+        for source in sources:
+            total += header_pixels(source)
+            if total > cap:
+                raise _bad_input(
+                    f"the {len(sources)} images of this request hold more than {cap:,} pixels together (model "
+                    "config max_request_pixels); send fewer or smaller images per request"
+                )
+
     def sources(self, model_input) -> list[Any]:
         """The encoded bytes (or, if allowed, paths) of each row, from a DataFrame or a list of bytes."""
         if not isinstance(model_input, pd.DataFrame):
@@ -243,7 +310,7 @@ class DefectModel(PythonModel):
         if "image" in model_input.columns:
             return [_as_bytes(v) for v in model_input["image"]]
         if "path" in model_input.columns:
-            if not self.config.get("read_paths", False):
+            if self.config.get("read_paths", False) is not True:
                 raise _bad_input(
                     "column path: this model does not read files (a served model must not open files its "
                     "callers name); send the encoded bytes in column image, or load it with "
@@ -257,19 +324,15 @@ class DefectModel(PythonModel):
         size = self.image_size
         out = np.zeros((len(sources), size, size, 1), dtype=np.float32)
         errors: dict[int, str] = {}
-        by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
         for row, source in enumerate(sources):
             try:
                 if source is None:
                     raise ImageError("no image in this row")
-                image = decode_gray(source)
+                # Resized as soon as decoded, as the training loader does: one full-size image at a
+                # time, whatever the batch holds (stacking them first took 3.4 GB for four 8k frames).
+                out[row] = resize(decode_gray(source), size)
             except ImageError as err:
                 errors[row] = str(err)
-                continue
-            by_shape.setdefault(image.shape, []).append((row, image))
-        for group in by_shape.values():  # one resize call per image size, not per image
-            rows = [row for row, _ in group]
-            out[rows] = resize(np.stack([image for _, image in group]), size)
         return out, errors
 
     def frame(self, prob: np.ndarray, errors: dict[int, str]) -> pd.DataFrame:

@@ -10,13 +10,15 @@ import base64
 import contextlib
 import logging
 import os
+import re
 import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 import mlflow
@@ -44,6 +46,20 @@ class PipelineError(RuntimeError):
     """A stage cannot go on; the message says what to run or fix first."""
 
 
+# ``scheme://user:token@host``: the user-info of any URI in a text.
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An error's first line, shortened and without credentials: for one-line messages."""
+    return redact((str(err).splitlines() or [type(err).__name__])[0][:limit])
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced by ``***``, for anything printed or logged."""
+    return _USERINFO.sub("***@", text)
+
+
 def read_dotenv(path: Path) -> dict[str, str]:
     """``KEY=VALUE`` lines of a ``.env`` file; comments, blank lines and ``export`` prefixes allowed."""
     values = {}
@@ -63,6 +79,7 @@ def configure(dotenv: Path = Path(".env")) -> str:
             os.environ.setdefault(key, value)  # the real environment wins over the file
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if urlparse(uri).scheme in ("http", "https"):
+        uri = credentials_from_uri(uri)
         check_server(uri)
     elif urlparse(uri).scheme == "sqlite":
         create_sqlite_store(uri)
@@ -70,6 +87,19 @@ def configure(dotenv: Path = Path(".env")) -> str:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def credentials_from_uri(uri: str) -> str:
+    """``https://user:token@host`` as ``https://host``, the user and token moved to the environment
+    variables MLflow's client reads (unless already set there). Every stage, and every stage that
+    ``main`` starts, then works with a URI that carries no secret, whatever prints it."""
+    parsed = urlparse(uri)
+    if parsed.username is None:
+        return uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parsed.username))
+    if parsed.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parsed.password))
+    return parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
 
 
 def create_sqlite_store(uri: str) -> None:
@@ -97,8 +127,8 @@ def lost_server(err: BaseException) -> PipelineError | None:
     if urlparse(uri).scheme not in ("http", "https") or not any(sign in text for sign in signs):
         return None
     return PipelineError(
-        f"lost the tracking server at {uri} during the run ({text.splitlines()[0][:200]}); the run could not "
-        "be closed there. Rerun when the server is back: the rerun marks the lost run FAILED"
+        f"lost the tracking server at {redact(uri)} during the run ({redact(text.splitlines()[0][:200])}); the "
+        "run could not be closed there. Rerun when the server is back: the rerun marks the lost run FAILED"
     )
 
 
@@ -110,25 +140,48 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
     """
     base = uri.rstrip("/")
     headers = _auth_headers()
+    opener = urllib.request.build_opener(SameOriginAuth())
+    shown = redact(uri)
     try:
         # /health answers without credentials; one small API call then checks ours.
-        urllib.request.urlopen(f"{base}/health", timeout=timeout).close()
+        opener.open(f"{base}/health", timeout=timeout).close()
         probe = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
-        urllib.request.urlopen(probe, timeout=timeout).close()
+        opener.open(probe, timeout=timeout).close()
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
             given = "the credentials given were refused" if headers else "no credentials were given"
             raise PipelineError(
-                f"the tracking server at {uri} answered HTTP {err.code}: {given}; set "
+                f"the tracking server at {shown} answered HTTP {err.code}: {given}; set "
                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
             ) from None
         # Any other answer means a server is there; MLflow reports its own errors from here on.
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = redact(str(getattr(err, "reason", err)))
         raise PipelineError(
-            f"cannot reach the tracking server at {uri} ({reason}); start it (make server) "
+            f"cannot reach the tracking server at {shown} ({reason}); start it (make server) "
             "or point MLFLOW_TRACKING_URI (environment or .env) at a running one"
         ) from None
+
+
+class SameOriginAuth(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but send credentials only to the origin they were meant for.
+
+    urllib copies every header to wherever a redirect points, another host or https -> http
+    included; MLflow's client (requests) drops ``Authorization`` there, and so do we.
+    """
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            for name in [k for k in new.headers if k.lower() == "authorization"]:
+                del new.headers[name]
+            new.unredirected_hdrs.pop("Authorization", None)
+        return new
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parsed = urlparse(url)
+    return parsed.scheme, (parsed.hostname or "").lower(), parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
 
 
 def _auth_headers() -> dict[str, str]:
@@ -385,6 +438,8 @@ def load_keras(model_uri: str):
     bytecode): a model in the registry is data, never a program. Keras defaults to it; we insist.
     A served model (``steps.serving``) holds the network as an artifact, which is loaded on its
     own, so none of the model's logged code runs here; models logged before it are Keras models.
+    Refused as well, before anything is loaded: a Keras model saved as a TensorFlow SavedModel
+    (``tf.saved_model.load`` knows no safe mode) and a file named outside the model's directory.
     """
     import keras
 
@@ -393,11 +448,21 @@ def load_keras(model_uri: str):
     flavors = mlflow.models.get_model_info(model_uri).flavors
     try:
         if "keras" in flavors:
+            conf = flavors["keras"]
+            if conf.get("save_exported_model"):
+                raise PipelineError(
+                    f"refused to load {model_uri}: a Keras model saved as a TensorFlow SavedModel "
+                    "(save_exported_model), which loads without Keras's safe_mode; register a .keras model"
+                )
+            _inside_model(model_uri, str(conf.get("data", "data")))
             return mlflow.keras.load_model(model_uri, load_model_kwargs={"safe_mode": True})
         artifact = flavors.get("python_function", {}).get("artifacts", {}).get(KERAS_ARTIFACT, {}).get("path")
         if not artifact:
             raise PipelineError(f"{model_uri} is not a model of this pipeline: it holds no Keras network")
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        _inside_model(model_uri, artifact)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri)).resolve()
+        if not (local / artifact).resolve().is_relative_to(local):  # a link inside that leads out
+            raise PipelineError(f"refused to load {model_uri}: its file {artifact!r} leads outside the model")
         return keras.saving.load_model(local / artifact, compile=False, safe_mode=True)
     except ValueError as err:
         if "safe_mode" not in str(err):
@@ -408,12 +473,58 @@ def load_keras(model_uri: str):
         ) from None
 
 
-def alias_version(name: str, alias: str) -> str | None:
-    """The version an alias points at, as a string (MLflow returns int or str by call), or None."""
+def _inside_model(model_uri: str, path: str) -> None:
+    """Refuse an ``MLmodel`` path that is absolute or climbs out of the model's directory."""
+    parts = PurePosixPath(path.replace("\\", "/"))
+    if parts.is_absolute() or ".." in parts.parts or re.match(r"^[A-Za-z]:", path) or path.startswith("~"):
+        raise PipelineError(f"refused to load {model_uri}: its MLmodel names {path!r}, outside the model's directory")
+
+
+def pipeline_model_problem(info) -> str | None:
+    """Why a logged model is not one ``train`` logged (None when it is): its ``MLmodel`` must have
+    this pipeline's layout: the served model's code, the Keras network as an artifact inside the
+    model, and the metadata evaluate needs."""
+    from steps.serving import KERAS_ARTIFACT
+
+    pyfunc = (info.flavors or {}).get("python_function", {})
+    if (
+        set(info.flavors or {}) != {"python_function"}
+        or pyfunc.get("loader_module") != "mlflow.pyfunc.loaders.code_model"
+    ):
+        flavors = sorted(info.flavors or {})
+        return f"its flavors are {flavors}, not the served model train logs (python_function, from code)"
+    artifact = pyfunc.get("artifacts", {}).get(KERAS_ARTIFACT, {}).get("path")
+    if not artifact:
+        return f"it holds no Keras network (artifact {KERAS_ARTIFACT})"
     try:
-        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
-    except mlflow.exceptions.MlflowException:
-        return None  # no such registered model, or no such alias on it
+        _inside_model(info.model_uri, str(artifact))
+    except PipelineError as err:
+        return str(err).split(": ", 1)[1]
+    metadata = info.metadata or {}
+    missing = [key for key in ("image_size", "classes") if key not in metadata]
+    return f"its metadata has no {', '.join(missing)}" if missing else None
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version an alias points at, as a string (MLflow returns int or str by call), or None when
+    the model or the alias does not exist. Any other error (a store that does not answer) is a
+    ``PipelineError``: read as "no holder", it would hand the alias to any challenger."""
+    for attempt in range(5):
+        try:
+            return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+        except mlflow.exceptions.MlflowException as err:
+            # No model: RESOURCE_DOES_NOT_EXIST; a model without the alias: INVALID_PARAMETER_VALUE, "not found".
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+                err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(err)
+            ):
+                return None
+            if "database is locked" in str(err) and attempt < 4:  # SQLite: another process is writing
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            raise PipelineError(
+                f"cannot read {name}@{alias} ({first_line(err)}); nothing was changed, rerun when the store answers"
+            ) from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def get_run(run_id: str) -> Run:
@@ -423,7 +534,7 @@ def get_run(run_id: str) -> Run:
     except mlflow.exceptions.MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
             raise PipelineError(
-                f"run {run_id!r} does not exist in {mlflow.get_tracking_uri()}; run "
+                f"run {run_id!r} does not exist in {redact(mlflow.get_tracking_uri())}; run "
                 "`mlflow run . -e train` first and pass its best_run_id tag as -P run_id=..."
             ) from None
         raise
@@ -432,7 +543,7 @@ def get_run(run_id: str) -> Run:
 if __name__ == "__main__":
     # `python -m steps.tracking`: say which store the pipeline will use, or why it cannot.
     try:
-        print(f"tracking store: {configure()}")
+        print(f"tracking store: {redact(configure())}")
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

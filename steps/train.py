@@ -153,6 +153,7 @@ def log_model(
         "image_size": int(metadata["image_size"]),
         "predict_batch_size": config.infer.batch_size,  # not batch_size: MLflow logs these as params too
         "read_paths": False,  # a served model does not open files its callers name
+        "max_request_pixels": serving.MAX_REQUEST_PIXELS,
     }
     with tempfile.TemporaryDirectory() as tmp:
         keras_file = Path(tmp) / "network.keras"

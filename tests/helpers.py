@@ -244,7 +244,7 @@ BAD_FILES = {
     "zero_byte": (lambda real: b"", "empty file (0 bytes)"),
     "not_an_image": (
         lambda real: b"cell,label\ncell0001,defect\n",
-        "not an image Pillow can read (27 bytes, unknown format)",
+        "not a PNG, JPEG, BMP, TIFF, GIF or WebP image (27 bytes); no other format is read",
     ),
     # 9000 x 9000 one-bit pixels: 10 KB on disk, 81 MP (and 648 MB as float32) once decoded.
     "decompression_bomb": (

@@ -1,6 +1,8 @@
-"""Run ``steps.train``'s command line with a signal sent to itself at a chosen moment, for the signal tests.
+"""Run a stage's command line with a signal sent to itself at a chosen moment, for the signal tests.
 
-    python tests/signal_at.py SIGNAL MODULE:ATTR[.METHOD] {raise,swallow} -- TRAIN ARGS...
+    python tests/signal_at.py SIGNAL MODULE:ATTR[.METHOD] {raise,swallow} [STAGE] -- STAGE ARGS...
+
+STAGE is ``train`` (the default) or ``infer``.
 
 The first call of the named function sends SIGNAL to this process from inside it, so the moment
 is an event in the program, not a guess in seconds that a fast or slow machine would break.
@@ -43,10 +45,13 @@ def arm(target: str, signum: signal.Signals, swallow: bool) -> None:
 
 
 if __name__ == "__main__":
-    signame, target, mode, dash, *train_args = sys.argv[1:]
-    assert dash == "--" and mode in ("raise", "swallow"), __doc__
+    signame, target, mode, *rest = sys.argv[1:]
+    stage = rest.pop(0) if rest[0] != "--" else "train"
+    dash, *stage_args = rest
+    assert dash == "--" and mode in ("raise", "swallow") and stage in ("train", "infer"), __doc__
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     arm(target, signal.Signals[signame], swallow=mode == "swallow")
-    from steps import cli, train
+    module = importlib.import_module(f"steps.{stage}")
+    from steps import cli
 
-    cli.main(train.train, "train, with a signal at a chosen moment", train.OVERRIDES, argv=train_args)
+    cli.main(getattr(module, stage), f"{stage}, with a signal at a chosen moment", module.OVERRIDES, argv=stage_args)

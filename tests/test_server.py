@@ -143,3 +143,21 @@ def test_a_server_with_authentication_refuses_wrong_credentials_in_one_line(tmp_
 
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "right-password-1234")
         assert tracking.configure() == uri
+
+        # A real `mlflow run`, credentials in the environment (as the README says): none is printed.
+        done = mlflow_run("evaluate", {"run_id": "0" * 32, "experiment": "auth"}, uri, "eval/auth")
+        printed = done.stdout + done.stderr
+        assert done.returncode != 0 and "right-password-1234" not in printed
+        assert f"error: run '{'0' * 32}' does not exist in {uri}; run" in printed, printed[-3000:]
+
+        # Credentials in the URI: the stage moves them into the environment and prints the URI
+        # without them. The outer `mlflow run` is MLflow's: it prints its run's URL with the URI as
+        # given, unless MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT is set, which `make` sets for such a URI.
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        with_user = uri.replace("http://", "http://admin:right-password-1234@")
+        done = mlflow_run("evaluate", {"run_id": "0" * 32, "experiment": "auth"}, with_user, "eval/auth")
+        printed = done.stdout + done.stderr
+        assert done.returncode != 0 and "right-password-1234" not in printed
+        assert f"error: run '{'0' * 32}' does not exist in {uri}; run" in printed, printed[-3000:]

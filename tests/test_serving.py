@@ -9,9 +9,11 @@ REST is the real ``mlflow models serve`` on loopback; Spark is a local session s
 from __future__ import annotations
 
 import base64
+import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -24,7 +26,7 @@ import pytest
 from PIL import Image
 
 from conftest import world_config
-from helpers import BAD_FILES, encode, free_port, real_png, use_copy_of, wait_until_up, write_bad
+from helpers import BAD_FILES, PROJECT_DIR, encode, free_port, real_png, use_copy_of, wait_until_up, write_bad
 from steps import cli, contract, infer
 from steps.data import load_images
 from steps.explain import gradcam, last_feature_map
@@ -277,7 +279,77 @@ def test_mlflow_models_serve_scores_base64_png_and_jpeg_and_answers_400_to_bad_i
     assert body["predictions"][1]["defect_probability"] is None  # null: strict_json refused NaN
 
 
+def test_rest_refuses_other_formats_and_a_request_over_the_pixel_cap_with_400(rest_server, alone):
+    uri, server, log = rest_server
+    assert wait_until_up(f"{uri}/ping", server, timeout=180), log.read_text()[-3000:]
+    gray = Image.new("L", (40, 40), 128)
+    for fmt in ("PCX", "TGA", "PPM", "ICO", "EPS"):
+        status, body = request(uri, one_image(encode(gray, fmt)))
+        assert status == 400 and body["message"].startswith(
+            "row 0 of 1 cannot be used: not a PNG, JPEG, BMP, TIFF, GIF or WebP image"
+        ), (fmt, body)
+    # Five black 8k frames: 65 KB each to send, 335 million pixels to decode. Refused from the headers.
+    frame = base64.b64encode(encode(Image.new("L", (8192, 8192)), "PNG")).decode()
+    status, body = request(uri, {"dataframe_split": {"columns": ["image"], "data": [[frame]] * 5}})
+    assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert body["message"] == (
+        "the 5 images of this request hold more than 268,435,456 pixels together (model config "
+        "max_request_pixels); send fewer or smaller images per request"
+    )
+
+
+# Peak memory of one predict call, in a Python of its own: resident set before and after.
+PEAK_RSS = """
+import io, json, resource, sys
+import mlflow, pandas as pd
+from PIL import Image
+model = mlflow.pyfunc.load_model(sys.argv[1])
+def png(side):
+    buffer = io.BytesIO()
+    Image.new("L", (side, side)).save(buffer, "PNG")
+    return buffer.getvalue()
+model.predict(pd.DataFrame({"image": [png(300)] * 2}))  # TensorFlow and the resize warmed up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = model.predict(pd.DataFrame({"image": [png(int(sys.argv[2]))] * int(sys.argv[3])}))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"rows": len(out), "errors": int((out["error"] != "").sum()), "grew_mb": (after - before) / 1024}))
+"""
+
+
+def test_sixteen_4k_frames_in_one_request_cost_a_bounded_peak_memory(served, tmp_path):
+    """Sixteen 4096 x 4096 PNGs (the default cap, 268 MP): stacked and converted to float32 before
+    resizing, as preprocessing did, they took over 1 GB more; resized one by one as decoded, a few
+    hundred MB at most, whatever the number of images (the growth measured: BENCHMARKS.md)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{served}"}
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, MODEL, "4096", "16"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    peak = json.loads(done.stdout.strip().splitlines()[-1])
+    assert peak["rows"] == 16 and peak["errors"] == 0
+    assert peak["grew_mb"] < 400, peak  # the float32 stack alone was 16 x 64 MB = 1,024 MB
+
+
 # --- infer at folder scale -------------------------------------------------------------------
+
+
+def test_a_killed_infer_leaves_the_previous_predictions_untouched(store_copy, tiny_data, tmp_path):
+    output = tmp_path / "predictions.csv"
+    output.write_text("path,predicted_class,defect_probability,decision_threshold,error\nold.png,ok_front,0.1,0.5,\n")
+    before = output.read_bytes()
+    cmd = [sys.executable, str(PROJECT_DIR / "tests" / "signal_at.py"), "SIGKILL", "steps.infer:Progress.step",
+           "raise", "infer", "--", "--input", str(tiny_data / "test"), "--output", str(output),
+           "--experiment", EXPERIMENT]  # fmt: skip
+    done = subprocess.run(cmd, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert "signal_at: SIGKILL at steps.infer:Progress.step" in done.stderr  # killed with rows being written
+    assert output.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")]  # the partial rows went aside
+
+    # Finished, the new file replaces the old one whole.
+    cli.main(infer.infer, "", infer.OVERRIDES, argv=["--input", str(tiny_data / "test"), "--output", str(output),
+                                                     "--experiment", EXPERIMENT])  # fmt: skip
+    rows = output.read_text().splitlines()
+    assert len(rows) == 1 + len(list((tiny_data / "test").rglob("*.png"))) and "old.png" not in output.read_text()
 
 
 def test_infer_takes_a_glob_writes_json_lines_and_exits_1_on_unreadable_images(store_copy, tiny_data, tmp_path, capsys):
@@ -285,6 +357,12 @@ def test_infer_takes_a_glob_writes_json_lines_and_exits_1_on_unreadable_images(s
     (incoming / "ok_front" / "nested").mkdir()
     shutil.copy(next((incoming / "ok_front").glob("*.png")), incoming / "ok_front" / "nested" / "deep.png")
     bad = [write_bad(kind, incoming / "def_front", real_png(tiny_data)) for kind in ("truncated", "zero_byte")]
+    # Links out of the glob's root, a file and a folder: reported, never read (glob follows folder links).
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "private.png").write_bytes(real_png(tiny_data))
+    (incoming / "ok_front" / "link.png").symlink_to(elsewhere / "private.png")
+    (incoming / "ok_front" / "folder").symlink_to(elsewhere, target_is_directory=True)
     output = tmp_path / "out" / "scores.jsonl"
     argv = ["--input", f"{incoming}/**/*.png", "--output", str(output), "--gradcam_top", "3",
             "--experiment", EXPERIMENT]  # fmt: skip
@@ -293,16 +371,20 @@ def test_infer_takes_a_glob_writes_json_lines_and_exits_1_on_unreadable_images(s
     assert done.value.code == 1
     printed = capsys.readouterr()
     err = printed.err.strip().splitlines()[-1]
+    found = sorted(glob.glob(f"{incoming}/**/*.png", recursive=True))
     assert err == (
-        f"error: 2 of {len(list(incoming.rglob('*.png')))} images could not be read; every row is in {output} "
+        f"error: 4 of {len(found)} images could not be read; every row is in {output} "
         "(see its error column) and in the run's artifacts; pass -P allow_errors=true to exit 0 anyway"
     )
 
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [r["path"] for r in rows] == sorted(str(p) for p in incoming.rglob("*.png"))  # recursive glob, in order
+    assert [r["path"] for r in rows] == found  # recursive glob, in order
+    outside = f"a symlink to {elsewhere / 'private.png'}, outside the input {incoming}: not read"
     assert {r["path"]: r["error"].split(" (")[0] for r in rows if r["error"]} == {
         str(bad[0]): "corrupt or truncated image data",
         str(bad[1]): "empty file",
+        str(incoming / "ok_front" / "link.png"): outside,
+        str(incoming / "ok_front" / "folder" / "private.png"): outside,
     }
     for r in rows:
         assert set(r) == {"path", "predicted_class", "defect_probability", "decision_threshold", "error"}
@@ -317,10 +399,10 @@ def test_infer_takes_a_glob_writes_json_lines_and_exits_1_on_unreadable_images(s
     (run,) = mlflow.search_runs(experiment_names=[f"infer/{EXPERIMENT}"], output_format="list")
     assert run.info.status == "FINISHED"
     n_defect = sum(r["predicted_class"] == "def_front" for r in rows)
-    assert run.data.metrics == {"n_images": len(rows), "n_scored": len(rows) - 2, "n_errors": 2, "n_defect": n_defect}
+    assert run.data.metrics == {"n_images": len(rows), "n_scored": len(rows) - 4, "n_errors": 4, "n_defect": n_defect}
     summary = printed.out.strip().splitlines()[-1]  # scored and unreadable counted apart
-    assert summary.startswith(f"{len(rows)} images, {len(rows) - 2} scored with ")
-    assert summary.endswith(f"{len(rows) - 2 - n_defect} ok_front; 2 unreadable -> {output}")
+    assert summary.startswith(f"{len(rows)} images, {len(rows) - 4} scored with ")
+    assert summary.endswith(f"{len(rows) - 4 - n_defect} ok_front; 4 unreadable -> {output}")
     assert run.data.tags[contract.TAG_MODEL_VERSION] == "1" and run.data.tags[contract.TAG_INFER_ENGINE] == "local"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert "scores.jsonl" in artifacts
@@ -328,7 +410,7 @@ def test_infer_takes_a_glob_writes_json_lines_and_exits_1_on_unreadable_images(s
 
     # Told to, it exits 0 and returns the run.
     run_id = cli.main(infer.infer, "", infer.OVERRIDES, argv=[*argv, "--allow_errors", "true"])
-    assert mlflow.get_run(run_id).data.metrics["n_errors"] == 2
+    assert mlflow.get_run(run_id).data.metrics["n_errors"] == 4
 
 
 def test_gradcam_grid_shows_the_most_confident_defects(store_copy, tiny_data, tmp_path):
@@ -341,7 +423,7 @@ def test_gradcam_grid_shows_the_most_confident_defects(store_copy, tiny_data, tm
     prob = model.predict(None, [p.read_bytes() for p in files])["defect_probability"].tolist()
     defects = list(zip(prob, map(str, files), strict=True))
     with mlflow.start_run() as run:
-        infer.log_gradcam(model, defects, top=5)
+        infer.log_gradcam(model, defects, top=5, root=tiny_data / "test")
     local = mlflow.artifacts.download_artifacts(
         f"runs:/{run.info.run_id}/{contract.GRADCAM_ARTIFACT}", dst_path=str(tmp_path)
     )
@@ -370,11 +452,16 @@ def test_gradcam_points_at_the_evidence():
 
 
 def test_infer_with_a_lost_tracking_server_says_so_in_one_line(tiny_data, tmp_path, monkeypatch, capsys):
-    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ci:canary-token-6b0e@127.0.0.1:{port}")
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # restored after the test
+        monkeypatch.delenv(name, raising=False)
     argv = ["--input", str(tiny_data / "test"), "--output", str(tmp_path / "p.csv")]
     with pytest.raises(SystemExit) as done:
         cli.main(infer.infer, "", infer.OVERRIDES, argv=argv)
     assert done.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach the tracking server at {uri} (")
+    # The URI's credentials went to the variables MLflow's client reads; the line names the server alone.
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: cannot reach the tracking server at http://127.0.0.1:{port} (")
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "canary-token-6b0e" and "canary-token-6b0e" not in lines[0]
