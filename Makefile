@@ -40,11 +40,13 @@ run: venv
 test: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
-## Style (ruff) over steps/ and tests/, types (mypy) over steps/.
+## Style (ruff) over steps/ and tests/, types (mypy) over steps/, and that requirements.txt
+## resolves for Apple silicon (one TensorFlow with Linux, the Metal plugin; needs the package index).
 lint: venv
 	$(BIN)/ruff check steps tests
 	$(BIN)/ruff format --check steps tests
 	$(BIN)/mypy
+	$(BIN)/python tests/mac_requirements.py
 
 ## Everything but the end-to-end `mlflow run` tests.
 test-fast: venv

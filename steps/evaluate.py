@@ -45,7 +45,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from steps import cli, contract, plots, registry
+from steps import accelerator, cli, contract, plots, registry
 from steps.config import Config, RegistryConfig
 from steps.data import (
     DataError,
@@ -301,6 +301,7 @@ def evaluate(config: Config, run_id: str) -> str:
         raise PipelineError("evaluate needs -P run_id=<train run ID>; run `mlflow run . -e train` first")
     model_run_id = resolve_model_run(run_id)
     info = load_model_info(model_run_id)
+    logger.info("%s", accelerator.describe())
     metadata = info.metadata or {}
     image_size = int(metadata["image_size"])
     cutoff = model_cutoff(metadata)

@@ -48,7 +48,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from steps import cli, contract, plots
+from steps import accelerator, cli, contract, plots
 from steps.config import Config
 from steps.data import IMAGE_SUFFIXES, is_image
 from steps.serving import DefectModel, ImageError
@@ -437,6 +437,7 @@ def infer(config: Config) -> str:
     spec = config.infer_input
     if ic.engine == "spark":
         check_spark()
+    logger.info("%s", accelerator.describe())
     remote = ic.engine == "spark" and "://" in spec  # a cluster path only Spark can list
     files, root = (None, None) if remote else resolve_inputs(spec)
     output = Path(ic.output)

@@ -62,7 +62,7 @@ import pandas as pd
 import tensorflow as tf
 from PIL import Image
 
-from steps import cli, contract, serving, signals
+from steps import accelerator, cli, contract, serving, signals
 from steps.config import Config, HParams
 from steps.data import (
     Sample,
@@ -121,15 +121,20 @@ def model_signature():
     )
 
 
+# The Metal plugin's environment marker: a model trained on a Mac must still install where it is
+# served (Linux, most often).
+APPLE_SILICON = '; sys_platform == "darwin" and platform_machine == "arm64"'
+
+
 def model_requirements() -> list[str]:
     """What a serving environment installs: these versions of what steps/serving.py imports."""
     requirements = []
-    for name in ("mlflow", "keras", "tensorflow", "tensorflow-macos", "tensorflow-metal", "pillow", "pandas"):
+    for name in ("mlflow", "keras", "tensorflow", "tensorflow-metal", "pillow", "pandas"):
         try:
             requirements.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
-            pass  # tensorflow-macos and -metal exist on Apple silicon only; tensorflow elsewhere
-    return requirements
+            pass  # tensorflow-metal exists on Apple silicon only
+    return [r + (APPLE_SILICON if r.startswith("tensorflow-metal==") else "") for r in requirements]
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -317,6 +322,7 @@ def fit_one(
 
 def train(config: Config) -> str:
     """Train every selected set; return the parent run's ID (its ``best_run_id`` tag names the best)."""
+    logger.info("%s", accelerator.describe())
     data_dir = ensure_data(config)
     classes = config.data.classes
     samples = scan_split(data_dir, "train", classes)
