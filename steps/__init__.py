@@ -1,5 +1,28 @@
-"""The defect-detection pipeline: the MLproject entry points (prepare, train, evaluate, infer, promote,
-main), one module each, and the library modules they share."""
+"""The defect-detection pipeline.
+
+Entry points, one module each, named as in ``MLproject`` (``python -m steps.<name>``): ``main``,
+``prepare``, ``train``, ``evaluate``, ``promote``, ``infer``. Each holds the function that does the
+stage's work and a thin command line (``steps.cli``); they import library modules, never each other.
+
+Library modules, by job:
+
+- configuration and contract: ``config`` (conf/*.yaml as typed dataclasses), ``parameters`` (every
+  entry point's parameters), ``contract`` (every name MLflow sees), ``errors``;
+- data: ``data`` (folder layout, splits, manifests, the decoded-image cache), ``elpv`` (the default
+  data set and ``ensure_data``), ``batches`` (the tf.data training input);
+- model: ``model`` (``make_model``), ``pretrained`` (ImageNet weights), ``scoring``, ``explain``,
+  ``plots``, ``accelerator`` (TensorFlow's devices and plugins);
+- the served model: ``serving`` (the registered model's own code: decoding, config, signature),
+  ``packaging`` (logging it);
+- MLflow: ``tracking`` (the store), ``runs`` (stage runs, reaping), ``records`` (what a run logs),
+  ``registry`` (versions, the ``prod`` alias and its rule, loading a registered model);
+- infer's parts: ``outputs`` (the predictions file), ``spark`` (the Spark engine), ``progress``;
+- ``signals`` (a SIGTERM is never lost).
+
+They stay in this package rather than a subpackage: the entry points' ``python -m steps.<name>``
+commands and the registered model's code (``steps/serving.py``, logged as a file) keep their
+paths, and this list says which module is which.
+"""
 
 import os
 

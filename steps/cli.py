@@ -18,7 +18,8 @@ from typing import Any, NoReturn
 from steps import signals
 from steps.config import Config, ConfigError, load_config
 from steps.data import DataError
-from steps.tracking import PipelineError, configure, lost_server, redact
+from steps.errors import PipelineError
+from steps.tracking import configure, lost_server, redact
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,9 @@ def parse(
         config = load_config(given)
     except ConfigError as err:
         # Name the parameter the user typed, not only the configuration key it sets.
-        key, _, rest = str(err).partition(":")
-        names = [name for name, target in overrides.items() if target == key and target in given]
+        names = [name for name, target in overrides.items() if target == err.key and target in given]
         if names:
-            raise ConfigError(f"parameter {names[0]} ({key}):{rest}") from None
+            raise ConfigError(f"parameter {names[0]} ({err.key})", err.problem) from None
         raise
     return config, {k: args[k] for k in own}
 

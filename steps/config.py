@@ -30,7 +30,12 @@ RUN_URI = re.compile(r"runs:/[0-9a-f]{32}/[\w./-]+")
 
 
 class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type, or out of range."""
+    """A configuration value is unknown, of the wrong type, or out of range: ``key`` (dotted, or a
+    file) and what is wrong with it; the message is ``key: problem``."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
 
 
 AUGMENTATIONS = ("none", "flips", "dihedral")
@@ -248,8 +253,9 @@ class Config:
         unknown = [name for name in self.train.hparams if name not in self.hparam_sets]
         if unknown:
             raise ConfigError(
-                f"train.hparams: unknown hyperparameter set {', '.join(map(repr, unknown))}; "
-                f"conf/hparams.yaml defines {', '.join(map(repr, self.hparam_sets))}"
+                "train.hparams",
+                f"unknown hyperparameter set {', '.join(map(repr, unknown))}; "
+                f"conf/hparams.yaml defines {', '.join(map(repr, self.hparam_sets))}",
             )
 
     def selected_hparams(self) -> dict[str, HParams]:
@@ -281,7 +287,7 @@ def _from_our_store(uri: str, names: tuple[str, ...]) -> bool:
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
     if not ok:
-        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+        raise ConfigError(key, f"expected {expected}, got {got!r}")
 
 
 def _plain(value: Any) -> Any:
@@ -309,11 +315,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
+        raise ConfigError(str(path), "configuration file not found") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(str(path), f"not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(str(path), "expected a mapping at the top level")
     return data
 
 
@@ -324,7 +330,7 @@ def _apply_override(raw: dict[str, Any], dotted: str, text: str) -> None:
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {part!r} is not a section")
+            raise ConfigError(dotted, f"{part!r} is not a section")
     node[leaf] = _FromCli(text)
 
 
@@ -335,26 +341,26 @@ class _FromCli(str):
 def _build(cls: type, values: Any, where: str) -> Any:
     """Build dataclass ``cls`` from a mapping, checking keys and types recursively."""
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{where or 'configuration'}: expected a mapping, got {values!r}")
+        raise ConfigError(where or "configuration", f"expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"{_join(where, unknown[0])}: unknown key; expected one of {', '.join(sorted(fields))}")
+        raise ConfigError(_join(where, unknown[0]), f"unknown key; expected one of {', '.join(sorted(fields))}")
     kwargs = {}
     for name, f in fields.items():
         key = _join(where, name)
         if name not in values:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{key}: missing")
+                raise ConfigError(key, "missing")
             continue
         kwargs[name] = _coerce(hints[name], values[name], key)
     try:
         return cls(**kwargs)
     except ConfigError as err:
         # Nested checks name the key relative to their section; hparam sets need the set's name.
-        if where.startswith("hparams.yaml") and not str(err).startswith("hparams.yaml"):
-            raise ConfigError(f"{where}.{err}") from None
+        if where.startswith("hparams.yaml") and not err.key.startswith("hparams.yaml"):
+            raise ConfigError(f"{where}.{err.key}", err.problem) from None
         raise
 
 
@@ -377,7 +383,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, _FromCli):
             value = [_FromCli(part.strip()) for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(key, f"expected a list, got {value!r}")
         return tuple(_coerce(args[0], v, key) for v in value)
     if origin in (Mapping, dict) or tp is Mapping:
         return dict(value)
@@ -386,27 +392,27 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return value.lower() in ("true", "1")
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(key, f"expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, _FromCli):
             try:
                 return int(value)
             except ValueError:
-                raise ConfigError(f"{key}: expected an integer, got {str(value)!r}") from None
+                raise ConfigError(key, f"expected an integer, got {str(value)!r}") from None
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(key, f"expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, _FromCli):
             try:
                 return float(value)
             except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {str(value)!r}") from None
+                raise ConfigError(key, f"expected a number, got {str(value)!r}") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(key, f"expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(key, f"expected a string, got {value!r}")
     raise TypeError(f"{key}: unsupported configuration type {tp!r}")  # a bug in this module

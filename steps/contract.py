@@ -9,11 +9,11 @@ from __future__ import annotations
 
 # Experiments are "<stage>/<experiment>", e.g. "train/defect-detection".
 STAGE_PIPELINE = "pipeline"
-STAGE_PREPARE = "prepare"  # not in the contract: the optional data step
+STAGE_PREPARE = "prepare"  # the optional data step
 STAGE_TRAIN = "train"
 STAGE_EVAL = "eval"
 STAGE_INFER = "infer"
-STAGE_PROMOTE = "promote"  # not in the contract: moving prod by hand (rollback)
+STAGE_PROMOTE = "promote"  # moving prod by hand (a rollback)
 
 
 def experiment_name(stage: str, experiment: str) -> str:
@@ -31,8 +31,7 @@ TAG_DATA_DIGEST = "data_digest"
 TAG_HPARAM_SET = "hparam_set"
 TAG_SOURCE_RUN_ID = "source_run_id"
 TAG_PROMOTED = "promoted"
-# Not in the contract (issue 3): why evaluate did or did not promote, the numbers compared, and
-# the prod version it was compared with.
+# Why evaluate did or did not promote, the numbers compared, and the prod version it was compared with.
 TAG_PROMOTION_REASON = "promotion_reason"
 TAG_CHAMPION_VERSION = "champion_version"
 TAG_CHAMPION_RESCORED = "champion_rescored"
@@ -44,9 +43,9 @@ TAG_REQUESTED_BY = "requested_by"
 TAG_BLOCKED_VERSIONS = "blocked_versions"
 TAG_MODEL_URI = "model_uri"
 TAG_MODEL_VERSION = "model_version"
-# Not in the contract (issue 4): which engine scored, local or spark.
+# Which engine scored, local or spark.
 TAG_INFER_ENGINE = "infer_engine"
-# Not in the contract: main's record of why it did not run infer (no `prod` alias yet).
+# main's record of why it did not run infer (no `prod` alias yet).
 TAG_INFER_SKIPPED = "infer_skipped"
 
 # Model-version tags in the registry.
@@ -54,8 +53,8 @@ VERSION_TAG_ACC = "acc"
 VERSION_TAG_TEST_DIGEST = "test_digest"
 VERSION_TAG_SOURCE_RUN_ID = "source_run_id"
 VERSION_TAG_EVAL_RUN_ID = "eval_run_id"
-# Not in the contract (issue 3): "acc.<test_digest>" holds the score on each test set a version was
-# scored on (steps.registry.score_tag); acc and test_digest always hold the latest of them.
+# "acc.<test_digest>" holds the score on each test set a version was scored on
+# (steps.registry.score_tag); acc and test_digest always hold the latest of them.
 VERSION_TAG_DECISION_THRESHOLD = "decision_threshold"
 VERSION_TAG_PROD_SINCE = "prod_since"
 VERSION_TAG_PROD_UNTIL = "prod_until"
@@ -63,19 +62,22 @@ VERSION_TAG_REPLACED_VERSION = "replaced_version"
 # Set on a version that a rollback passed over: the rule never gives it prod again on its own.
 VERSION_TAG_BLOCKED = "prod_blocked"
 
-# Metrics.
+# Metrics. Every epoch of a train child: Keras's names for the loss and accuracy on the training
+# and validation splits (the network is compiled with METRIC_ACCURACY; training keeps the epoch with
+# the best METRIC_VAL_ACCURACY).
 METRIC_LOSS = "loss"
 METRIC_ACCURACY = "accuracy"
 METRIC_VAL_LOSS = "val_loss"
 METRIC_VAL_ACCURACY = "val_accuracy"
+EPOCH_METRICS = (METRIC_LOSS, METRIC_ACCURACY, METRIC_VAL_LOSS, METRIC_VAL_ACCURACY)
 METRIC_BEST_VAL_ACCURACY = "best_val_accuracy"
 METRIC_TEST_ACCURACY = "test_accuracy"
 METRIC_PRECISION = "precision"
 METRIC_RECALL = "recall"
 METRIC_F1 = "f1"
 METRIC_ROC_AUC = "roc_auc"
-# Not in the contract (issue 3): the same metrics at the model's own decision threshold (tuned on
-# the validation split), balanced accuracy at both cut-offs, and the champion's score.
+# The same metrics at the model's own decision threshold (tuned on the validation split), balanced
+# accuracy at both cut-offs, and the champion's score.
 METRIC_BALANCED_ACCURACY = "balanced_accuracy"
 TUNED_PREFIX = "tuned_"
 METRIC_DECISION_THRESHOLD = "decision_threshold"
@@ -88,10 +90,10 @@ METRIC_N_ERRORS = "n_errors"
 # cut-off that stayed at 0.5 shows why (nothing scored better), and one that moved shows the gain.
 METRIC_OBJECTIVE_AT_CUTOFF = "val_objective_at_cutoff"
 METRIC_OBJECTIVE_AT_HALF = "val_objective_at_0.5"
-# Not in the contract (issue 7): images left out by data.skip_bad_images, and the class balance of
-# each split, named by label (good, defect) so the names do not depend on the folder names.
+# Images left out by data.skip_bad_images, and the class balance of each split, named by label
+# (good, defect) so the names do not depend on the folder names; prepare counts each split.
 METRIC_N_SKIPPED = "n_skipped"
-# Not in the contract (issue 5): each train child keeps its best epoch's weights (by val_accuracy),
+# Each train child keeps its best epoch's weights (by val_accuracy),
 # so it records which epoch that was and its validation scores, which pick the best set; its
 # network's forward FLOPs per image; and each epoch's training speed and learning rate. Every
 # stage run, and every train child, carries the library versions as tags "versions.<package>".
@@ -107,7 +109,11 @@ def class_count_metric(split: str, label_name: str) -> str:
     return f"n_{split}_{label_name}"
 
 
-# Not in the contract (issue 7): which process owns a running stage run ("<host>:<pid>:<start>"), so
+def split_count_metric(split: str) -> str:
+    return f"n_{split}"
+
+
+# Which process owns a running stage run ("<host>:<pid>:<start>"), so
 # a later stage can tell a run whose process died (killed, out of memory, lost server) and close it;
 # and why it was closed.
 TAG_PROCESS = "pipeline.process"
@@ -118,6 +124,10 @@ MODEL_ARTIFACT = "model"
 CONFIG_ARTIFACT = "config.yaml"
 MANIFEST_ARTIFACT = "manifest.csv"
 METRICS_ARTIFACT = "metrics.json"
+# metrics.json holds every metric under its own name, the tags above under theirs, and these.
+METRICS_JSON_CONFUSION = "confusion_matrices"  # by cut-off; rows true, columns predicted
+METRICS_JSON_CLASSES = "classes"
+METRICS_JSON_N_TEST = "n_test"
 CONFUSION_ARTIFACT = "confusion_matrix.png"
 CURVES_ARTIFACT = "roc_pr_curves.png"
 MISCLASSIFIED_ARTIFACT = "misclassified.png"

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import zipfile
 from collections import defaultdict
@@ -33,8 +32,8 @@ import pandas as pd
 
 from steps import contract
 
-# The decoder is the registered model's own (steps.serving), so training and serving decode alike.
-from steps.serving import MAX_PIXELS, ImageError, decode_gray  # noqa: F401 - part of this module's API
+# The decoder is the registered model's own, so training and serving decode alike.
+from steps.serving import ImageError, decode_gray
 
 logger = logging.getLogger(__name__)
 
@@ -187,21 +186,18 @@ def _cache_key(paths: Sequence[Path], image_size: int) -> str:
 
 
 def _decode_all(paths: Sequence[Path], image_size: int, progress: bool | None) -> tuple[np.ndarray, dict[int, str]]:
-    from keras.utils import Progbar
-
+    from steps.progress import Progress
     from steps.serving import resize
 
     out = np.zeros((len(paths), image_size, image_size, 1), dtype=np.float32)
     failures: dict[int, str] = {}
-    progress = sys.stdout.isatty() if progress is None else progress  # a bar on a terminal, not in logs
-    bar = Progbar(len(paths), unit_name="image") if progress and len(paths) > 0 else None
-    for i, path in enumerate(paths):
-        try:
-            out[i] = resize(decode_gray(path), image_size)
-        except ImageError as err:
-            failures[i] = str(err)
-        if bar is not None and ((i + 1) % 64 == 0 or i + 1 == len(paths)):
-            bar.update(i + 1)
+    with Progress(len(paths), verb="decoded", bar=progress) as bar:
+        for i, path in enumerate(paths):
+            try:
+                out[i] = resize(decode_gray(path), image_size)
+            except ImageError as err:
+                failures[i] = str(err)
+            bar.step()
     return out, failures
 
 

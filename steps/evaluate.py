@@ -45,7 +45,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from steps import accelerator, cli, contract, plots, registry
+from steps import accelerator, cli, contract, parameters, plots, registry, serving
 from steps.config import Config, RegistryConfig
 from steps.data import (
     DataError,
@@ -59,20 +59,13 @@ from steps.data import (
     other_split,
     scan_split,
 )
-from steps.prepare import ensure_data
-from steps.scoring import model_cutoff, score
-from steps.tracking import (
-    PipelineError,
-    alias_version,
-    first_line,
-    get_run,
-    load_keras,
-    log_config,
-    log_dataset,
-    log_skipped,
-    pipeline_model_problem,
-    stage_run,
-)
+from steps.elpv import ensure_data
+from steps.errors import PipelineError
+from steps.records import log_config, log_dataset, log_skipped
+from steps.registry import alias_version, load_keras, pipeline_model_problem
+from steps.runs import get_run, stage_run
+from steps.scoring import score
+from steps.tracking import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +297,7 @@ def evaluate(config: Config, run_id: str) -> str:
     logger.info("%s", accelerator.describe())
     metadata = info.metadata or {}
     image_size = int(metadata["image_size"])
-    cutoff = model_cutoff(metadata)
+    cutoff = serving.threshold_of(metadata)
     classes = config.data.classes
     data_dir = ensure_data(config)
     samples = scan_split(data_dir, "test", classes)
@@ -360,16 +353,16 @@ def evaluate(config: Config, run_id: str) -> str:
             mlflow.log_metric(contract.METRIC_CHAMPION_TEST_ACCURACY, outcome.champion_acc)
         everything: dict[str, Any] = {
             **metrics,
-            "confusion_matrices": confusions,  # by cut-off; rows true, columns predicted
-            "classes": list(classes),
-            "n_test": len(test.samples),
-            "test_digest": test_digest,
-            "registered_model": outcome.registered_model,
-            "registered_version": outcome.version,
-            "promoted": outcome.promoted,
-            "promotion_reason": outcome.reason,
-            "champion_version": outcome.champion,
-            "champion_test_accuracy": outcome.champion_acc,
+            contract.METRICS_JSON_CONFUSION: confusions,
+            contract.METRICS_JSON_CLASSES: list(classes),
+            contract.METRICS_JSON_N_TEST: len(test.samples),
+            contract.VERSION_TAG_TEST_DIGEST: test_digest,
+            contract.TAG_REGISTERED_MODEL: outcome.registered_model,
+            contract.TAG_REGISTERED_VERSION: outcome.version,
+            contract.TAG_PROMOTED: outcome.promoted,
+            contract.TAG_PROMOTION_REASON: outcome.reason,
+            contract.TAG_CHAMPION_VERSION: outcome.champion,
+            contract.METRIC_CHAMPION_TEST_ACCURACY: outcome.champion_acc,
         }
         mlflow.log_dict(everything, contract.METRICS_ARTIFACT)
 
@@ -384,18 +377,12 @@ def evaluate(config: Config, run_id: str) -> str:
     return eval_run_id
 
 
-OVERRIDES = {
-    "threshold": "evaluate.threshold",
-    "min_improvement": "evaluate.min_improvement",
-    "data_dir": "data.dir",
-    "skip_bad_images": "data.skip_bad_images",
-    "experiment": "experiment",
-}
+OVERRIDES = parameters.overrides("evaluate")
 
 if __name__ == "__main__":
     cli.main(
         evaluate,
         "Score a training run's model on the test set, register it and promote it.",
         OVERRIDES,
-        own=("run_id",),
+        own=parameters.own("evaluate"),
     )

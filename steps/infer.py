@@ -30,17 +30,11 @@ never executes code from the registry; Spark workers load the registered model a
 
 from __future__ import annotations
 
-import csv
 import glob
 import itertools
-import json
 import logging
-import math
 import os
 import re
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,15 +42,19 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from steps import accelerator, cli, contract, plots
+from steps import accelerator, cli, contract, parameters, plots, serving
 from steps.config import Config
-from steps.data import IMAGE_SUFFIXES, is_image
+from steps.data import is_image
+from steps.errors import PipelineError
+from steps.outputs import Writer, error_row, row
+from steps.records import log_config
+from steps.registry import alias_version, load_keras
+from steps.runs import stage_run
 from steps.serving import DefectModel, ImageError
-from steps.tracking import PipelineError, alias_version, load_keras, log_config, stage_run
+from steps.spark import check_spark, score_spark, spark_rows
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("path", "predicted_class", "defect_probability", "decision_threshold", "error")
 # Files read and scored per step: enough to keep both cores busy decoding, little memory. A step
 # also ends once its files' bytes reach CHUNK_BYTES, so a folder of large frames stays bounded too.
 CHUNK = 256
@@ -160,28 +158,10 @@ def load_production_model(model_uri: str, batch_size: int) -> tuple[DefectModel,
         network = load_keras(uri)
     except mlflow.exceptions.MlflowException as err:
         raise PipelineError(f"cannot load {model_uri}: {err.message}") from None
-    config = {
-        "classes": list(metadata["classes"]),  # [good, defect], as the model was trained
-        "decision_threshold": float(metadata.get("decision_threshold", 0.5)),
-        "image_size": int(metadata["image_size"]),
-        "predict_batch_size": batch_size,
-        **NO_PIXEL_CAP,
-    }
+    config = serving.model_config(
+        metadata, predict_batch_size=batch_size, max_request_pixels=NO_PIXEL_CAP["max_request_pixels"]
+    )
     return DefectModel(network, config), uri, version
-
-
-def _error_row(path: Any, reason: str) -> dict[str, Any]:
-    return {"path": str(path), "predicted_class": "", "defect_probability": None,
-            "decision_threshold": None, "error": reason}  # fmt: skip
-
-
-def _row(path: Any, scored: Any) -> dict[str, Any]:
-    """An output row from one row of the model's output (a pandas or a Spark row: read by key)."""
-    if scored["error"]:
-        return _error_row(path, scored["error"])
-    return {"path": str(path), "predicted_class": scored["predicted_class"],
-            "defect_probability": float(scored["defect_probability"]),
-            "decision_threshold": float(scored["decision_threshold"]), "error": ""}  # fmt: skip
 
 
 def chunks(files: list[Path], root: Path) -> Iterator[tuple[list[Path], list[bytes | None], dict[int, str]]]:
@@ -210,187 +190,8 @@ def score_local(model: DefectModel, files: list[Path], root: Path) -> Iterator[d
     """Rows in file order, a chunk at a time; an unreadable file gets its reason, not a crash."""
     for paths, sources, refused in chunks(files, root):
         scored = model.predict(None, pd.DataFrame({"image": sources}), params={"on_error": "row"})
-        for i, (path, row) in enumerate(zip(paths, scored.to_dict("records"), strict=True)):
-            yield _error_row(path, refused[i]) if i in refused else _row(path, row)
-
-
-JAVA_INSTALL = "Debian/Ubuntu: apt-get install openjdk-17-jre-headless; macOS: brew install openjdk@17"
-
-
-def java_problem() -> str | None:
-    """Why Spark cannot start here (it runs on the JVM and needs Java 17 or newer), or None.
-
-    Looks where pyspark does: ``$JAVA_HOME/bin/java``, else ``java`` on ``PATH``.
-    """
-    home = os.environ.get("JAVA_HOME")
-    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
-    if not java or not Path(java).is_file():
-        return "Java was not found (" + (f"JAVA_HOME={home} has no bin/java" if home else "no java on PATH") + ")"
-    try:
-        text = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60).stderr
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"{java} -version failed ({err})"
-    found = re.search(r'version "(\d+)(?:\.(\d+))?', text)
-    major = int(found.group(2) if found and found.group(1) == "1" else found.group(1)) if found else 0
-    return None if major >= 17 else f"{java} is Java {major or 'of an unknown version'}"
-
-
-def check_spark() -> None:
-    """One line, before any work, when ``engine=spark`` cannot run here."""
-    problem = java_problem()
-    if problem:
-        raise PipelineError(
-            f"parameter engine: spark needs Java 17 or newer, and {problem}; install it ({JAVA_INSTALL})"
-        )
-
-
-def score_spark(model_uri: str, files: list[Path] | None, spec: str, master: str) -> Iterator[dict[str, Any]]:
-    """Rows from ``mlflow.pyfunc.spark_udf`` over Spark's ``binaryFile`` source (by path for ``files=None``).
-
-    ``files``: the local files to read (the local engine's list); None for a path only Spark can
-    list (``hdfs://``, ``s3a://``...), read recursively and filtered by image suffix. Rows stream
-    to this process one partition at a time, so the output need not fit in memory.
-    """
-    try:
-        from pyspark.sql import SparkSession
-        from pyspark.sql import functions as F
-    except ImportError:
-        raise PipelineError(
-            "parameter engine: spark needs pyspark and Java 17 or newer: pip install pyspark "
-            "(requirements-dev.txt has it; .ci/run installs Java)"
-        ) from None
-    # Spark's Python workers must be this interpreter, which has the model's packages; they inherit
-    # this environment, so TensorFlow's start-up chatter stays out of the logs there too (steps/__init__.py).
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    try:
-        spark = (
-            SparkSession.builder.master(master)
-            .appName("defect-detection infer")
-            .config("spark.ui.enabled", "false")
-            .config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower())  # a bar on a terminal only
-            .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(CHUNK))
-            .getOrCreate()
-        )
-    except Exception as err:  # noqa: BLE001 - pyspark raises its own runtime error types
-        if "JAVA_GATEWAY_EXITED" not in str(err):
-            raise
-        raise PipelineError(f"parameter engine: Spark's JVM did not start ({JAVA_INSTALL}; Java 17+)") from None
-    udf = mlflow.pyfunc.spark_udf(
-        spark,
-        model_uri,
-        result_type=("predicted_class string, defect_probability double, decision_threshold double, error string"),
-        env_manager="local",
-        params={"on_error": "row"},
-        model_config=NO_PIXEL_CAP,  # an Arrow batch is not a REST request; each image is resized as decoded
-    )
-    reader = spark.read.format("binaryFile")
-    if files is None:
-        suffixes = "|".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
-        frame = reader.option("recursiveFileLookup", "true").load(spec)
-        frame = frame.where(F.lower(F.col("path")).rlike(rf"\.({suffixes})$"))
-    else:
-        frame = reader.load([str(p.absolute()) for p in files])
-    scored = frame.select("path", udf(F.col("content")).alias("p"))
-    if files is None:  # local files are put in the local engine's order by the caller, with no shuffle
-        scored = scored.orderBy("path")
-    # Spark names a local file "file:" + its path, not escaped (Hadoop's Path: "file:/a b/#1.png");
-    # rows name it as the local engine does.
-    local = {str(p.absolute()): str(p) for p in files or []}
-    for record in scored.toLocalIterator():
-        path = record["path"]
-        if path.startswith("file:"):
-            path = local.get("/" + path.removeprefix("file:").lstrip("/"), path)
-        yield _row(path, record["p"])
-
-
-def spark_rows(model_uri: str, files: list[Path], root: Path, spec: str, master: str) -> Iterator[dict[str, Any]]:
-    """Spark's rows for local files, in the local engine's order, with its refusals of links out of ``root``."""
-    refused = {p: reason for p in files if (reason := outside_input(p, root))}
-    by_path = {row["path"]: row for row in score_spark(model_uri, [p for p in files if p not in refused], spec, master)}
-    for path in files:
-        if path in refused:
-            yield _error_row(path, refused[path])
-        else:  # Spark fails the job on a file it cannot read; should a row be missing, it says so
-            yield by_path.get(str(path)) or _error_row(path, "Spark returned no row for this file")
-
-
-class Writer:
-    """Rows to a CSV or JSON Lines file (by suffix) as they come; counts them on the way.
-
-    The rows go to a hidden file beside ``path``, renamed over it once all are written: a reader
-    never sees half a file, a failed or killed run leaves the previous one untouched, and of two
-    runs writing one path the last to finish wins whole.
-    """
-
-    def __init__(self, path: Path, defect_class: str) -> None:
-        self.path, self.defect_class = path, defect_class
-        self.n_images = self.n_scored = self.n_defect = self.n_errors = 0
-        self.defects: list[tuple[float, str]] = []  # (probability, path) of every predicted defect
-
-    def write(self, rows: Iterable[dict[str, Any]], total: int | None = None) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        jsonl = self.path.suffix.lower() == ".jsonl"
-        # Same folder, so the rename is atomic; the PID keeps two runs' partial files apart.
-        part = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
-        try:
-            with part.open("w", newline="") as handle, Progress(total) as progress:
-                writer = None if jsonl else csv.DictWriter(handle, fieldnames=COLUMNS)
-                if writer:
-                    writer.writeheader()
-                for row in rows:
-                    self.count(row)
-                    if writer:
-                        writer.writerow({**row, **_csv_numbers(row)})
-                    else:
-                        handle.write(json.dumps(row) + "\n")
-                    progress.step()
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(part, self.path)
-        finally:
-            part.unlink(missing_ok=True)
-
-    def count(self, row: dict[str, Any]) -> None:
-        self.n_images += 1
-        if row["error"]:
-            self.n_errors += 1
-            return
-        self.n_scored += 1
-        if row["predicted_class"] == self.defect_class:
-            self.n_defect += 1
-            self.defects.append((row["defect_probability"], row["path"]))
-
-
-def _csv_numbers(row: dict[str, Any]) -> dict[str, str]:
-    return {k: "" if row[k] is None else f"{row[k]:.6f}" for k in ("defect_probability", "decision_threshold")}
-
-
-class Progress:
-    """A bar on a terminal; in logs, a line at every tenth of the work (or every 1,000 images)."""
-
-    def __init__(self, total: int | None) -> None:
-        self.total, self.done = total, 0
-        self.bar = None
-        if total and sys.stdout.isatty():
-            from keras.utils import Progbar
-
-            self.bar = Progbar(total, unit_name="image")
-        self.every = max(256, math.ceil(total / 10)) if total else 1000
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def step(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            if self.done % 64 == 0 or self.done == self.total:
-                self.bar.update(self.done)
-        elif self.done % self.every == 0:
-            logger.info("scored %d%s images", self.done, f" of {self.total}" if self.total else "")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is None and self.done % self.every:
-            logger.info("scored %d images", self.done)
+        for i, (path, scored_row) in enumerate(zip(paths, scored.to_dict("records"), strict=True)):
+            yield error_row(path, refused[i]) if i in refused else row(path, scored_row)
 
 
 def log_gradcam(model: DefectModel, defects: list[tuple[float, str]], top: int, root: Path | None) -> None:
@@ -458,9 +259,10 @@ def infer(config: Config) -> str:
         logger.info("scoring %s images with %s (version %s), engine %s", n, config.infer_model_uri, version, ic.engine)
         rows: Iterable[dict[str, Any]]
         if files is None or root is None:
-            rows = score_spark(uri, None, spec, ic.spark_master)
+            rows = score_spark(uri, None, spec, ic.spark_master, CHUNK, NO_PIXEL_CAP)
         elif ic.engine == "spark":
-            rows = spark_rows(uri, files, root, spec, ic.spark_master)
+            refused = {p: reason for p in files if (reason := outside_input(p, root))}
+            rows = spark_rows(uri, files, refused, spec, ic.spark_master, CHUNK, NO_PIXEL_CAP)
         else:
             rows = score_local(model, files, root)
         writer = Writer(output, defect)
@@ -492,16 +294,7 @@ def infer(config: Config) -> str:
     return run.info.run_id
 
 
-OVERRIDES = {
-    "input": "infer.input",
-    "model_uri": "infer.model_uri",
-    "output": "infer.output",
-    "engine": "infer.engine",
-    "spark_master": "infer.spark_master",
-    "allow_errors": "infer.allow_errors",
-    "gradcam_top": "infer.gradcam_top",
-    "experiment": "experiment",
-}
+OVERRIDES = parameters.overrides("infer")
 
 if __name__ == "__main__":
     cli.main(infer, "Predict defect or good for images with the production model.", OVERRIDES)

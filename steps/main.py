@@ -22,44 +22,28 @@ import logging
 
 import mlflow
 
-from steps import cli, contract
+from steps import cli, contract, parameters
 from steps.config import PROJECT_DIR, Config
-from steps.tracking import PipelineError, alias_version, ensure_experiment, log_config, stage_run
+from steps.errors import PipelineError
+from steps.records import log_config
+from steps.registry import alias_version
+from steps.runs import ensure_experiment, stage_run
 
 logger = logging.getLogger(__name__)
 
 
 def stage_parameters(config: Config) -> dict[str, dict[str, str]]:
-    """What main passes to each stage: the values it resolved, so every stage runs on the same ones."""
-    train = {
-        "hparams": ",".join(config.train.hparams),
-        "data_dir": config.data.dir,
-        "seed": str(config.seed),
-        "skip_bad_images": str(config.data.skip_bad_images).lower(),
-        "precision": config.train.precision,
-        "deterministic": str(config.train.deterministic).lower(),
-        "experiment": config.experiment,
-    }
-    for key in ("epochs", "image_size"):  # None: each set's own
-        if getattr(config.train, key) is not None:
-            train[key] = str(getattr(config.train, key))
+    """What main passes to each stage: the values it resolved (``steps.parameters``), so every stage
+    runs on the same ones."""
     return {
-        contract.STAGE_TRAIN: train,
-        contract.STAGE_EVAL: {
-            "threshold": repr(config.evaluate.threshold),
-            "min_improvement": repr(config.evaluate.min_improvement),
-            "data_dir": config.data.dir,
-            "skip_bad_images": str(config.data.skip_bad_images).lower(),
-            "experiment": config.experiment,
-        },
-        contract.STAGE_INFER: {
-            "input": config.infer_input,
-            "output": config.infer.output,
-            "model_uri": config.infer_model_uri,
+        contract.STAGE_TRAIN: parameters.stage_arguments("train", config),  # epochs, image_size: None keeps each set's
+        contract.STAGE_EVAL: parameters.stage_arguments("evaluate", config),
+        contract.STAGE_INFER: parameters.stage_arguments(
+            "infer",
+            config,
             # Images the user chose to skip in training may be in the input too: not a failure then.
-            "allow_errors": str(config.infer.allow_errors or config.data.skip_bad_images).lower(),
-            "experiment": config.experiment,
-        },
+            {"allow_errors": config.infer.allow_errors or config.data.skip_bad_images},
+        ),
     }
 
 
@@ -128,19 +112,7 @@ def main(config: Config, env_manager: str = "") -> dict[str, str]:
     return tags
 
 
-OVERRIDES = {
-    "experiment": "experiment",
-    "hparams": "train.hparams",
-    "epochs": "train.epochs",
-    "image_size": "train.image_size",
-    "data_dir": "data.dir",
-    "seed": "seed",
-    "skip_bad_images": "data.skip_bad_images",
-    "threshold": "evaluate.threshold",
-    "min_improvement": "evaluate.min_improvement",
-    "input": "infer.input",
-    "output": "infer.output",
-}
+OVERRIDES = parameters.overrides("main")
 
 if __name__ == "__main__":
-    cli.main(main, "Run train, evaluate and infer as one pipeline.", OVERRIDES, own=("env_manager",))
+    cli.main(main, "Run train, evaluate and infer as one pipeline.", OVERRIDES, own=parameters.own("main"))

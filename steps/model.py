@@ -3,7 +3,7 @@
 The model takes raw grayscale pixels, ``(batch, height, width, 1)`` floats in 0..255 at any size,
 resizes them to the set's ``image_size`` and scales them as its network expects (``ARCHS``), and
 returns the defect probability ``(batch, 1)``. Augmentation is not part of it: it runs in the training input pipeline
-(``steps.dataset``), so the logged model does exactly what serving needs and nothing else.
+(``steps.batches``), so the logged model does exactly what serving needs and nothing else.
 
 Also here: the optimiser's schedule, the numeric precision (``resolve_precision``) and the
 network's cost in floating-point operations (``forward_flops``), which the benchmark reports.

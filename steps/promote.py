@@ -25,9 +25,12 @@ import sys
 
 import mlflow
 
-from steps import cli, contract, registry
+from steps import cli, contract, parameters, registry
 from steps.config import Config
-from steps.tracking import PipelineError, alias_version, log_config, stage_run
+from steps.errors import PipelineError
+from steps.records import log_config
+from steps.registry import alias_version
+from steps.runs import stage_run
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +125,7 @@ def history(config: Config) -> list[dict]:
     return events
 
 
-OVERRIDES = {"experiment": "experiment"}
+OVERRIDES = parameters.overrides("promote")
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["history"]:
@@ -132,5 +135,5 @@ if __name__ == "__main__":
             promote,
             "Move the prod alias to a chosen version (a rollback), recording who asked and why.",
             OVERRIDES,
-            own=("version", "reason"),
+            own=parameters.own("promote"),
         )

@@ -36,18 +36,21 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 import mlflow
 
 from steps import contract
 from steps.config import RegistryConfig
-from steps.tracking import PipelineError, alias_version
+from steps.errors import PipelineError
+from steps.tracking import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +233,105 @@ def requested_by() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry, e.g. an arbitrary UID in a container
         return "unknown"
+
+
+# --- Loading a registered model ----------------------------------------------------------
+
+
+def load_keras(model_uri: str):
+    """The Keras network of a model in the configured store, with Keras's ``safe_mode`` on.
+
+    Safe mode refuses a file that needs code to run to load (a ``Lambda`` layer's pickled
+    bytecode): a model in the registry is data, never a program. Keras defaults to it; we insist.
+    A served model (``steps.serving``) holds the network as an artifact, which is loaded on its
+    own, so none of the model's logged code runs here; models logged before it are Keras models.
+    Refused as well, before anything is loaded: a Keras model saved as a TensorFlow SavedModel
+    (``tf.saved_model.load`` knows no safe mode) and a file named outside the model's directory.
+    """
+    import keras
+
+    from steps.serving import KERAS_ARTIFACT
+
+    flavors = mlflow.models.get_model_info(model_uri).flavors
+    try:
+        if "keras" in flavors:
+            conf = flavors["keras"]
+            if conf.get("save_exported_model"):
+                raise PipelineError(
+                    f"refused to load {model_uri}: a Keras model saved as a TensorFlow SavedModel "
+                    "(save_exported_model), which loads without Keras's safe_mode; register a .keras model"
+                )
+            _inside_model(model_uri, str(conf.get("data", "data")))
+            return mlflow.keras.load_model(model_uri, load_model_kwargs={"safe_mode": True})
+        artifact = flavors.get("python_function", {}).get("artifacts", {}).get(KERAS_ARTIFACT, {}).get("path")
+        if not artifact:
+            raise PipelineError(f"{model_uri} is not a model of this pipeline: it holds no Keras network")
+        _inside_model(model_uri, artifact)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri)).resolve()
+        if not (local / artifact).resolve().is_relative_to(local):  # a link inside that leads out
+            raise PipelineError(f"refused to load {model_uri}: its file {artifact!r} leads outside the model")
+        return keras.saving.load_model(local / artifact, compile=False, safe_mode=True)
+    except ValueError as err:
+        if "safe_mode" not in str(err):
+            raise
+        raise PipelineError(
+            f"refused to load {model_uri}: it needs code execution to load (Keras safe_mode); "
+            "register models built from the pipeline's own layers"
+        ) from None
+
+
+def _inside_model(model_uri: str, path: str) -> None:
+    """Refuse an ``MLmodel`` path that is absolute or climbs out of the model's directory."""
+    parts = PurePosixPath(path.replace("\\", "/"))
+    if parts.is_absolute() or ".." in parts.parts or re.match(r"^[A-Za-z]:", path) or path.startswith("~"):
+        raise PipelineError(f"refused to load {model_uri}: its MLmodel names {path!r}, outside the model's directory")
+
+
+def pipeline_model_problem(info) -> str | None:
+    """Why a logged model is not one ``train`` logged (None when it is): its ``MLmodel`` must have
+    this pipeline's layout: the served model's code, the Keras network as an artifact inside the
+    model, and the metadata evaluate needs."""
+    from steps.serving import KERAS_ARTIFACT
+
+    pyfunc = (info.flavors or {}).get("python_function", {})
+    if (
+        set(info.flavors or {}) != {"python_function"}
+        or pyfunc.get("loader_module") != "mlflow.pyfunc.loaders.code_model"
+    ):
+        flavors = sorted(info.flavors or {})
+        return f"its flavors are {flavors}, not the served model train logs (python_function, from code)"
+    artifact = pyfunc.get("artifacts", {}).get(KERAS_ARTIFACT, {}).get("path")
+    if not artifact:
+        return f"it holds no Keras network (artifact {KERAS_ARTIFACT})"
+    try:
+        _inside_model(info.model_uri, str(artifact))
+    except PipelineError as err:
+        return str(err).split(": ", 1)[1]
+    metadata = info.metadata or {}
+    missing = [key for key in ("image_size", "classes") if key not in metadata]
+    return f"its metadata has no {', '.join(missing)}" if missing else None
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version an alias points at, as a string (MLflow returns int or str by call), or None when
+    the model or the alias does not exist. Any other error (a store that does not answer) is a
+    ``PipelineError``: read as "no holder", it would hand the alias to any challenger."""
+    for attempt in range(5):
+        try:
+            return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+        except mlflow.exceptions.MlflowException as err:
+            # No model: RESOURCE_DOES_NOT_EXIST; a model without the alias: INVALID_PARAMETER_VALUE, "not found".
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+                err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(err)
+            ):
+                return None
+            if "database is locked" in str(err) and attempt < 4:  # SQLite: another process is writing
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            raise PipelineError(
+                f"cannot read {name}@{alias} ({first_line(err)}); nothing was changed, rerun when the store answers"
+            ) from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 # --- MLflow edge -------------------------------------------------------------------------

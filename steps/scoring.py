@@ -5,9 +5,6 @@ Defect (label 1) is the positive class throughout.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import numpy as np
 
 from steps import contract
@@ -56,11 +53,6 @@ def score(y_true: np.ndarray, prob: np.ndarray, cutoff: float = 0.5) -> tuple[di
     if len(set(np.asarray(y_true).tolist())) == 2:  # ROC-AUC is undefined with one class
         result[contract.METRIC_ROC_AUC] = float(metrics.roc_auc_score(y_true, prob))
     return result, [[tn, fp], [fn, tp]]
-
-
-def model_cutoff(metadata: Mapping[str, Any] | None) -> float:
-    """The decision threshold a logged model carries in its metadata; 0.5 for models from before tuning."""
-    return float((metadata or {}).get("decision_threshold", 0.5))
 
 
 def tune_threshold(y_true: np.ndarray, prob: np.ndarray, name: str) -> float:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,8 +55,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # The Keras network's key among the model's artifacts.
 KERAS_ARTIFACT = "keras_model"
-COLUMNS = ("predicted_class", "defect_probability", "decision_threshold", "error")
+# The output, one row per image: column and type (Spark's and MLflow's names for it).
+OUTPUT = {
+    "predicted_class": "string",
+    "defect_probability": "double",
+    "decision_threshold": "double",
+    "error": "string",
+}
+COLUMNS = tuple(OUTPUT)
 ON_ERROR = ("raise", "row")
+# The cut-off of a model logged without one.
+DEFAULT_THRESHOLD = 0.5
 
 # --- Decoding ----------------------------------------------------------------------------
 
@@ -201,6 +210,51 @@ def _bad_input(message: str) -> MlflowException:
     return BadInput(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+# --- The model's contract: its config, its cut-off, its signature ----------------------
+
+
+def threshold_of(values: Mapping[str, Any] | None) -> float:
+    """The decision threshold in a model's config or metadata (defect at or above it)."""
+    return float((values or {}).get("decision_threshold", DEFAULT_THRESHOLD))
+
+
+def model_config(
+    metadata: Mapping[str, Any], predict_batch_size: int, *, read_paths: bool = False,
+    max_request_pixels: int = MAX_REQUEST_PIXELS,
+) -> dict[str, Any]:  # fmt: skip
+    """The model config, from a logged model's metadata: as train logs it, and as infer rebuilds it
+    around a version's network. A served model does not open files its callers name (``read_paths``)."""
+    return check_config(
+        {
+            "classes": list(metadata["classes"]),  # [good, defect], as the model was trained
+            "decision_threshold": threshold_of(metadata),
+            "image_size": int(metadata["image_size"]),
+            "predict_batch_size": int(predict_batch_size),
+            "read_paths": read_paths,
+            "max_request_pixels": max_request_pixels,
+        }
+    )
+
+
+def signature():
+    """Encoded image bytes in (or, where the loader allows, file paths), one ``OUTPUT`` row out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema(
+            [ColSpec(DataType.binary, "image", required=False), ColSpec(DataType.string, "path", required=False)]
+        ),
+        outputs=Schema([ColSpec(DataType[kind], name) for name, kind in OUTPUT.items()]),
+        params=ParamSchema([ParamSpec("on_error", DataType.string, ON_ERROR[0])]),
+    )
+
+
+def spark_result_type() -> str:
+    """``OUTPUT`` as Spark's DDL schema, for ``mlflow.pyfunc.spark_udf``."""
+    return ", ".join(f"{name} {kind}" for name, kind in OUTPUT.items())
+
+
 def check_config(config: dict[str, Any]) -> dict[str, Any]:
     """The model config, its types checked: a wrong one fails at load time, naming the key."""
     read_paths = config.get("read_paths", False)
@@ -240,7 +294,7 @@ class DefectModel(PythonModel):
 
     @property
     def threshold(self) -> float:
-        return float(self.config.get("decision_threshold", 0.5))
+        return threshold_of(self.config)
 
     @property
     def image_size(self) -> int:

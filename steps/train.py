@@ -34,7 +34,7 @@ Writes, in experiment ``train/<experiment>``:
   names, image size and ``decision_threshold``;
 - on every run, tags ``versions.<package>`` (Python, TensorFlow, Keras, MLflow, NumPy, ...).
 
-Training reads the decoded images from memory through ``steps.dataset`` (seeded shuffle, batch
+Training reads the decoded images from memory through ``steps.batches`` (seeded shuffle, batch
 gather, vectorised augmentation in a parallel map, prefetch). With ``deterministic`` on, TensorFlow's
 deterministic ops make a rerun with the same seed give the same metrics.
 
@@ -45,24 +45,18 @@ here in any case (``evaluate`` registers, and only from a FINISHED run).
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
-from typing import Any
 
 import keras
 import mlflow
 import numpy as np
-import pandas as pd
 import tensorflow as tf
-from PIL import Image
 
-from steps import accelerator, cli, contract, serving, signals
+from steps import accelerator, cli, contract, packaging, parameters, signals
+from steps.batches import eval_batches, training_batches
 from steps.config import Config, HParams
 from steps.data import (
     Sample,
@@ -76,11 +70,11 @@ from steps.data import (
     scan_split,
     stratified_split,
 )
-from steps.dataset import eval_batches, training_batches
+from steps.elpv import ensure_data
 from steps.model import forward_flops, make_model, resolve_precision, schedule, set_seed, with_tta
-from steps.prepare import ensure_data
+from steps.records import log_config, log_dataset, log_skipped
+from steps.runs import nested_run, stage_run
 from steps.scoring import objective, tune_threshold
-from steps.tracking import log_config, log_dataset, log_skipped, nested_run, stage_run
 
 logger = logging.getLogger(__name__)
 
@@ -100,83 +94,6 @@ def pick_best(results: Mapping[str, tuple[float, float]]) -> str:
     return max(results, key=lambda run_id: (results[run_id][0], -results[run_id][1]))
 
 
-def model_signature():
-    """Encoded image bytes in (or, where the loader allows, file paths), one prediction row out."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-
-    return ModelSignature(
-        inputs=Schema(
-            [ColSpec(DataType.binary, "image", required=False), ColSpec(DataType.string, "path", required=False)]
-        ),
-        outputs=Schema(
-            [
-                ColSpec(kind, name)
-                for kind, name in zip(
-                    (DataType.string, DataType.double, DataType.double, DataType.string), serving.COLUMNS, strict=True
-                )
-            ]
-        ),
-        params=ParamSchema([ParamSpec("on_error", DataType.string, "raise")]),
-    )
-
-
-# The Metal plugin's environment marker: a model trained on a Mac must still install where it is
-# served (Linux, most often).
-APPLE_SILICON = '; sys_platform == "darwin" and platform_machine == "arm64"'
-
-
-def model_requirements() -> list[str]:
-    """What a serving environment installs: these versions of what steps/serving.py imports."""
-    requirements = []
-    for name in ("mlflow", "keras", "tensorflow", "tensorflow-metal", "pillow", "pandas"):
-        try:
-            requirements.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            pass  # tensorflow-metal exists on Apple silicon only
-    return [r + (APPLE_SILICON if r.startswith("tensorflow-metal==") else "") for r in requirements]
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """A ``(h, w, 1)`` 0..255 image as PNG bytes: the served model's input example."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(image[:, :, 0]), 0, 255).astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def log_model(
-    network: keras.Model, config: Config, metadata: dict[str, Any], example: np.ndarray
-) -> mlflow.models.model.ModelInfo:
-    """Log the network as the served model (``steps/serving.py``): bytes in, predictions out.
-
-    The file steps/serving.py is logged as the model's code ("models from code"), so loading
-    needs no file of this repository. ``example``: one preprocessed image, the serving example.
-    """
-    model_config = {
-        "classes": list(metadata["classes"]),
-        "decision_threshold": float(metadata["decision_threshold"]),
-        "image_size": int(metadata["image_size"]),
-        "predict_batch_size": config.infer.batch_size,  # not batch_size: MLflow logs these as params too
-        "read_paths": False,  # a served model does not open files its callers name
-        "max_request_pixels": serving.MAX_REQUEST_PIXELS,
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        keras_file = Path(tmp) / "network.keras"
-        network.save(keras_file)
-        return mlflow.pyfunc.log_model(
-            name=contract.MODEL_ARTIFACT,
-            python_model=str(Path(serving.__file__)),
-            artifacts={serving.KERAS_ARTIFACT: str(keras_file)},
-            model_config=model_config,
-            signature=model_signature(),
-            # A DataFrame of PNG bytes: MLflow stores it base64, as a REST client sends it (the
-            # Keras flavor's input_example fails, MLflow #16183; this pyfunc's does not).
-            input_example=pd.DataFrame({"image": [png_bytes(example)]}),
-            pip_requirements=model_requirements(),
-            metadata=metadata,
-        )
-
-
 class EpochLogger(keras.callbacks.Callback):
     """Logs every epoch's metrics to the active run: ``loss``, ``accuracy``, ``val_loss``,
     ``val_accuracy``, ``learning_rate`` and ``images_per_second`` (training images over the
@@ -194,7 +111,8 @@ class EpochLogger(keras.callbacks.Callback):
         speed = self.n_images / max(time.perf_counter() - self.started, 1e-9)
         rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))  # the schedule's, now
         extra = {contract.METRIC_IMAGES_PER_SECOND: speed, contract.METRIC_LEARNING_RATE: rate}
-        mlflow.log_metrics({**{k: float(v) for k, v in (logs or {}).items()}, **extra}, step=epoch)
+        epoch_metrics = {k: float(v) for k, v in (logs or {}).items() if k in contract.EPOCH_METRICS}
+        mlflow.log_metrics({**epoch_metrics, **extra}, step=epoch)
 
 
 class StopOnSignal(keras.callbacks.Callback):
@@ -229,7 +147,7 @@ def fit(
     logger.info("training (%s, %d steps an epoch): %s", precision, steps, hp)
     # The best epoch's weights are kept whether or not training stops early.
     best = keras.callbacks.EarlyStopping(
-        monitor="val_accuracy", mode="max", patience=hp.patience or hp.epochs, restore_best_weights=True
+        monitor=contract.METRIC_VAL_ACCURACY, mode="max", patience=hp.patience or hp.epochs, restore_best_weights=True
     )
     history = model.fit(
         batches,
@@ -248,7 +166,9 @@ def served_network(network: keras.Model, hp: HParams) -> keras.Model:
     has one (``steps.model.with_tta``), compiled to report validation loss and accuracy."""
     served = with_tta(network, hp)
     if served is not network:
-        served.compile(loss=keras.losses.BinaryCrossentropy(label_smoothing=hp.label_smoothing), metrics=["accuracy"])
+        served.compile(
+            loss=keras.losses.BinaryCrossentropy(label_smoothing=hp.label_smoothing), metrics=[contract.METRIC_ACCURACY]
+        )
     return served
 
 
@@ -316,7 +236,7 @@ def fit_one(
             "hparam_set": name,
             "decision_threshold": cutoff,
         }
-        log_model(model, config, metadata, example=val_xy[0][0])
+        packaging.log_model(model, config, metadata, example=val_xy[0][0])
         return child.info.run_id, val_accuracy, val_loss
 
 
@@ -370,17 +290,7 @@ def train(config: Config) -> str:
         return parent.info.run_id
 
 
-OVERRIDES = {
-    "hparams": "train.hparams",
-    "epochs": "train.epochs",
-    "image_size": "train.image_size",
-    "data_dir": "data.dir",
-    "seed": "seed",
-    "skip_bad_images": "data.skip_bad_images",
-    "precision": "train.precision",
-    "deterministic": "train.deterministic",
-    "experiment": "experiment",
-}
+OVERRIDES = parameters.overrides("train")
 
 if __name__ == "__main__":
     cli.main(train, "Train the defect CNN once per hyperparameter set.", OVERRIDES)

@@ -42,12 +42,12 @@ from bench_pipeline import machine  # noqa: E402
 
 from helpers import make_tiny_elpv, publish  # noqa: E402
 from steps import contract  # noqa: E402
+from steps.batches import eval_batches  # noqa: E402
 from steps.config import Config, load_config  # noqa: E402
 from steps.data import Sample, load_split, scan_split  # noqa: E402
-from steps.dataset import eval_batches  # noqa: E402
+from steps.elpv import ensure_data  # noqa: E402
 from steps.explain import unwrap  # noqa: E402
 from steps.model import resolve_precision  # noqa: E402
-from steps.prepare import ensure_data  # noqa: E402
 from steps.scoring import score  # noqa: E402
 from steps.train import fit, served_network, split_train_val  # noqa: E402
 

@@ -30,8 +30,8 @@ from bench_training import build, pipeline_speed  # noqa: E402
 from helpers import publish  # noqa: E402
 from steps.config import HParams, load_config  # noqa: E402
 from steps.data import load_split, scan_split  # noqa: E402
+from steps.elpv import ensure_data  # noqa: E402
 from steps.model import cpu_flags, forward_flops  # noqa: E402
-from steps.prepare import ensure_data  # noqa: E402
 
 BEGIN, END = "<!-- pretrained:begin -->", "<!-- pretrained:end -->"
 SIZES = (160, 192, 224)

@@ -42,11 +42,11 @@ import mlflow  # noqa: E402
 from bench_pipeline import machine  # noqa: E402
 
 from helpers import free_port, publish, spread, wait_until_up  # noqa: E402
-from steps import train  # noqa: E402
+from steps import packaging  # noqa: E402
 from steps.config import load_config  # noqa: E402
 from steps.data import load_images, scan_split  # noqa: E402
+from steps.elpv import ensure_data  # noqa: E402
 from steps.model import make_model, set_seed, with_tta  # noqa: E402
-from steps.prepare import ensure_data  # noqa: E402
 
 BEGIN, END = "<!-- serving:begin -->", "<!-- serving:end -->"
 NAME = "Bench_Reg"
@@ -63,7 +63,7 @@ def register(hparams: str) -> tuple[object, int]:
     metadata = {"classes": list(config.data.classes), "image_size": size, "hparam_set": hparams,
                 "decision_threshold": 0.5}  # fmt: skip
     with mlflow.start_run():
-        info = train.log_model(network, config, metadata, example=np.full((size, size, 1), 128.0, np.float32))
+        info = packaging.log_model(network, config, metadata, example=np.full((size, size, 1), 128.0, np.float32))
     version = mlflow.register_model(info.model_uri, NAME).version
     mlflow.MlflowClient().set_registered_model_alias(NAME, "prod", version)
     return config, size

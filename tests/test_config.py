@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
 import yaml
 
-from steps import cli
+from helpers import PROJECT_DIR
+from steps import cli, contract, main, parameters
 from steps.config import CONF_DIR, ConfigError, load_config
 
 pytestmark = pytest.mark.unit
@@ -145,9 +147,47 @@ def test_cli_empty_parameter_keeps_the_conf_value():
 def test_main_rejects_an_unknown_env_manager_before_any_stage(store):
     import mlflow
 
+    from steps.errors import PipelineError
     from steps.main import main
-    from steps.tracking import PipelineError
 
     with pytest.raises(PipelineError, match="env_manager: expected one of local, uv, virtualenv, conda, got 'docker'"):
         main(load_config(), env_manager="docker")
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []  # no run was started
+
+
+def test_mlproject_declares_exactly_the_parameter_table():
+    """steps.parameters is the one home of every entry point's parameters; MLproject must say the same."""
+    project = yaml.safe_load((PROJECT_DIR / "MLproject").read_text())["entry_points"]
+    assert set(project) == set(parameters.PARAMS)
+    for entry, params in parameters.PARAMS.items():
+        declared = project[entry]["parameters"]
+        assert list(declared) == [p.name for p in params], entry
+        for p in params:
+            spec = declared[p.name]
+            assert spec["type"] == p.type, (entry, p.name)
+            assert ("default" not in spec) == p.required, (entry, p.name)
+            if not p.required:  # empty keeps conf/; only main's env_manager has a value of its own
+                assert spec["default"] == ("local" if p.name == "env_manager" else ""), (entry, p.name)
+        command = " ".join(project[entry]["command"].split())
+        assert command.startswith(f"python -m steps.{entry} ")
+        assert re.findall(r"--(\w+) \{(\w+)\}", command) == [(p.name, p.name) for p in params], entry
+
+
+def test_main_passes_each_stage_every_value_it_resolved():
+    config = load_config({"train.epochs": "3", "evaluate.threshold": "0.7", "infer.gradcam_top": "2"})
+    passed = main.stage_parameters(config)
+    assert passed[contract.STAGE_TRAIN]["epochs"] == "3" and "image_size" not in passed[contract.STAGE_TRAIN]
+    assert passed[contract.STAGE_TRAIN]["hparams"] == ",".join(config.train.hparams)
+    assert passed[contract.STAGE_EVAL]["threshold"] == "0.7"
+    assert passed[contract.STAGE_INFER]["model_uri"] == "models:/Production_Reg@prod"
+    assert passed[contract.STAGE_INFER]["gradcam_top"] == "2"
+    for stage, entry in main.ENTRY_POINTS.items():  # only parameters the stage declares
+        assert set(passed[stage]) <= set(parameters.overrides(entry)), stage
+
+
+def test_the_readme_lists_every_entry_points_parameters_in_order():
+    """The README's table documents steps.parameters; a parameter added to one and not the other fails."""
+    rows = re.findall(r"^\| `(\w+)` \| (.+) \|$", (PROJECT_DIR / "README.md").read_text(), re.M)
+    names = {entry: re.sub(r"\([^)]*\)", "", cells) for entry, cells in rows if entry in parameters.PARAMS}
+    documented = {entry: re.findall(r"`(\w+)`", cells) for entry, cells in names.items()}  # notes in brackets dropped
+    assert documented == {entry: [p.name for p in params] for entry, params in parameters.PARAMS.items()}

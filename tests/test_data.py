@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from steps import prepare
+from steps import elpv
 from steps.config import load_config
-from steps.data import DataError, decode_gray, digest, manifest, scan_split, stratified_split
+from steps.data import DataError, digest, manifest, scan_split, stratified_split
+from steps.serving import decode_gray
 from steps.train import split_train_val
 
 CLASSES = ("ok_front", "def_front")
@@ -39,15 +40,15 @@ def test_stratified_split_rejects_a_fraction_outside_0_1():
 
 @pytest.mark.unit
 def test_elpv_plan_follows_the_protocol():
-    labels = prepare.elpv_labels()
-    plan = prepare.elpv_split(labels, CLASSES)
+    labels = elpv.elpv_labels()
+    plan = elpv.elpv_split(labels, CLASSES)
     assert len(plan) == 2624
     assert Counter(plan["split"]) == {"train": 1968, "test": 656}
     assert (plan["class"] == np.where(plan["probability"] >= 0.5, "def_front", "ok_front")).all()
     # Stratified by probability and cell type: every stratum within one image of 25 %.
     for _, group in plan.groupby(["probability", "type"]):
         assert abs((group["split"] == "test").sum() - len(group) * 0.25) < 1
-    assert plan.equals(prepare.elpv_split(labels, CLASSES))  # the same files every time
+    assert plan.equals(elpv.elpv_split(labels, CLASSES))  # the same files every time
 
 
 @pytest.mark.unit
@@ -63,12 +64,12 @@ def test_validation_split_keeps_both_classes_and_never_touches_test(tiny_data):
 @pytest.mark.data
 def test_materialize_elpv_copies_the_real_files_once(tmp_path):
     data_dir = tmp_path / "data"
-    manifest_frame = prepare.materialize_elpv(data_dir, CLASSES)
+    manifest_frame = elpv.materialize_elpv(data_dir, CLASSES)
     assert Counter(manifest_frame["split"]) == {"train": 1968, "test": 656}
     for split in ("train", "test"):
         assert len(scan_split(data_dir, split, CLASSES)) == (manifest_frame["split"] == split).sum()
     row = manifest_frame.iloc[0]
-    source = Path(prepare.elpv_labels()["source"][0])
+    source = Path(elpv.elpv_labels()["source"][0])
     assert (data_dir / row["file"]).read_bytes() == source.read_bytes()  # the original bytes
     assert (data_dir / "manifest.csv").is_file()
     assert not list(data_dir.glob(".elpv-staging-*"))
@@ -76,22 +77,22 @@ def test_materialize_elpv_copies_the_real_files_once(tmp_path):
 
 @pytest.mark.data
 def test_ensure_data_fills_only_the_projects_own_empty_data_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "PROJECT_DIR", tmp_path)
+    monkeypatch.setattr(elpv, "PROJECT_DIR", tmp_path)
     (tmp_path / "data" / "train" / "ok_front").mkdir(parents=True)  # empty folders are fine
     config = load_config({"data.dir": str(tmp_path / "data")})
-    assert prepare.ensure_data(config) == (tmp_path / "data").resolve()
+    assert elpv.ensure_data(config) == (tmp_path / "data").resolve()
     assert len(scan_split(tmp_path / "data", "test", CLASSES)) == 656
 
 
 @pytest.mark.data
 def test_ensure_data_never_overwrites_user_images(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "PROJECT_DIR", tmp_path)
+    monkeypatch.setattr(elpv, "PROJECT_DIR", tmp_path)
     mine = tmp_path / "data" / "train" / "ok_front" / "mine.png"
     mine.parent.mkdir(parents=True)
     Image.new("L", (8, 8), 200).save(mine)
     before = hashlib.sha256(mine.read_bytes()).hexdigest()
     config = load_config({"data.dir": str(tmp_path / "data")})
-    prepare.ensure_data(config)
+    elpv.ensure_data(config)
     assert hashlib.sha256(mine.read_bytes()).hexdigest() == before
     assert [p.name for p in (tmp_path / "data").rglob("*.png")] == ["mine.png"]
     with pytest.raises(DataError, match=r"no class folder 'def_front'.*expected one folder per class"):
@@ -102,7 +103,7 @@ def test_ensure_data_never_overwrites_user_images(tmp_path, monkeypatch):
 def test_another_empty_data_dir_is_an_error_naming_the_layout(tmp_path):
     config = load_config({"data.dir": str(tmp_path / "mine")})
     with pytest.raises(DataError) as err:
-        prepare.ensure_data(config)
+        elpv.ensure_data(config)
     message = str(err.value)
     assert f"data.dir (-P data_dir): {(tmp_path / 'mine').resolve()} is not a directory" in message
     assert f"{(tmp_path / 'mine').resolve()}/train/def_front/" in message

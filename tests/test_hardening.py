@@ -21,13 +21,14 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from helpers import PROJECT_DIR, encode
-from steps import evaluate, infer, prepare, registry, serving, tracking
+from steps import elpv, evaluate, infer, registry, serving, tracking
 from steps.config import load_config
 from steps.data import SPLITS, DataError, scan_split
+from steps.errors import PipelineError
 from steps.evaluate import register_and_promote
 from steps.promote import promote
+from steps.registry import alias_version
 from steps.serving import FORMATS, DefectModel, ImageError, decode_gray
-from steps.tracking import PipelineError, alias_version
 
 pytestmark = pytest.mark.unit
 CONFIG = load_config({"experiment": "test"})
@@ -332,27 +333,27 @@ def test_every_input_form_refuses_links_out_of_its_root(tmp_path):
 
 @pytest.mark.data
 def test_a_copy_of_elpv_that_died_between_its_splits_is_done_again(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "PROJECT_DIR", tmp_path)
-    labels = prepare.elpv_labels()
-    monkeypatch.setattr(prepare, "elpv_labels", lambda: labels.iloc[::40].reset_index(drop=True))  # 66 cells
+    monkeypatch.setattr(elpv, "PROJECT_DIR", tmp_path)
+    labels = elpv.elpv_labels()
+    monkeypatch.setattr(elpv, "elpv_labels", lambda: labels.iloc[::40].reset_index(drop=True))  # 66 cells
     config = load_config({"data.dir": str(tmp_path / "data")})
-    real_rename = prepare.os.rename
+    real_rename = elpv.os.rename
 
     def dies_after_train(src, dst):
         real_rename(src, dst)
         if Path(dst).name == "train":
             raise SystemExit("killed")  # a death between the two splits
 
-    monkeypatch.setattr(prepare.os, "rename", dies_after_train)
+    monkeypatch.setattr(elpv.os, "rename", dies_after_train)
     with pytest.raises(SystemExit):
-        prepare.ensure_data(config)
+        elpv.ensure_data(config)
     data = tmp_path / "data"
-    assert (data / "train").is_dir() and not (data / "test").exists() and (data / prepare.INCOMPLETE).exists()
-    (data / f"{prepare.STAGING_PREFIX}left-by-sigkill").mkdir()  # what a SIGKILL leaves besides
+    assert (data / "train").is_dir() and not (data / "test").exists() and (data / elpv.INCOMPLETE).exists()
+    (data / f"{elpv.STAGING_PREFIX}left-by-sigkill").mkdir()  # what a SIGKILL leaves besides
 
-    monkeypatch.setattr(prepare.os, "rename", real_rename)
-    prepare.ensure_data(config)
-    assert not (data / prepare.INCOMPLETE).exists() and not list(data.glob(f"{prepare.STAGING_PREFIX}*"))
+    monkeypatch.setattr(elpv.os, "rename", real_rename)
+    elpv.ensure_data(config)
+    assert not (data / elpv.INCOMPLETE).exists() and not list(data.glob(f"{elpv.STAGING_PREFIX}*"))
     manifest = pd.read_csv(data / "manifest.csv")
     for split in SPLITS:
         assert len(scan_split(data, split, CLASSES)) == int((manifest["split"] == split).sum())
@@ -360,14 +361,14 @@ def test_a_copy_of_elpv_that_died_between_its_splits_is_done_again(tmp_path, mon
 
 @pytest.mark.data
 def test_a_half_copy_with_files_of_the_users_own_is_not_deleted(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "PROJECT_DIR", tmp_path)
-    monkeypatch.setattr(prepare, "elpv_split", lambda labels, classes: pd.DataFrame({"file": ["train/ok_front/a.png"]}))
+    monkeypatch.setattr(elpv, "PROJECT_DIR", tmp_path)
+    monkeypatch.setattr(elpv, "elpv_split", lambda labels, classes: pd.DataFrame({"file": ["train/ok_front/a.png"]}))
     mine = tmp_path / "data" / "train" / "ok_front" / "mine.png"
     mine.parent.mkdir(parents=True)
     Image.new("L", (8, 8)).save(mine)
-    (tmp_path / "data" / prepare.INCOMPLETE).write_text("")
+    (tmp_path / "data" / elpv.INCOMPLETE).write_text("")
     with pytest.raises(DataError, match=r"half-finished copy of ELPV .* also .*mine.png, which is not part of it"):
-        prepare.ensure_data(load_config({"data.dir": str(tmp_path / "data")}))
+        elpv.ensure_data(load_config({"data.dir": str(tmp_path / "data")}))
     assert mine.exists()
 
 
@@ -388,7 +389,7 @@ def crafted(tmp_path: Path, flavors: dict, metadata: dict | None = None) -> str:
 def test_a_keras_model_saved_as_a_savedmodel_is_refused(tmp_path):
     uri = crafted(tmp_path, {"keras": {"data": "data", "save_exported_model": True, "keras_version": "3.15.1"}})
     with pytest.raises(PipelineError, match=r"a Keras model saved as a TensorFlow SavedModel"):
-        tracking.load_keras(uri)
+        registry.load_keras(uri)
 
 
 @pytest.mark.parametrize("path", ["/etc/network.keras", "../../elsewhere/network.keras", "C:/x/network.keras"])
@@ -397,13 +398,13 @@ def test_an_artifact_path_outside_the_model_is_refused(tmp_path, path):
                                    "artifacts": {serving.KERAS_ARTIFACT: {"path": path}}}}  # fmt: skip
     uri = crafted(tmp_path, flavors, {"image_size": 32, "classes": list(CLASSES)})
     with pytest.raises(PipelineError, match=r"its MLmodel names .*, outside the model's directory"):
-        tracking.load_keras(uri)
-    assert "outside the model's directory" in tracking.pipeline_model_problem(mlflow.models.get_model_info(uri))
+        registry.load_keras(uri)
+    assert "outside the model's directory" in registry.pipeline_model_problem(mlflow.models.get_model_info(uri))
 
 
 def test_only_the_pipelines_own_layout_is_registered(tmp_path):
     keras_only = mlflow.models.get_model_info(crafted(tmp_path, {"keras": {"data": "data"}}))
-    assert tracking.pipeline_model_problem(keras_only).startswith("its flavors are ['keras']")
+    assert registry.pipeline_model_problem(keras_only).startswith("its flavors are ['keras']")
 
 
 def test_evaluate_follows_best_run_id_only_into_a_train_experiment(store):

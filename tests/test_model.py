@@ -9,9 +9,9 @@ import pytest
 
 from steps import model as model_module
 from steps.config import load_config
-from steps.data import decode_gray, load_images, scan_split
+from steps.data import load_images, scan_split
 from steps.model import forward_flops, learning_rate, make_model, resolve_precision, schedule, set_seed
-from steps.serving import resize
+from steps.serving import decode_gray, resize
 
 pytestmark = pytest.mark.model
 HP = dataclasses.replace(load_config().hparam_sets["small"], image_size=32)

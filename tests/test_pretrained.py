@@ -150,7 +150,7 @@ def test_fine_tuning_on_a_tiny_subset_logs_what_train_logs(tiny_data, store, tmp
     from steps import contract
     from steps.config import load_config
     from steps.explain import unwrap
-    from steps.tracking import load_keras
+    from steps.registry import load_keras
     from steps.train import train
 
     pretrained_sets = [n for n, hp in load_config().hparam_sets.items() if hp.arch == "efficientnet_lite0"]

@@ -12,10 +12,10 @@ import pytest
 
 from steps import registry
 from steps.config import load_config
+from steps.errors import PipelineError
 from steps.evaluate import Outcome, choose_registry, register_and_promote
 from steps.promote import history, promote
 from steps.registry import Scored, decide, judge, score_on
-from steps.tracking import PipelineError
 
 pytestmark = pytest.mark.unit
 CONFIG = load_config({"experiment": "test"})
@@ -160,7 +160,7 @@ def register(acc: float, digest: str = D1, cfg=None) -> Outcome:
 
 
 def holder() -> str | None:
-    from steps.tracking import alias_version
+    from steps.registry import alias_version
 
     return alias_version(REGISTRY.production, REGISTRY.alias)
 

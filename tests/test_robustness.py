@@ -24,10 +24,12 @@ from PIL import Image
 from conftest import WORLD_EXPERIMENT as EXPERIMENT  # the world's runs are in it
 from conftest import world_config
 from helpers import BAD_FILES, assert_store_consistent, encode, real_png, use_copy_of, write_bad
-from steps import cli, contract, evaluate, infer, main, promote, train
+from steps import cli, contract, evaluate, infer, main, packaging, promote, spark, train
 from steps.config import load_config
-from steps.data import DataError, ImageError, decode_gray
-from steps.tracking import PipelineError, alias_version
+from steps.data import DataError
+from steps.errors import PipelineError
+from steps.registry import alias_version
+from steps.serving import ImageError, decode_gray
 
 # --- The bad files (helpers.BAD_FILES) ------------------------------------------------------
 
@@ -309,7 +311,7 @@ def test_spark_without_java_fails_before_any_work_in_one_line(store_copy, tiny_d
     err = capsys.readouterr().err.strip()
     assert err == (
         f"error: parameter engine: spark needs Java 17 or newer, and Java was not found (JAVA_HOME={tmp_path}/no-java "
-        f"has no bin/java); install it ({infer.JAVA_INSTALL})"
+        f"has no bin/java); install it ({spark.JAVA_INSTALL})"
     )
     assert snapshot(client) == before
 
@@ -327,7 +329,7 @@ def test_java_version_is_read_as_pyspark_finds_it(printed, problem, tmp_path, mo
     java.write_text(f"#!/bin/sh\necho '{printed}' >&2\n")
     java.chmod(0o755)
     monkeypatch.setenv("JAVA_HOME", str(tmp_path))
-    found = infer.java_problem()
+    found = spark.java_problem()
     assert found == problem if problem is None else found.endswith(problem)
 
 
@@ -351,7 +353,7 @@ def test_a_model_that_needs_code_to_load_is_refused(flavor, store_copy, data, tm
     metadata = {"classes": ["ok_front", "def_front"], "image_size": 32, "decision_threshold": 0.5}
     with mlflow.start_run(experiment_id=client.get_experiment_by_name(f"train/{EXPERIMENT}").experiment_id) as run:
         if flavor == "served":
-            train.log_model(network, config_for(data, tmp_path), metadata, example=np.zeros((32, 32, 1)))
+            packaging.log_model(network, config_for(data, tmp_path), metadata, example=np.zeros((32, 32, 1)))
         else:
             mlflow.keras.log_model(
                 network,
@@ -360,7 +362,7 @@ def test_a_model_that_needs_code_to_load_is_refused(flavor, store_copy, data, tm
                     Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 1))]),
                     Schema([TensorSpec(np.dtype(np.float32), (-1, 1))]),
                 ),
-                pip_requirements=train.model_requirements(),  # not inferred: that loads the model, which fails
+                pip_requirements=packaging.model_requirements(),  # not inferred: that loads the model, which fails
                 metadata=metadata,
             )
     before = snapshot(client)

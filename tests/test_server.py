@@ -16,7 +16,7 @@ import mlflow
 import pytest
 
 from helpers import PROJECT_DIR, assert_store_consistent, free_port, mlflow_run, running_server, wait_for_epochs
-from steps import contract, tracking
+from steps import contract, errors, tracking
 
 pytestmark = pytest.mark.e2e
 
@@ -133,12 +133,12 @@ def test_a_server_with_authentication_refuses_wrong_credentials_in_one_line(tmp_
         monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
-        with pytest.raises(tracking.PipelineError) as err:
+        with pytest.raises(errors.PipelineError) as err:
             tracking.configure()
         assert str(err.value).startswith(f"the tracking server at {uri} answered HTTP 401: the credentials given")
 
         monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
-        with pytest.raises(tracking.PipelineError, match="answered HTTP 401: no credentials were given; set"):
+        with pytest.raises(errors.PipelineError, match="answered HTTP 401: no credentials were given; set"):
             tracking.configure()
 
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "right-password-1234")

@@ -27,10 +27,10 @@ from PIL import Image
 
 from conftest import world_config
 from helpers import BAD_FILES, PROJECT_DIR, encode, free_port, real_png, use_copy_of, wait_until_up, write_bad
-from steps import cli, contract, infer
+from steps import cli, contract, infer, spark
 from steps.data import load_images
 from steps.explain import gradcam, last_feature_map
-from steps.tracking import load_keras
+from steps.registry import load_keras
 
 pytestmark = pytest.mark.model
 
@@ -85,7 +85,7 @@ def first_cell(data: Path) -> Image.Image:
 # --- Spark -----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(infer.java_problem() is not None, reason=f"Spark needs Java 17+: {infer.java_problem()}")
+@pytest.mark.skipif(spark.java_problem() is not None, reason=f"Spark needs Java 17+: {spark.java_problem()}")
 def test_spark_engine_predicts_what_the_local_engine_does(store_copy, tiny_data, tmp_path):
     incoming = Path(shutil.copytree(tiny_data / "test", tmp_path / "incoming"))
     (incoming / "def_front" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -101,13 +101,13 @@ def test_spark_engine_predicts_what_the_local_engine_does(store_copy, tiny_data,
         cli.main(infer.infer, "", infer.OVERRIDES, argv=argv)
         rows[engine] = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["path"] for r in rows["spark"]] == [r["path"] for r in rows["local"]]
-    for local, spark in zip(rows["local"], rows["spark"], strict=True):
-        assert spark["predicted_class"] == local["predicted_class"]
-        assert spark["error"] == local["error"]
+    for local, remote in zip(rows["local"], rows["spark"], strict=True):
+        assert remote["predicted_class"] == local["predicted_class"]
+        assert remote["error"] == local["error"]
         if local["error"]:
-            assert spark["defect_probability"] is None
+            assert remote["defect_probability"] is None
         else:
-            assert spark["defect_probability"] == pytest.approx(local["defect_probability"], abs=1e-6)
+            assert remote["defect_probability"] == pytest.approx(local["defect_probability"], abs=1e-6)
     assert sum(1 for r in rows["spark"] if r["error"]) == 1
     runs = mlflow.search_runs(experiment_names=[f"infer/{EXPERIMENT}"], output_format="list")
     assert sorted(r.data.tags[contract.TAG_INFER_ENGINE] for r in runs) == ["local", "spark"]
@@ -336,12 +336,12 @@ def test_a_killed_infer_leaves_the_previous_predictions_untouched(store_copy, ti
     output = tmp_path / "predictions.csv"
     output.write_text("path,predicted_class,defect_probability,decision_threshold,error\nold.png,ok_front,0.1,0.5,\n")
     before = output.read_bytes()
-    cmd = [sys.executable, str(PROJECT_DIR / "tests" / "signal_at.py"), "SIGKILL", "steps.infer:Progress.step",
+    cmd = [sys.executable, str(PROJECT_DIR / "tests" / "signal_at.py"), "SIGKILL", "steps.progress:Progress.step",
            "raise", "infer", "--", "--input", str(tiny_data / "test"), "--output", str(output),
            "--experiment", EXPERIMENT]  # fmt: skip
     done = subprocess.run(cmd, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
-    assert "signal_at: SIGKILL at steps.infer:Progress.step" in done.stderr  # killed with rows being written
+    assert "signal_at: SIGKILL at steps.progress:Progress.step" in done.stderr  # killed with rows being written
     assert output.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")]  # the partial rows went aside
 

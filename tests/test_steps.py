@@ -18,8 +18,8 @@ from conftest import SCRATCH_SETS
 from helpers import building_store, use_copy_of
 from steps import cli, contract, evaluate, infer, main
 from steps.config import load_config
+from steps.errors import PipelineError
 from steps.model import resolve_precision
-from steps.tracking import PipelineError
 from steps.train import train
 
 pytestmark = pytest.mark.model

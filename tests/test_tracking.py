@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from steps import contract, tracking
+from steps import contract, errors, runs, tracking
 
 pytestmark = pytest.mark.unit
 
@@ -41,8 +41,8 @@ def test_artifacts_sit_beside_a_sqlite_store_and_nowhere_special_for_a_server(tm
 
 
 def test_stage_experiments_keep_their_artifacts_in_the_store_folder(store, tmp_path):
-    experiment_id = tracking.ensure_experiment("train/unit")
-    assert tracking.ensure_experiment("train/unit") == experiment_id  # found, not created twice
+    experiment_id = runs.ensure_experiment("train/unit")
+    assert runs.ensure_experiment("train/unit") == experiment_id  # found, not created twice
     location = mlflow.MlflowClient().get_experiment(experiment_id).artifact_location
     assert location == (tmp_path / "mlruns").as_uri() + "/train_unit"
 
@@ -55,7 +55,7 @@ def test_an_unreachable_server_fails_at_once_naming_the_uri(monkeypatch):
         port = s.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    with pytest.raises(tracking.PipelineError, match=f"cannot reach the tracking server at {uri} "):
+    with pytest.raises(errors.PipelineError, match=f"cannot reach the tracking server at {uri} "):
         tracking.configure()
 
 
@@ -78,10 +78,10 @@ def test_only_runs_whose_process_died_are_closed(store):
     """A dead process on this host, or (for another host's process) an ended parent: closed as FAILED.
     A process still running here, or another host's run whose parent still runs: left alone."""
     client = mlflow.MlflowClient()
-    experiment = tracking.ensure_experiment("reap/test")
+    experiment = runs.ensure_experiment("reap/test")
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = tracking.process_identity(int(finished.stdout))  # that PID has exited (or now names another process)
-    alive = tracking.process_identity()  # this test's own process
+    dead = runs.process_identity(int(finished.stdout))  # that PID has exited (or now names another process)
+    alive = runs.process_identity()  # this test's own process
     elsewhere = "another-host:1:1"
 
     def run(identity, parent=None):
@@ -91,21 +91,21 @@ def test_only_runs_whose_process_died_are_closed(store):
     ended_parent = run(alive)
     client.set_terminated(ended_parent)
     running_parent = run(alive)
-    runs = {
+    made = {
         "dead": run(dead),
         "alive": run(alive),
         "alive, parent ended": run(alive, ended_parent),
         "elsewhere, parent ended": run(elsewhere, ended_parent),
         "elsewhere, parent running": run(elsewhere, running_parent),
     }
-    reaped = tracking.reap_stale_runs(experiment)
+    reaped = runs.reap_stale_runs(experiment)
 
-    assert sorted(reaped) == sorted([runs["dead"], runs["elsewhere, parent ended"]])
-    for name, run_id in runs.items():
+    assert sorted(reaped) == sorted([made["dead"], made["elsewhere, parent ended"]])
+    for name, run_id in made.items():
         got = client.get_run(run_id)
         assert got.info.status == ("FAILED" if run_id in reaped else "RUNNING"), name
-    assert "is no longer running" in client.get_run(runs["dead"]).data.tags[contract.TAG_REAPED]
+    assert "is no longer running" in client.get_run(made["dead"]).data.tags[contract.TAG_REAPED]
     assert (
         f"parent run {ended_parent} has ended"
-        in client.get_run(runs["elsewhere, parent ended"]).data.tags[contract.TAG_REAPED]
+        in client.get_run(made["elsewhere, parent ended"]).data.tags[contract.TAG_REAPED]
     )

@@ -1,4 +1,4 @@
-"""The training input pipeline (steps.dataset) and the decoded-image cache (steps.data)."""
+"""The training input pipeline (steps.batches) and the decoded-image cache (steps.data)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from steps import data
-from steps.dataset import augment, training_batches
+from steps.batches import augment, training_batches
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,81 @@
+"""infer's output: one row per input image, written to CSV or JSON Lines as the rows come, renamed
+into place only when complete."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from steps import serving
+from steps.progress import Progress
+
+COLUMNS = ("path", *serving.COLUMNS)
+
+
+def error_row(path: Any, reason: str) -> dict[str, Any]:
+    return {"path": str(path), "predicted_class": "", "defect_probability": None,
+            "decision_threshold": None, "error": reason}  # fmt: skip
+
+
+def row(path: Any, scored: Any) -> dict[str, Any]:
+    """An output row from one row of the model's output (a pandas or a Spark row: read by key)."""
+    if scored["error"]:
+        return error_row(path, scored["error"])
+    return {"path": str(path), "predicted_class": scored["predicted_class"],
+            "defect_probability": float(scored["defect_probability"]),
+            "decision_threshold": float(scored["decision_threshold"]), "error": ""}  # fmt: skip
+
+
+class Writer:
+    """Rows to a CSV or JSON Lines file (by suffix) as they come; counts them on the way.
+
+    The rows go to a hidden file beside ``path``, renamed over it once all are written: a reader
+    never sees half a file, a failed or killed run leaves the previous one untouched, and of two
+    runs writing one path the last to finish wins whole.
+    """
+
+    def __init__(self, path: Path, defect_class: str) -> None:
+        self.path, self.defect_class = path, defect_class
+        self.n_images = self.n_scored = self.n_defect = self.n_errors = 0
+        self.defects: list[tuple[float, str]] = []  # (probability, path) of every predicted defect
+
+    def write(self, rows: Iterable[dict[str, Any]], total: int | None = None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        jsonl = self.path.suffix.lower() == ".jsonl"
+        # Same folder, so the rename is atomic; the PID keeps two runs' partial files apart.
+        part = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
+        try:
+            with part.open("w", newline="") as handle, Progress(total) as progress:
+                writer = None if jsonl else csv.DictWriter(handle, fieldnames=COLUMNS)
+                if writer:
+                    writer.writeheader()
+                for row in rows:
+                    self.count(row)
+                    if writer:
+                        writer.writerow({**row, **_csv_numbers(row)})
+                    else:
+                        handle.write(json.dumps(row) + "\n")
+                    progress.step()
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(part, self.path)
+        finally:
+            part.unlink(missing_ok=True)
+
+    def count(self, row: dict[str, Any]) -> None:
+        self.n_images += 1
+        if row["error"]:
+            self.n_errors += 1
+            return
+        self.n_scored += 1
+        if row["predicted_class"] == self.defect_class:
+            self.n_defect += 1
+            self.defects.append((row["defect_probability"], row["path"]))
+
+
+def _csv_numbers(row: dict[str, Any]) -> dict[str, str]:
+    return {k: "" if row[k] is None else f"{row[k]:.6f}" for k in ("defect_probability", "decision_threshold")}

@@ -1,0 +1,67 @@
+"""The served model as train logs it: ``steps/serving.py`` as the model's code, the Keras network as its
+artifact, the model config built from the metadata (``serving.model_config``), the signature
+(``serving.signature``), a PNG serving example and the pinned requirements of a serving environment.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from steps import contract, serving
+from steps.config import Config
+
+# The Metal plugin's environment marker: a model trained on a Mac must still install where it is
+# served (Linux, most often).
+APPLE_SILICON = '; sys_platform == "darwin" and platform_machine == "arm64"'
+
+
+def model_requirements() -> list[str]:
+    """What a serving environment installs: these versions of what steps/serving.py imports."""
+    requirements = []
+    for name in ("mlflow", "keras", "tensorflow", "tensorflow-metal", "pillow", "pandas"):
+        try:
+            requirements.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pass  # tensorflow-metal exists on Apple silicon only
+    return [r + (APPLE_SILICON if r.startswith("tensorflow-metal==") else "") for r in requirements]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A ``(h, w, 1)`` 0..255 image as PNG bytes: the served model's input example."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(image[:, :, 0]), 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def log_model(network: Any, config: Config, metadata: dict[str, Any], example: np.ndarray) -> Any:
+    """Log the network as the served model (``steps/serving.py``): bytes in, predictions out; its ModelInfo.
+
+    The file steps/serving.py is logged as the model's code ("models from code"), so loading
+    needs no file of this repository. ``example``: one preprocessed image, the serving example.
+    """
+    # predict_batch_size, not batch_size: MLflow logs the config's keys as params too.
+    model_config = serving.model_config(metadata, predict_batch_size=config.infer.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        keras_file = Path(tmp) / "network.keras"
+        network.save(keras_file)
+        return mlflow.pyfunc.log_model(
+            name=contract.MODEL_ARTIFACT,
+            python_model=str(Path(serving.__file__)),
+            artifacts={serving.KERAS_ARTIFACT: str(keras_file)},
+            model_config=model_config,
+            signature=serving.signature(),
+            # A DataFrame of PNG bytes: MLflow stores it base64, as a REST client sends it (the
+            # Keras flavor's input_example fails, MLflow #16183; this pyfunc's does not).
+            input_example=pd.DataFrame({"image": [png_bytes(example)]}),
+            pip_requirements=model_requirements(),
+            metadata=metadata,
+        )
