@@ -16,7 +16,8 @@ other than PNG, JPEG, BMP, TIFF, GIF or WebP, or a symlink leading out of the in
 followed; such a row has no prediction and the rest of the batch still runs). The input's root is
 the directory given, a glob's directory part before its first wildcard, or a single file's folder.
 Rows are in path order. ``output`` is written aside and renamed into place when complete: a crash
-or a kill leaves the previous file as it was. Nothing else is written on disk. In
+or a kill leaves the previous file as it was (a SIGKILL may leave the hidden ``.<name>.<pid>.part``
+beside it). Nothing else is written on disk. In
 experiment ``infer/<experiment>`` one run with tags ``model_uri``, ``model_version`` and
 ``infer_engine``; metrics ``n_images`` (every image given), ``n_scored`` (those predicted),
 ``n_defect`` and ``n_errors`` (those that could not be read); the output file and, when any

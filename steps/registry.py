@@ -1,4 +1,5 @@
-"""Who holds ``prod``: the promotion rule, the alias move that stays right under concurrency, and its history.
+"""Who holds ``prod``: the promotion rule, the alias move that stays right under concurrency, and its
+history; and loading a registered model's network safely (``load_keras``, ``pipeline_model_problem``).
 
 The rule (``decide``): only scores on one test set (one ``test_digest``) are compared. Among the
 versions of ``Production_Reg`` scored on that set and not blocked, the best (highest ``acc``; ties
