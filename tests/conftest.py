@@ -12,10 +12,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from helpers import PROJECT_DIR, free_port, make_tiny_elpv, without_spark_connect
+from helpers import PROJECT_DIR, free_port, make_tiny_elpv
 from steps.config import load_config
-
-without_spark_connect()  # before anything imports MLflow's Spark checks (helpers.py says why)
 
 
 def optional_parts() -> list[tuple[str, str | None, str]]:

@@ -264,23 +264,3 @@ def write_bad(kind: str, folder: Path, real: bytes) -> Path:
     path = folder / f"bad_{kind}{SUFFIX.get(kind, '.png')}"
     path.write_bytes(make(real))
     return path
-
-
-def without_spark_connect() -> None:
-    """Make ``import pyspark.sql.connect.dataframe`` fail at once where it would fail anyway.
-
-    ``make test`` runs the suite in pytest-xdist workers, started as ``python -c``, and
-    test_concurrency spawns processes from them: their ``__main__`` has no file, which pyspark's
-    Spark Connect module takes for a doctest run and answers with ``sys.exit(0)`` when MLflow imports
-    it to look for Spark data frames. Where Spark Connect's own dependencies are missing, that import
-    fails with ImportError outside xdist, and MLflow takes that as "no Spark data frame".
-    """
-    main = sys.modules["__main__"]
-    if getattr(main, "__spec__", None) is not None or hasattr(main, "__file__"):
-        return
-    try:
-        from pyspark.testing.connectutils import should_test_connect
-    except ImportError:  # no pyspark: nothing imports Spark Connect
-        return
-    if not should_test_connect:
-        sys.modules["pyspark.sql.connect.dataframe"] = None  # type: ignore[assignment]
