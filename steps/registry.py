@@ -317,22 +317,18 @@ def alias_version(name: str, alias: str) -> str | None:
     """The version an alias points at, as a string (MLflow returns int or str by call), or None when
     the model or the alias does not exist. Any other error (a store that does not answer) is a
     ``PipelineError``: read as "no holder", it would hand the alias to any challenger."""
-    for attempt in range(5):
-        try:
-            return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
-        except mlflow.exceptions.MlflowException as err:
-            # No model: RESOURCE_DOES_NOT_EXIST; a model without the alias: INVALID_PARAMETER_VALUE, "not found".
-            if err.error_code == "RESOURCE_DOES_NOT_EXIST" or (
-                err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(err)
-            ):
-                return None
-            if "database is locked" in str(err) and attempt < 4:  # SQLite: another process is writing
-                time.sleep(0.05 * (attempt + 1))
-                continue
-            raise PipelineError(
-                f"cannot read {name}@{alias} ({first_line(err)}); nothing was changed, rerun when the store answers"
-            ) from None
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    try:
+        # Retried like a write: SQLite answers "database is locked" while another process writes.
+        return str(_retried(mlflow.MlflowClient().get_model_version_by_alias, name, alias).version)
+    except mlflow.exceptions.MlflowException as err:
+        # No model: RESOURCE_DOES_NOT_EXIST; a model without the alias: INVALID_PARAMETER_VALUE, "not found".
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+            err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(err)
+        ):
+            return None
+        raise PipelineError(
+            f"cannot read {name}@{alias} ({first_line(err)}); nothing was changed, rerun when the store answers"
+        ) from None
 
 
 # --- MLflow edge -------------------------------------------------------------------------
@@ -342,15 +338,15 @@ def alias_version(name: str, alias: str) -> str | None:
 _RACE_ERRORS = ("UNIQUE constraint failed", "IntegrityError", "duplicate key value", "database is locked")
 
 
-def _write(call: Callable[..., Any], *args: Any) -> Any:
-    """One registry write, retried when it collided with the same write from another process."""
+def _retried(call: Callable[..., Any], *args: Any) -> Any:
+    """One registry call, retried when it collided with another process's write."""
     for attempt in range(5):
         try:
             return call(*args)
         except mlflow.exceptions.MlflowException as err:
             if attempt == 4 or not any(text in str(err) for text in _RACE_ERRORS):
                 raise
-            logger.debug("registry write collided with another process; retrying: %s", err)
+            logger.debug("registry call collided with another process; retrying: %s", err)
             time.sleep(0.05 * (attempt + 1))
 
 
@@ -396,9 +392,9 @@ def _run_status(client: mlflow.MlflowClient, run_id: str) -> str:
 def record_score(client: mlflow.MlflowClient, name: str, version: str, acc: float, digest: str) -> None:
     """``acc`` and ``test_digest`` become this score; ``acc.<digest>`` keeps it beside earlier ones."""
     value = repr(acc)  # repr: float(tag) == the metric, exactly
-    _write(client.set_model_version_tag, name, version, score_tag(digest), value)
-    _write(client.set_model_version_tag, name, version, contract.VERSION_TAG_ACC, value)
-    _write(client.set_model_version_tag, name, version, contract.VERSION_TAG_TEST_DIGEST, digest)
+    _retried(client.set_model_version_tag, name, version, score_tag(digest), value)
+    _retried(client.set_model_version_tag, name, version, contract.VERSION_TAG_ACC, value)
+    _retried(client.set_model_version_tag, name, version, contract.VERSION_TAG_TEST_DIGEST, digest)
 
 
 def move_alias(
@@ -426,17 +422,17 @@ def move_alias(
     }
     key = history_key(alias, ns, secrets.token_hex(3))
     # Record first: a process killed between these writes leaves "intended", never an unrecorded move.
-    _write(client.set_registered_model_tag, name, key, json.dumps(event))
-    _write(client.set_registered_model_alias, name, alias, to)
+    _retried(client.set_registered_model_tag, name, key, json.dumps(event))
+    _retried(client.set_registered_model_alias, name, alias, to)
     done = time.time_ns()  # the move's own time orders the history (history_events)
     at = datetime.fromtimestamp(done / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")
     event.update({"state": "done", "at": at, "ns": done})
-    _write(client.set_registered_model_tag, name, key, json.dumps(event))
-    _write(client.set_model_version_tag, name, to, contract.VERSION_TAG_PROD_SINCE, at)
-    _write(client.set_model_version_tag, name, to, contract.VERSION_TAG_REPLACED_VERSION, came_from or "")
+    _retried(client.set_registered_model_tag, name, key, json.dumps(event))
+    _retried(client.set_model_version_tag, name, to, contract.VERSION_TAG_PROD_SINCE, at)
+    _retried(client.set_model_version_tag, name, to, contract.VERSION_TAG_REPLACED_VERSION, came_from or "")
     if came_from is not None and came_from != to:
         try:
-            _write(client.set_model_version_tag, name, came_from, contract.VERSION_TAG_PROD_UNTIL, at)
+            _retried(client.set_model_version_tag, name, came_from, contract.VERSION_TAG_PROD_UNTIL, at)
         except mlflow.exceptions.MlflowException:
             logger.warning("version %s, which held %s@%s, no longer exists", came_from, name, alias)
     logger.info("%s@%s: version %s -> %s (%s)", name, alias, came_from, to, reason)
@@ -511,7 +507,7 @@ def pin(
         target, _ = decide(version, read_versions(client, registry.production, digest), min_improvement)
         if target is None or target == version:
             return blocked
-        _write(client.set_model_version_tag, registry.production, target, contract.VERSION_TAG_BLOCKED, note)
+        _retried(client.set_model_version_tag, registry.production, target, contract.VERSION_TAG_BLOCKED, note)
         blocked.append(target)
 
 
