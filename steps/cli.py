@@ -66,7 +66,20 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") >= "2":  # quiet unless asked (steps/__init__.py)
         logging.getLogger("tensorflow").setLevel(logging.ERROR)  # "tf.function retracing" notes and the like
-    signals.install()
+    try:
+        with signals.installed():
+            return _run(step, description, overrides, argv, own)
+    except signals.Terminated:  # arrived after _run had returned, before the handler was removed
+        _stopped(signal.SIGTERM)
+
+
+def _run(
+    step: Callable[..., Any],
+    description: str,
+    overrides: Mapping[str, str],
+    argv: Sequence[str] | None,
+    own: Sequence[str],
+) -> Any:
     try:
         config, own_args = parse(description, overrides, argv, own)
         configure()

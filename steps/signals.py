@@ -10,8 +10,10 @@ end): a stage that was told to stop never ends FINISHED or exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 _received: signal.Signals | None = None
 
@@ -30,10 +32,25 @@ def _on_sigterm(signum: int, frame: object) -> None:
     # cut short the writes that close the runs as KILLED.
 
 
-def install() -> None:
-    """Handle SIGTERM in this process (handlers live on the main thread; elsewhere this does nothing)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """Handle SIGTERM while the block runs, then put back the handler the process had.
+
+    Only for the block: a Python handler runs between bytecodes, so a process whose main thread is
+    stuck in C code (a library's exit hook, say) would never act on SIGTERM. Once the stage is done,
+    SIGTERM must kill again, as it does a pool worker that ran a stage in-process. Handlers live on
+    the main thread; elsewhere this does nothing.
+    """
+    global _received
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _received = None  # a signal that stopped an earlier stage in this process is not this one's
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def received() -> signal.Signals | None:

@@ -118,8 +118,29 @@ def warm_up() -> None:
 
 @pytest.fixture(scope="module")
 def pool():
-    with multiprocessing.get_context("spawn").Pool(PROCESSES, initializer=warm_up) as workers:
+    workers = multiprocessing.get_context("spawn").Pool(PROCESSES, initializer=warm_up)
+    try:
         yield workers
+    finally:
+        # Not Pool.terminate (what `with Pool()` does): it SIGTERMs the workers and joins them with no
+        # time limit, and CI once hung there for the rest of its 90 minutes. Workers are asked to
+        # finish and given a minute; any left are killed and named, so a stuck one fails the suite
+        # instead of hanging it.
+        workers.close()
+        deadline = time.monotonic() + 60
+        stuck = [p for p in multiprocessing.active_children() if not finished(p, deadline - time.monotonic())]
+        workers.join()
+        assert not stuck, f"pool workers that did not exit within a minute of close(): {stuck}"
+
+
+def finished(process, timeout: float) -> bool:
+    """Join ``process`` within ``timeout`` seconds; kill it if it is still alive after that."""
+    process.join(max(0.0, timeout))
+    if process.is_alive():
+        process.kill()
+        process.join()
+        return False
+    return True
 
 
 def stage_in_a_fresh_store(uri: str, data_dir: str, start_at: float) -> str:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 
 import pytest
 import yaml
 
 from helpers import PROJECT_DIR
-from steps import cli, contract, main, parameters
+from steps import cli, contract, main, parameters, signals
 from steps.config import CONF_DIR, ConfigError, load_config
 
 pytestmark = pytest.mark.unit
@@ -133,6 +135,35 @@ def test_cli_rejects_a_bad_parameter_before_the_step_runs(capsys, tmp_path, monk
     assert called == []
     assert capsys.readouterr().err.strip() == "error: parameter epochs (train.epochs): expected an integer, got 'abc'"
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started
+
+
+def test_cli_handles_sigterm_only_while_its_stage_runs(tmp_path, monkeypatch, capsys):
+    """The stage's SIGTERM handler goes when the stage ends: a process that ran a stage in-process (a
+    pool worker, a test) must die of SIGTERM again, even if stuck in C code where no Python handler runs."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+    assert (
+        cli.main(lambda config: seen.append(signal.getsignal(signal.SIGTERM)) or "done", "test", {}, argv=[]) == "done"
+    )
+    assert seen == [signals._on_sigterm]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    def stopped(config):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here, in the step
+        pytest.fail("SIGTERM did not stop the step")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(stopped, "test", {}, argv=[])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert (
+        capsys.readouterr().err.strip().endswith("error: stopped by SIGTERM; any run it had started is marked KILLED")
+    )
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert signals.received() is signal.SIGTERM
+    cli.main(lambda config: None, "test", {}, argv=[])  # a later stage in this process starts afresh
+    assert signals.received() is None
 
 
 def test_cli_empty_parameter_keeps_the_conf_value():
