@@ -96,8 +96,9 @@ def plain_speed(model: keras.Model, x: np.ndarray, y: np.ndarray, hp: HParams, s
     return n / (time.perf_counter() - start)
 
 
-def measure(config: Config, quick: bool, repeats: int) -> dict[str, Any]:
-    """Every figure of the training benchmark, on ``config``'s data and sets."""
+def measure(config: Config, quick: bool, repeats: int, bfloat16: bool = True) -> dict[str, Any]:
+    """Every figure of the training benchmark, on ``config``'s data and sets; without ``bfloat16``,
+    no bfloat16 figure (a CPU without bfloat16 instructions emulates it, many times slower)."""
     seed = config.seed
     size = next(iter(config.selected_hparams().values())).image_size
     data_dir = ensure_data(config)
@@ -110,7 +111,9 @@ def measure(config: Config, quick: bool, repeats: int) -> dict[str, Any]:
 
     result: dict[str, Any] = {"n_train": len(x), "size": size, "steps": steps, "repeats": repeats}
     n = 1024 if quick else 2048
-    result["peak"] = {"float32": peak_gflops(tf.float32, n), "bfloat16": peak_gflops(tf.bfloat16, n)}
+    result["peak"] = {"float32": peak_gflops(tf.float32, n)}
+    if bfloat16:
+        result["peak"]["bfloat16"] = peak_gflops(tf.bfloat16, n)
 
     sets = {}
     for name, hp in config.selected_hparams().items():
@@ -135,22 +138,8 @@ def measure(config: Config, quick: bool, repeats: int) -> dict[str, Any]:
     big = max(sets, key=lambda k: sets[k]["flops"])
     hp = dataclasses.replace(config.hparam_sets[big], image_size=size)
     fp32 = sets[big]["model"]
-    bf16 = build(hp, seed, "mixed_bfloat16")
-    short = max(2, steps // 4)  # bfloat16 may be several times slower: fewer steps, same comparison
-    speeds = {"float32": [], "mixed_bfloat16": []}
-    for _ in range(repeats):
-        speeds["float32"].append(pipeline_speed(fp32, x, y, hp, seed, short))
-        speeds["mixed_bfloat16"].append(pipeline_speed(bf16, x, y, hp, seed, short))
-    bf16.set_weights(fp32.get_weights())  # the same weights, computed in bfloat16
-    p32 = fp32.predict(xv, verbose=0).reshape(-1)
-    p16 = bf16.predict(xv, verbose=0).reshape(-1)
-    result["precision"] = {
-        "set": big,
-        "speeds": speeds,
-        "ratio": [b / a for a, b in zip(speeds["float32"], speeds["mixed_bfloat16"], strict=True)],
-        "max_prob_diff": float(np.abs(p32 - p16).max()),
-        "same_class": float(np.mean((p32 >= 0.5) == (p16 >= 0.5))),
-    }
+    if bfloat16:
+        result["precision"] = compare_precisions(fp32, hp, big, x, y, xv, seed, repeats, max(2, steps // 4))
 
     # Scaling: seconds per epoch against the number of images, images per second against the size;
     # each the median of interleaved repeats, as above.
@@ -174,6 +163,29 @@ def measure(config: Config, quick: bool, repeats: int) -> dict[str, Any]:
     return result
 
 
+def compare_precisions(
+    fp32: keras.Model, hp: HParams, name: str, x: np.ndarray, y: np.ndarray, xv: np.ndarray, seed: int,
+    repeats: int, steps: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Set ``name`` in mixed bfloat16 against float32: training speeds, and how far the same weights'
+    predictions move. ``steps`` is kept short: bfloat16 may be several times slower."""
+    bf16 = build(hp, seed, "mixed_bfloat16")
+    speeds: dict[str, list[float]] = {"float32": [], "mixed_bfloat16": []}
+    for _ in range(repeats):
+        speeds["float32"].append(pipeline_speed(fp32, x, y, hp, seed, steps))
+        speeds["mixed_bfloat16"].append(pipeline_speed(bf16, x, y, hp, seed, steps))
+    bf16.set_weights(fp32.get_weights())  # the same weights, computed in bfloat16
+    p32 = fp32.predict(xv, verbose=0).reshape(-1)
+    p16 = bf16.predict(xv, verbose=0).reshape(-1)
+    return {
+        "set": name,
+        "speeds": speeds,
+        "ratio": [b / a for a, b in zip(speeds["float32"], speeds["mixed_bfloat16"], strict=True)],
+        "max_prob_diff": float(np.abs(p32 - p16).max()),
+        "same_class": float(np.mean((p32 >= 0.5) == (p16 >= 0.5))),
+    }
+
+
 def report(result: dict[str, Any], command: str) -> str:
     peak = result["peak"]
     lines = [
@@ -185,8 +197,7 @@ def report(result: dict[str, Any], command: str) -> str:
         "",
         "| machine peak (best large matrix product) | GFLOP/s |",
         "| --- | --- |",
-        f"| float32 | {peak['float32']:.0f} |",
-        f"| bfloat16 | {peak['bfloat16']:.0f} |",
+        *[f"| {dtype} | {gflops:.0f} |" for dtype, gflops in peak.items()],
         "",
         "| set | forward MFLOP/image | pipeline images/s | plain Keras loop images/s | pipeline / plain "
         "| achieved training GFLOP/s | of float32 peak |",
@@ -198,15 +209,20 @@ def report(result: dict[str, Any], command: str) -> str:
             f"| {name} | {s['flops'] / 1e6:.0f} | {spread(s['pipeline'], '{:.2f}')} | {spread(s['plain'], '{:.2f}')} "
             f"| **{spread(s['ratio'], '{:.2f}')}** | {achieved:.0f} | {achieved / peak['float32']:.0%} |"
         )
-    p = result["precision"]
+    p = result.get("precision")
+    if p:
+        lines += [
+            "",
+            f"| set {p['set']}: precision | training images/s |",
+            "| --- | --- |",
+            *[f"| {policy} | {spread(v, '{:.2f}')} |" for policy, v in p["speeds"].items()],
+            f"| mixed_bfloat16 / float32 | **{spread(p['ratio'], '{:.2f}')}** |",
+            f"| same weights, validation images: largest probability change | {p['max_prob_diff']:.4f} |",
+            f"| same weights, validation images: same class at 0.5 | {p['same_class']:.1%} |",
+        ]
+    else:
+        lines += ["", "bfloat16 not measured (`--no-bfloat16`)."]
     lines += [
-        "",
-        f"| set {p['set']}: precision | training images/s |",
-        "| --- | --- |",
-        *[f"| {policy} | {spread(v, '{:.2f}')} |" for policy, v in p["speeds"].items()],
-        f"| mixed_bfloat16 / float32 | **{spread(p['ratio'], '{:.2f}')}** |",
-        f"| same weights, validation images: largest probability change | {p['max_prob_diff']:.4f} |",
-        f"| same weights, validation images: same class at 0.5 | {p['same_class']:.1%} |",
         "",
         f"| set {result['scaling']['set']}: training images | seconds per epoch |",
         "| --- | --- |",
@@ -237,12 +253,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke check on a tiny subset (about a minute)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5, quick 2)")
+    parser.add_argument("--no-bfloat16", action="store_true", help="skip the bfloat16 figures (slow where emulated)")
     parser.add_argument("--write", action="store_true", help="replace the training section of BENCHMARKS.md")
     options = parser.parse_args()
     repeats = options.repeats or (2 if options.quick else 5)
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
-        result = measure(bench_config(options.quick, Path(tmp)), options.quick, repeats)
-    text = report(result, "make bench" + (" ARGS=--quick" if options.quick else ""))
+        result = measure(bench_config(options.quick, Path(tmp)), options.quick, repeats, not options.no_bfloat16)
+    if options.no_bfloat16:  # not a make flag: `make bench` passes ARGS to the pipeline benchmark too
+        command = "python tests/bench_training.py" + (" --quick" if options.quick else "") + " --no-bfloat16"
+    else:
+        command = "make bench" + (" ARGS=--quick" if options.quick else "")
+    text = report(result, command)
     publish(text, BEGIN, END, options.write, options.quick)
 
 

@@ -5,6 +5,7 @@ The pipeline half of the benchmark (``bench_pipeline``) runs in ``test_e2e``, wh
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import bench_accuracy
@@ -23,20 +24,18 @@ def finite_positive(*values: float) -> bool:
 
 
 def test_quick_training_benchmark_produces_every_figure(tiny_data):
-    # One set: the sets themselves are each trained in test_model and test_steps.
+    # One set: the sets themselves are each trained in test_model and test_steps. No bfloat16: a CPU
+    # without its instructions emulates it, many times slower; its figures are checked on their own below.
     config = load_config({"data.dir": str(tiny_data), "train.image_size": "32", "train.hparams": "small"})
-    result = bench_training.measure(config, quick=True, repeats=2)
+    result = bench_training.measure(config, quick=True, repeats=2, bfloat16=False)
 
-    assert finite_positive(result["peak"]["float32"], result["peak"]["bfloat16"])
+    assert list(result["peak"]) == ["float32"] and finite_positive(result["peak"]["float32"])
     assert list(result["sets"]) == ["small"]
     for figures in result["sets"].values():
         assert finite_positive(figures["flops"])
         for key in ("pipeline", "plain", "ratio", "achieved"):
             assert len(figures[key]) == 2 and finite_positive(*figures[key]), key
-    precision = result["precision"]
-    assert precision["set"] in config.train.hparams
-    assert finite_positive(*precision["speeds"]["float32"], *precision["speeds"]["mixed_bfloat16"], *precision["ratio"])
-    assert 0 <= precision["max_prob_diff"] < 0.1 and precision["same_class"] > 0.5
+    assert "precision" not in result
     by_count, by_size = result["scaling"]["by_count"], result["scaling"]["by_size"]
     assert len(by_count) == 3 and all(finite_positive(n, secs) for n, secs in by_count)
     assert [s for s, _, _ in by_size] == [32, 48] and all(finite_positive(f, ips) for _, f, ips in by_size)
@@ -44,8 +43,26 @@ def test_quick_training_benchmark_produces_every_figure(tiny_data):
     text = bench_training.report(result, "make bench ARGS=--quick")
     assert text.startswith(bench_training.BEGIN) and text.endswith(bench_training.END)
     assert "nan" not in text and "inf" not in text
-    for figure in ("float32 |", "bfloat16 |", "pipeline / plain", "of float32 peak", "mixed_bfloat16 / float32",
-                   "seconds per epoch", "training images/s |", "Measured "):  # fmt: skip
+    for figure in ("float32 |", "pipeline / plain", "of float32 peak", "bfloat16 not measured", "seconds per epoch",
+                   "training images/s |", "Measured "):  # fmt: skip
+        assert figure in text
+
+
+def test_precision_comparison_on_a_small_network(tiny_data):
+    """bfloat16 against float32 on a network of a few thousand weights at 16x16: seconds even where emulated."""
+    config = load_config({"data.dir": str(tiny_data)})
+    hp = dataclasses.replace(config.hparam_sets["small"], image_size=16, stem_filters=4, filters=[8], batch_size=8)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (16, 16, 16, 1)).astype("float32")
+    y = (rng.uniform(size=16) > 0.5).astype("float32")
+    fp32 = bench_training.build(hp, 0)
+    result = bench_training.compare_precisions(fp32, hp, "small", x, y, x[:8], seed=0, repeats=1, steps=2)
+    assert finite_positive(*result["speeds"]["float32"], *result["speeds"]["mixed_bfloat16"], *result["ratio"])
+    assert 0 <= result["max_prob_diff"] < 0.1 and result["same_class"] > 0.5
+    rest = {"n_train": 16, "size": 16, "steps": 2, "repeats": 1, "peak": {"float32": 1.0}, "sets": {},
+            "scaling": {"set": "small", "by_count": [], "by_size": []}}  # fmt: skip
+    text = bench_training.report({**rest, "precision": result}, "make bench")
+    for figure in ("mixed_bfloat16 / float32", "largest probability change", "same class at 0.5"):
         assert figure in text
 
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import bench_pipeline
 import mlflow
@@ -24,9 +25,9 @@ from steps.tracking import create_sqlite_store
 pytestmark = pytest.mark.e2e
 
 
-def run_main(tiny_data: Path, store: str, tmp_path: Path, threshold: str, seed: str) -> dict[str, str]:
-    """main through `mlflow run`, timed and read back by the benchmark's pipeline half, whose every
-    figure must be there; the main run's tags."""
+def run_main(tiny_data: Path, store: str, tmp_path: Path, threshold: str, seed: str) -> tuple[dict[str, str], str]:
+    """main through `mlflow run`, timed and read back by the benchmark's pipeline half; the main run's
+    tags (and "output") and the benchmark's report."""
     output = tmp_path / f"predictions-{threshold}-{seed}.csv"
     params = {
         "data_dir": str(tiny_data),
@@ -39,11 +40,7 @@ def run_main(tiny_data: Path, store: str, tmp_path: Path, threshold: str, seed: 
     }
     result = bench_pipeline.run(params, store, experiment="e2e")
     assert result["status"] == "FINISHED"
-    text = bench_pipeline.report(result, params)
-    assert "nan" not in text, text
-    for figure in ("wall time", "accuracy |", "balanced accuracy", "precision / recall / F1", "ROC-AUC", "best set"):
-        assert figure in text
-    return {**result["tags"], "output": str(output)}
+    return {**result["tags"], "output": str(output)}, bench_pipeline.report(result, params)
 
 
 def kill_training(tiny_data: Path, store: str) -> tuple[int, str]:
@@ -60,100 +57,166 @@ def kill_training(tiny_data: Path, store: str) -> tuple[int, str]:
     return done.returncode, done.stderr
 
 
-def test_main_trains_evaluates_registers_promotes_and_infers(tiny_data, store, tmp_path):
-    client = mlflow.MlflowClient()
+class Scenario(NamedTuple):
+    """What the shared pipeline run saw, phase by phase: each test below checks one part of it."""
 
-    # A training killed mid-way with SIGKILL cannot close its runs: they stay RUNNING until the next stage.
+    store: str
+    killed: tuple[int, str, dict[str, str]]  # the SIGKILLed training: exit code, stderr, run statuses then
+    first: dict[str, str]  # main's run tags, and "output"
+    report: str  # the pipeline benchmark's report of that main
+    twin: subprocess.CompletedProcess  # the twin main, started beside it
+    after_mains: tuple[list, str]  # Production_Reg's versions and the prod version once both mains ended
+    evaluations: list[subprocess.CompletedProcess]  # the two evaluations at once
+    after_evaluations: tuple[list, str]  # Production_Reg's versions and the prod version then
+    promoted: tuple[subprocess.CompletedProcess, str, str]  # promote by hand: result, version, reason
+    history: list[str]  # `python -m steps.promote history`, line by line
+
+
+@pytest.fixture(scope="module")
+def scenario(tiny_data, tmp_path_factory) -> Scenario:
+    """One store through every phase, in order: a training SIGKILLed mid-way; two mains at once (this
+    one timed by the pipeline benchmark, and a twin in experiment e2e-twin, one set, another seed,
+    registering into the same Production_Reg); two evaluations at once through `mlflow run`; prod
+    moved by hand with `promote`. Each phase runs as users run it, as its own processes."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(store)
+
     code, stderr = kill_training(tiny_data, store)
-    assert code == -signal.SIGKILL, stderr[-3000:]
-    train_experiment = client.get_experiment_by_name("train/e2e").experiment_id
-    dead = {r.info.run_id: r.info.status for r in client.search_runs([train_experiment])}
-    assert sorted(dead.values()) == ["RUNNING", "RUNNING"]
+    train_experiment = client.get_experiment_by_name("train/e2e")
+    statuses = {r.info.run_id: r.info.status for r in client.search_runs([train_experiment.experiment_id])}
 
-    # Two mains at once on one store: this one, and a twin in experiment e2e-twin (one set, another
-    # seed) registering into the same Production_Reg. Both must be recorded; prod ends on the better.
     twin_params = {"data_dir": str(tiny_data), "epochs": "1", "image_size": "32", "hparams": "small", "seed": "7",
                    "threshold": "0.0", "output": str(tmp_path / "twin.csv"), "experiment": "e2e-twin"}  # fmt: skip
     cmd, env = mlflow_run_command("main", twin_params, store, "pipeline/e2e-twin")
     twin = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = run_main(tiny_data, store, tmp_path, threshold="0.0", seed="42")
+    first, report = run_main(tiny_data, store, tmp_path, threshold="0.0", seed="42")
     twin_out, twin_err = twin.communicate(timeout=900)
-    assert twin.returncode == 0, twin_err[-5000:]
-    twin_run = client.search_runs([client.get_experiment_by_name("pipeline/e2e-twin").experiment_id])[0]
-    assert twin_run.info.status == "FINISHED" and twin_run.data.tags[contract.TAG_REGISTERED_MODEL] == "Production_Reg"
-    both = client.search_model_versions("name = 'Production_Reg'")
-    assert sorted(str(v.version) for v in both) == ["1", "2"]
-    best_acc = max(float(v.tags["acc"]) for v in both)
-    best_version = min(int(v.version) for v in both if float(v.tags["acc"]) == best_acc)  # ties: the earlier
-    assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(best_version)
+    twin_done = subprocess.CompletedProcess(cmd, twin.returncode, twin_out, twin_err)
+    after_mains = (
+        client.search_model_versions("name = 'Production_Reg'"),
+        str(client.get_model_version_by_alias("Production_Reg", "prod").version),
+    )
 
-    # The next main ran cleanly, and its train stage closed the SIGKILLed runs, saying why.
-    for run_id in dead:
+    # Two evaluations at once: a second model (another set of the same train run) over the bar, and
+    # the first train run again under a bar no model can pass (1.0, the highest legal threshold).
+    train_run = client.get_run(first[contract.TAG_TRAIN_RUN_ID])
+    other_set = next(c for c in children_of(client, train_run) if c.info.run_id != first[contract.TAG_BEST_RUN_ID])
+    data = {"data_dir": str(tiny_data), "experiment": "e2e"}
+    second = {"run_id": other_set.info.run_id, "threshold": "0.0", **data}
+    below = {"run_id": first[contract.TAG_TRAIN_RUN_ID], "threshold": "1.0", **data}
+    evaluations = mlflow_runs_at_once(("evaluate", second, store, "eval/e2e"), ("evaluate", below, store, "eval/e2e"))
+
+    versions = client.search_model_versions("name = 'Production_Reg'")
+    prod = str(client.get_model_version_by_alias("Production_Reg", "prod").version)
+
+    # prod moved by hand to a version that does not hold it, through mlflow run.
+    other = next(str(v.version) for v in versions if str(v.version) != prod)
+    reason = "line 2 reports missed cracks"  # spaces survive mlflow run's command line
+    promoted = mlflow_run("promote", {"version": other, "reason": reason, "experiment": "e2e"}, store, "promote/e2e")
+    shown = subprocess.run(
+        [sys.executable, "-m", "steps.promote", "history"],
+        capture_output=True, text=True, cwd=PROJECT_DIR, env={**os.environ, "MLFLOW_TRACKING_URI": store},
+    )  # fmt: skip
+    return Scenario(
+        store, (code, stderr, statuses), first, report, twin_done, after_mains, evaluations, (versions, prod),
+        (promoted, other, reason), shown.stdout.splitlines() if shown.returncode == 0 else [shown.stderr],
+    )  # fmt: skip
+
+
+def children_of(client, train_run) -> list:
+    return client.search_runs([train_run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{train_run.info.run_id}'")
+
+
+@pytest.fixture
+def client(scenario):
+    return mlflow.MlflowClient(scenario.store)
+
+
+def test_a_sigkilled_training_leaves_its_runs_running(scenario):
+    """SIGKILL is the out-of-memory killer, which no process can answer: its runs stay RUNNING."""
+    code, stderr, statuses = scenario.killed
+    assert code == -signal.SIGKILL, stderr[-3000:]
+    assert sorted(statuses.values()) == ["RUNNING", "RUNNING"]
+
+
+def test_the_next_training_closes_the_killed_runs_saying_why(scenario, client):
+    for run_id in scenario.killed[2]:
         run = client.get_run(run_id)
         assert run.info.status == "FAILED" and "is no longer running" in run.data.tags[contract.TAG_REAPED]
-    assert first[contract.TAG_BEST_RUN_ID] not in dead
+    assert scenario.first[contract.TAG_BEST_RUN_ID] not in scenario.killed[2]
 
-    # Three nested train runs under the train parent, and best_run_id names the best of them.
-    train_run = client.get_run(first[contract.TAG_TRAIN_RUN_ID])
+
+def test_main_is_timed_by_the_pipeline_benchmark_with_every_figure(scenario):
+    assert "nan" not in scenario.report, scenario.report
+    for figure in ("wall time", "accuracy |", "balanced accuracy", "precision / recall / F1", "ROC-AUC", "best set"):
+        assert figure in scenario.report
+
+
+def test_two_mains_at_once_both_finish_and_prod_ends_on_the_better(scenario, client):
+    assert scenario.twin.returncode == 0, scenario.twin.stderr[-5000:]
+    twin_run = client.search_runs([client.get_experiment_by_name("pipeline/e2e-twin").experiment_id])[0]
+    assert twin_run.info.status == "FINISHED" and twin_run.data.tags[contract.TAG_REGISTERED_MODEL] == "Production_Reg"
+    both, prod = scenario.after_mains
+    assert sorted(str(v.version) for v in both) == ["1", "2"]
+    best_acc = max(float(v.tags["acc"]) for v in both)
+    assert prod == str(min(int(v.version) for v in both if float(v.tags["acc"]) == best_acc))  # ties: the earlier
+
+
+def test_train_logs_three_nested_runs_and_tags_the_best(scenario, client):
+    train_run = client.get_run(scenario.first[contract.TAG_TRAIN_RUN_ID])
     assert client.get_experiment(train_run.info.experiment_id).name == "train/e2e"
-    children = client.search_runs(
-        [train_run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{train_run.info.run_id}'"
-    )
+    children = children_of(client, train_run)
     assert len(children) == 3
     best = max(children, key=lambda c: (c.data.metrics["best_val_accuracy"], -c.data.metrics["best_val_loss"]))
-    assert train_run.data.tags[contract.TAG_BEST_RUN_ID] == best.info.run_id == first[contract.TAG_BEST_RUN_ID]
+    assert train_run.data.tags[contract.TAG_BEST_RUN_ID] == best.info.run_id == scenario.first[contract.TAG_BEST_RUN_ID]
 
-    # The evaluated model lands in Production_Reg with acc equal to the eval run's test accuracy.
-    eval_run = client.get_run(first[contract.TAG_EVAL_RUN_ID])
+
+def test_evaluate_registers_the_best_model_with_its_test_accuracy(scenario, client):
+    eval_run = client.get_run(scenario.first[contract.TAG_EVAL_RUN_ID])
     assert client.get_experiment(eval_run.info.experiment_id).name == "eval/e2e"
-    assert eval_run.data.tags[contract.TAG_SOURCE_RUN_ID] == best.info.run_id
-    assert first[contract.TAG_REGISTERED_MODEL] == "Production_Reg"
-    version = client.get_model_version("Production_Reg", first[contract.TAG_REGISTERED_VERSION])
+    assert eval_run.data.tags[contract.TAG_SOURCE_RUN_ID] == scenario.first[contract.TAG_BEST_RUN_ID]
+    assert scenario.first[contract.TAG_REGISTERED_MODEL] == "Production_Reg"
+    version = client.get_model_version("Production_Reg", scenario.first[contract.TAG_REGISTERED_VERSION])
     assert float(version.tags["acc"]) == eval_run.data.metrics["test_accuracy"]
 
-    # Infer ran with prod and wrote one row per test image.
-    infer_run = client.get_run(first[contract.TAG_INFER_RUN_ID])
+
+def test_infer_scores_every_test_image_with_prod(scenario, client, tiny_data):
+    infer_run = client.get_run(scenario.first[contract.TAG_INFER_RUN_ID])
     assert client.get_experiment(infer_run.info.experiment_id).name == "infer/e2e"
     n_test = len(list((tiny_data / "test").rglob("*.png")))
-    rows = list(csv.DictReader(open(first["output"])))
+    rows = list(csv.DictReader(open(scenario.first["output"])))
     assert len(rows) == n_test == infer_run.data.metrics["n_images"]
     # prod when it ran: its own version, or the twin's if that had taken prod by then.
     assert infer_run.data.tags[contract.TAG_MODEL_VERSION] in ("1", "2")
 
-    # Two evaluations at once, through mlflow run: a second model (another set of the same train run)
-    # over the bar, and the first train run again under a bar no model can pass (1.0, the highest
-    # legal threshold). prod ends on the highest-acc production version; the other goes to
-    # Testing_Reg and never touches prod.
-    other_set = next(c for c in children if c.info.run_id != best.info.run_id)
-    data = {"data_dir": str(tiny_data), "experiment": "e2e"}
-    second = {"run_id": other_set.info.run_id, "threshold": "0.0", **data}
-    below = {"run_id": first[contract.TAG_TRAIN_RUN_ID], "threshold": "1.0", **data}
-    for done in mlflow_runs_at_once(("evaluate", second, store, "eval/e2e"), ("evaluate", below, store, "eval/e2e")):
+
+def test_two_evaluations_at_once_leave_prod_on_the_highest_acc(scenario, client):
+    """The one over the bar may take prod; the one under it goes to Testing_Reg and never touches prod."""
+    for done in scenario.evaluations:
         assert done.returncode == 0, done.stderr[-5000:]
-    versions = client.search_model_versions("name = 'Production_Reg'")
+    versions, prod = scenario.after_evaluations
     assert len(versions) == 3
-    prod = client.get_model_version_by_alias("Production_Reg", "prod")
-    assert float(prod.tags["acc"]) == max(float(v.tags["acc"]) for v in versions)
+    assert float(next(v for v in versions if str(v.version) == prod).tags["acc"]) == max(
+        float(v.tags["acc"]) for v in versions
+    )
     testing = client.search_model_versions("name = 'Testing_Reg'", order_by=["version_number DESC"])[0]
     assert float(testing.tags["acc"]) < 1.0
-    assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(prod.version)
     assert client.get_run(testing.tags["eval_run_id"]).data.tags[contract.TAG_PROMOTED] == "false"
 
-    # prod moved by hand to the other version, through mlflow run; the history shows every move.
-    other = next(str(v.version) for v in versions if str(v.version) != str(prod.version))
-    reason = "line 2 reports missed cracks"  # spaces survive mlflow run's command line
-    done = mlflow_run("promote", {"version": other, "reason": reason, "experiment": "e2e"}, store, "promote/e2e")
+
+def test_promote_moves_prod_by_hand_and_history_shows_every_move(scenario, client):
+    done, version, reason = scenario.promoted
     assert done.returncode == 0, done.stderr[-5000:]
-    assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == other
-    shown = subprocess.run(
-        [sys.executable, "-m", "steps.promote", "history"], capture_output=True, text=True, cwd=PROJECT_DIR, check=True
-    ).stdout.splitlines()
-    moves = [line.split()[1:4] for line in shown[1:]]
-    assert moves[-1] == [str(prod.version), "->", other] and reason in shown[-1] and "promote" in shown[-1]
+    assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == version
+    moves = [line.split()[1:4] for line in scenario.history[1:]]
+    assert moves[-1][1:] == ["->", version] and reason in scenario.history[-1] and "promote" in scenario.history[-1]
     assert moves[0][:2] == ["-", "->"] and moves[0][2] in ("1", "2")  # whichever main settled first
-    # Nothing the killed trainings did reached the registry; nothing is left half done.
+
+
+def test_nothing_the_killed_training_did_reached_the_registry_and_nothing_is_half_done(scenario, client):
     sources = {v.tags["source_run_id"] for v in client.search_model_versions("")}
-    assert sources and sources.isdisjoint(dead)
+    assert sources and sources.isdisjoint(scenario.killed[2])
     assert_store_consistent(client)
 
 
