@@ -36,9 +36,11 @@ run: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e main --env-manager local \
 		--experiment-name pipeline/$(EXPERIMENT) -P experiment=$(EXPERIMENT) $(ARGS)
 
-## The default test suite: unit, data, model and end-to-end `mlflow run` tests.
+## The default test suite: unit, data, model and end-to-end `mlflow run` tests, in TEST_WORKERS
+## processes (pytest-xdist; a test file stays in one worker, so its module fixtures are built once).
+TEST_WORKERS ?= 2
 test: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 ## Style (ruff) over steps/ and tests/, types (mypy) over steps/, and that requirements.txt
 ## resolves for Apple silicon (one TensorFlow with Linux, the Metal plugin; needs the package index).
@@ -50,7 +52,7 @@ lint: venv
 
 ## Everything but the end-to-end `mlflow run` tests.
 test-fast: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not e2e"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not e2e"
 
 ## Training speed (side by side with a plain Keras loop, against the machine's peak, precision,
 ## scaling), then the default pipeline timed on the full ELPV set with its test accuracy; results go

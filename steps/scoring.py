@@ -37,6 +37,22 @@ def objective(y_true: np.ndarray, y_pred: np.ndarray, name: str) -> float:
     raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
 
 
+def keras_loss_and_accuracy(y_true: np.ndarray, prob: np.ndarray, label_smoothing: float) -> tuple[float, float]:
+    """What Keras's ``evaluate`` reports for a sigmoid output trained with ``BinaryCrossentropy``
+    and the "accuracy" metric, from predictions already made: no second pass over the data.
+
+    The loss clips probabilities to [1e-7, 1 - 1e-7] (Keras's epsilon) and smooths the labels
+    towards 0.5; accuracy counts ``prob > 0.5`` as defect, as ``binary_accuracy`` does.
+    """
+    y = np.asarray(y_true, dtype=np.float64)
+    # Clipped in float32, as the model's output is: 1 - 1e-7 rounds to 1 - 1.19e-7 there.
+    eps = np.float32(1e-7)
+    p = np.clip(np.asarray(prob, dtype=np.float32), eps, np.float32(1) - eps).astype(np.float64)
+    target = y * (1 - label_smoothing) + 0.5 * label_smoothing
+    loss = -np.mean(target * np.log(p) + (1 - target) * np.log(1 - p))
+    return float(loss), float(np.mean((p > 0.5) == (y == 1)))
+
+
 def score(y_true: np.ndarray, prob: np.ndarray, cutoff: float = 0.5) -> tuple[dict[str, float], list[list[int]]]:
     """Metrics at ``cutoff`` and the confusion matrix [true][predicted] (0 good, 1 defect)."""
     from sklearn import metrics

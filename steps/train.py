@@ -74,7 +74,7 @@ from steps.elpv import ensure_data
 from steps.model import forward_flops, make_model, resolve_precision, schedule, set_seed, with_tta
 from steps.records import log_config, log_dataset, log_skipped
 from steps.runs import nested_run, stage_run
-from steps.scoring import objective, tune_threshold
+from steps.scoring import keras_loss_and_accuracy, objective, tune_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -163,13 +163,9 @@ def fit(
 
 def served_network(network: keras.Model, hp: HParams) -> keras.Model:
     """What is logged and scored: the trained network, inside its test-time augmentation if the set
-    has one (``steps.model.with_tta``), compiled to report validation loss and accuracy."""
-    served = with_tta(network, hp)
-    if served is not network:
-        served.compile(
-            loss=keras.losses.BinaryCrossentropy(label_smoothing=hp.label_smoothing), metrics=[contract.METRIC_ACCURACY]
-        )
-    return served
+    has one (``steps.model.with_tta``). Only predicted with: its loss and accuracy are computed from
+    its predictions (``steps.scoring.keras_loss_and_accuracy``)."""
+    return with_tta(network, hp)
 
 
 def fit_one(
@@ -204,8 +200,10 @@ def fit_one(
         )
         flops = forward_flops(model)  # of one view: test-time augmentation runs it once a view
         model = served_network(model, hp)
-        validation = eval_batches(*val_xy, config.evaluate.batch_size)
-        val_loss, val_accuracy = (float(v) for v in model.evaluate(validation, verbose=0))
+        # One pass over the validation images: loss and accuracy come from the same predictions the
+        # cut-off is tuned on (an evaluate() as well would trace and run the served network again).
+        val_prob = model.predict(eval_batches(*val_xy, config.evaluate.batch_size), verbose=0).reshape(-1)
+        val_loss, val_accuracy = keras_loss_and_accuracy(val_xy[1], val_prob, hp.label_smoothing)
         mlflow.log_metrics(
             {
                 contract.METRIC_FLOPS: flops,
@@ -214,7 +212,6 @@ def fit_one(
                 contract.METRIC_BEST_VAL_LOSS: val_loss,
             }
         )
-        val_prob = model.predict(validation, verbose=0).reshape(-1)
         goal = config.train.threshold_objective
         cutoff = tune_threshold(val_xy[1], val_prob, goal)
         at_cutoff, at_half = (objective(val_xy[1], val_prob >= t, goal) for t in (cutoff, 0.5))

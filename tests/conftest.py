@@ -12,8 +12,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from helpers import PROJECT_DIR, free_port, make_tiny_elpv
+from helpers import PROJECT_DIR, free_port, make_tiny_elpv, without_spark_connect
 from steps.config import load_config
+
+without_spark_connect()  # before anything imports MLflow's Spark checks (helpers.py says why)
 
 
 def optional_parts() -> list[tuple[str, str | None, str]]:
@@ -37,6 +39,18 @@ def pytest_report_header(config) -> list[str]:
     for name, missing, install in optional_parts():
         lines.append(f"  {name}: " + ("found" if missing is None else f"MISSING, {missing}; install: {install}"))
     return lines
+
+
+# The longest test files, longest first (seconds on 2 cores, serial): `make test` hands whole files
+# to two workers in collection order, so starting these first keeps both busy to the end instead of
+# leaving one to finish a long file alone. A file not listed runs after them, in name order.
+LONGEST_FIRST = ("test_server", "test_e2e", "test_serving", "test_concurrency", "test_signals", "test_steps",
+                 "test_pretrained", "test_robustness", "test_model", "test_env_managers", "test_bench")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within a file kept
 
 
 @pytest.fixture(scope="session")

@@ -67,21 +67,20 @@ def test_precision_comparison_on_a_small_network(tiny_data):
 
 
 def test_quick_accuracy_benchmark_produces_every_figure(tiny_data):
-    # One set (medium, standing for the pipeline's) at three seeds, and the from-scratch bar (small).
+    # One set (medium, standing for the pipeline's) at two seeds, and the from-scratch bar (small).
     config = load_config(
         {"data.dir": str(tiny_data), "train.image_size": "32", "train.epochs": "1", "train.hparams": "medium"}
     )
-    result = bench_accuracy.measure(config, seeds=3)
+    result = bench_accuracy.measure(config, seeds=2)
 
     labels = [row["label"] for row in result["rows"]]
     assert labels == [
         "set medium",
         "set medium, training seed +1",
-        "set medium, training seed +2",
         "from scratch: set small",
     ]
-    assert [row["size"] for row in result["rows"]] == [32, 32, 32, 32]
-    assert [row["epochs"] for row in result["rows"]] == [1, 1, 1, 1]
+    assert [row["size"] for row in result["rows"]] == [32, 32, 32]
+    assert [row["epochs"] for row in result["rows"]] == [1, 1, 1]
     n_test = len(list((tiny_data / "test").rglob("*.png")))
     assert result["n_test"] == n_test and 0 < result["n_sure"] <= n_test  # the tiny set's manifest.csv
     for row in result["rows"]:
@@ -95,7 +94,7 @@ def test_quick_accuracy_benchmark_produces_every_figure(tiny_data):
 
     text = bench_accuracy.report(result, "make bench-accuracy ARGS=--quick")
     assert text.startswith(bench_accuracy.BEGIN) and text.endswith(bench_accuracy.END)
-    assert "nan" not in text and text.count("| set medium") == 3 and text.count("| from scratch: set small") == 1
+    assert "nan" not in text and text.count("| set medium") == 2 and text.count("| from scratch: set small") == 1
     for figure in ("validation accuracy", "test accuracy", "balanced accuracy", "defect recall", "test, sure",
                    "test, unsure", "Measured "):  # fmt: skip
         assert figure in text

@@ -21,7 +21,7 @@ import time
 import mlflow
 import pytest
 
-from helpers import assert_store_consistent, running_server
+from helpers import assert_store_consistent, running_server, without_spark_connect
 from steps import registry
 from steps.config import load_config
 from steps.registry import alias_version
@@ -113,6 +113,7 @@ def race(uri: str, pool, prefix: str, naive: bool = False) -> list[str]:
 
 
 def warm_up() -> None:
+    without_spark_connect()  # a process spawned from an xdist worker has no __main__ file either
     import steps.evaluate  # noqa: F401 - imported before the first round, so round 0 races too
 
 

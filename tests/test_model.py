@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from steps import model as model_module
-from steps.config import load_config
+from steps.config import HParams, load_config
 from steps.data import load_images, scan_split
 from steps.model import forward_flops, learning_rate, make_model, resolve_precision, schedule, set_seed
 from steps.serving import decode_gray, resize
@@ -52,15 +52,31 @@ def test_same_seed_gives_the_same_initial_weights():
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("name", sorted(load_config().hparam_sets))
-def test_every_set_can_drive_training_loss_down_on_one_batch(tiny_data, name):
-    """The network can learn: on one fixed batch of real cells, without dropout, regularisation or
-    augmentation, the training loss falls to a small part of where it started (at 32x32 for the
-    networks trained from scratch, at 64x64 for a pretrained one, whose stride-32 features need it)."""
-    hp = load_config().hparam_sets[name]
+def as_learning_test(hp: HParams) -> HParams:
+    """A set as the learning test trains it: without dropout, regularisation or warm-up, at 32x32 for
+    the networks trained from scratch and 64x64 for a pretrained one (its stride-32 features need it)."""
     size = 32 if hp.arch == "cnn" else 64
-    hp = dataclasses.replace(hp, dropout=0.0, weight_decay=0.0, label_smoothing=0.0, epochs=15, warmup_epochs=0,
-                             image_size=size, drop_connect=0.0)  # fmt: skip
+    return dataclasses.replace(hp, dropout=0.0, weight_decay=0.0, label_smoothing=0.0, epochs=15, warmup_epochs=0,
+                               image_size=size, drop_connect=0.0)  # fmt: skip
+
+
+def distinct_learning_tests() -> dict[str, HParams]:
+    """Every set of conf/hparams.yaml, once per network the learning test would train: sets that only
+    differ in what it turns off (lite128 and lite160 only in their image size) share one case."""
+    cases: dict[HParams, list[str]] = {}
+    for name, hp in sorted(load_config().hparam_sets.items()):
+        # Augmentation and test-time views are not used by the learning test: not a difference.
+        key = dataclasses.replace(as_learning_test(hp), augment="none", tta="none")
+        cases.setdefault(key, []).append(name)
+    return {"+".join(names): hp for hp, names in cases.items()}
+
+
+@pytest.mark.parametrize("names", sorted(distinct_learning_tests()))
+def test_every_set_can_drive_training_loss_down_on_one_batch(tiny_data, names):
+    """The network can learn: on one fixed batch of real cells, without dropout, regularisation or
+    augmentation, the training loss falls to a small part of where it started."""
+    hp = distinct_learning_tests()[names]
+    size = hp.image_size
     samples = scan_split(tiny_data, "train", ("ok_front", "def_front"))[::3]  # both classes
     images, failures = load_images([s.path for s in samples], size, progress=False)
     labels = np.array([s.label for s in samples], "float32")
@@ -72,6 +88,11 @@ def test_every_set_can_drive_training_loss_down_on_one_batch(tiny_data, name):
                        verbose=0)  # fmt: skip
     losses = fitted.history["loss"]
     assert losses[-1] < 0.1 * losses[0] and losses[-1] < 0.07, (losses[0], losses[-1])
+
+
+def test_the_learning_test_covers_every_set_once():
+    covered = [name for names in distinct_learning_tests() for name in names.split("+")]
+    assert sorted(covered) == sorted(load_config().hparam_sets)
 
 
 def test_forward_flops_count_each_convolution_and_dense_layer():
@@ -123,3 +144,29 @@ def test_test_time_augmentation_is_the_mean_over_the_views_and_loads_in_safe_mod
     np.testing.assert_array_equal(loaded.predict(raw, verbose=0), served.predict(raw, verbose=0))
     assert gradcam(loaded, raw[:1]).shape == (1, 40, 40)  # explains the network inside the views
     assert with_tta(network, HP) is network  # tta: none
+
+
+def test_loss_and_accuracy_from_predictions_match_keras_evaluate():
+    """fit_one computes the served model's validation loss and accuracy from its predictions instead
+    of a second pass: the figures must be the ones Keras's evaluate reports. For a mean over views
+    (test-time augmentation) Keras also has only probabilities, clipped at 1e-7, even saturated ones;
+    for a bare sigmoid it uses the logits, the same figure while the probability is not saturated."""
+    import keras
+
+    from steps.scoring import keras_loss_and_accuracy
+
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-3, 3, (40, 1)).astype("float32")
+    y = (rng.uniform(size=40) > 0.5).astype("float32")
+    inputs = keras.Input((1,))
+    sigmoid = keras.Model(inputs, keras.layers.Activation("sigmoid")(inputs))
+    views = [keras.layers.Activation("sigmoid")(keras.layers.Rescaling(k)(inputs)) for k in (1.0, 20.0)]
+    mean_of_views = keras.Model(inputs, keras.layers.Average()(views))
+    saturated = x.copy()
+    saturated[:4, 0] = 30.0  # probabilities of 1.0 in float32, some of them on good cells
+    for model, data in ((sigmoid, x), (mean_of_views, saturated)):
+        for smoothing in (0.0, 0.1):
+            model.compile(loss=keras.losses.BinaryCrossentropy(label_smoothing=smoothing), metrics=["accuracy"])
+            expected = model.evaluate(data, y, batch_size=16, verbose=0)
+            got = keras_loss_and_accuracy(y, model.predict(data, verbose=0).reshape(-1), smoothing)
+            np.testing.assert_allclose(got, expected, rtol=1e-5)

@@ -1,14 +1,15 @@
 """A stop signal is never lost: SIGTERM at any moment of a training ends it with 143 and KILLED runs.
 
 Each case sends the signal from inside the program at a named event (``tests/signal_at.py``), so
-the moment does not depend on how fast the machine is. ``swallow`` cases catch the signal's
+the moment does not depend on how fast the machine is. Each case is a process of its own, forked
+from one that has imported the stage. ``swallow`` cases catch the signal's
 exception where it arrives, as work under way did (MLflow's input-example validation catching
 what TensorFlow made of it): the stage must stop all the same.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import subprocess
 import sys
@@ -34,27 +35,31 @@ MOMENTS = [
 ]
 
 
-def train_at(tiny_data: Path, tmp_path: Path, target: str, mode: str) -> tuple[subprocess.Popen, str]:
-    store = f"sqlite:///{tmp_path / (target.replace(':', '_') + '.db')}"
-    cmd = [sys.executable, str(PROJECT_DIR / "tests" / "signal_at.py"), "SIGTERM", target, mode, "--",
-           "--data_dir", str(tiny_data), "--hparams", "small", "--epochs", "1", "--image_size", "32",
-           "--experiment", "sig"]  # fmt: skip
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-    process = subprocess.Popen(
-        cmd, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    return process, store
+def case(tiny_data: Path, tmp_path: Path, target: str, mode: str) -> dict:
+    """A training against its own store that signals itself at ``target`` (``tests/signal_at.py``)."""
+    name = target.replace(":", "_")
+    return {"signal": "SIGTERM", "target": target, "mode": mode, "stage": "train",
+            "args": ["--data_dir", str(tiny_data), "--hparams", "small", "--epochs", "1", "--image_size", "32",
+                     "--experiment", "sig"],
+            "env": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / (name + '.db')}"},
+            "stderr": str(tmp_path / (name + ".stderr"))}  # fmt: skip
 
 
 def test_sigterm_at_every_moment_exits_143_and_leaves_no_run_running(tiny_data, tmp_path):
-    # All at once: most of each case is TensorFlow's import, which two cores overlap.
-    started = [(moment, *train_at(tiny_data, tmp_path, moment[0], moment[1])) for moment in MOMENTS]
-    for (target, mode, stage), process, store in started:
-        stderr = process.communicate(timeout=600)[1]
+    # All at once, each a process of its own forked after TensorFlow's import, which is most of a case.
+    cases = [case(tiny_data, tmp_path, target, mode) for target, mode, _ in MOMENTS]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    done = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "tests" / "signal_at.py"), "--together", str(tmp_path / "cases.json")],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    codes = json.loads(done.stdout.strip().splitlines()[-1])
+    for (target, mode, stage), spec in zip(MOMENTS, cases, strict=True):
+        stderr, code = Path(spec["stderr"]).read_text(), codes[spec["stderr"]]
+        store = spec["env"]["MLFLOW_TRACKING_URI"]
         assert f"signal_at: SIGTERM at {target}" in stderr, f"{target}: the moment never came\n{stderr[-3000:]}"
-        assert process.returncode == 128 + signal.SIGTERM, (
-            f"{target} ({mode}): exit {process.returncode}\n{stderr[-3000:]}"
-        )
+        assert code == 128 + signal.SIGTERM, f"{target} ({mode}): exit {code}\n{stderr[-3000:]}"
         assert stderr.strip().splitlines()[-1] == STOPPED, target
         client = mlflow.MlflowClient(store)
         experiment = client.get_experiment_by_name("train/sig")
