@@ -50,9 +50,9 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/python tests/mac_requirements.py
 
-## Everything but the end-to-end `mlflow run` tests.
+## The quick tiers: everything but the end-to-end `mlflow run` tests and those marked slow.
 test-fast: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not e2e"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not e2e and not slow"
 
 ## Training speed (side by side with a plain Keras loop, against the machine's peak, precision,
 ## scaling), then the default pipeline timed on the full ELPV set with its test accuracy; results go

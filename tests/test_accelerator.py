@@ -37,6 +37,7 @@ def with_broken_plugin(tmp_path: Path, code: str) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.slow
 def test_a_metal_plugin_that_fails_to_load_costs_one_line_and_tensorflow_runs_on_the_cpu(tmp_path):
     done = with_broken_plugin(tmp_path, "from steps import accelerator; print(accelerator.describe())")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -23,6 +23,7 @@ def finite_positive(*values: float) -> bool:
     return all(math.isfinite(v) and v > 0 for v in values)
 
 
+@pytest.mark.slow
 def test_quick_training_benchmark_produces_every_figure(tiny_data):
     # One set: the sets themselves are each trained in test_model and test_steps. No bfloat16: a CPU
     # without its instructions emulates it, many times slower; its figures are checked on their own below.
@@ -66,6 +67,7 @@ def test_precision_comparison_on_a_small_network(tiny_data):
         assert figure in text
 
 
+@pytest.mark.slow
 def test_quick_accuracy_benchmark_produces_every_figure(tiny_data):
     # One set (medium, standing for the pipeline's) at two seeds, and the from-scratch bar (small).
     config = load_config(

@@ -71,7 +71,14 @@ def distinct_learning_tests() -> dict[str, HParams]:
     return {"+".join(names): hp for hp, names in cases.items()}
 
 
-@pytest.mark.parametrize("names", sorted(distinct_learning_tests()))
+@pytest.mark.parametrize(
+    "names",
+    # A pretrained network's case takes over ten seconds: slow, left out of `make test-fast`.
+    [
+        pytest.param(n, marks=[pytest.mark.slow] * (hp.arch != "cnn"))
+        for n, hp in sorted(distinct_learning_tests().items())
+    ],
+)
 def test_every_set_can_drive_training_loss_down_on_one_batch(tiny_data, names):
     """The network can learn: on one fixed batch of real cells, without dropout, regularisation or
     augmentation, the training loss falls to a small part of where it started."""

@@ -142,6 +142,7 @@ def test_every_arch_the_config_accepts_is_one_make_model_builds():
 
 
 @pytest.mark.model
+@pytest.mark.slow
 def test_fine_tuning_on_a_tiny_subset_logs_what_train_logs(tiny_data, store, tmp_path):
     """The default pretrained set, one epoch at 64x64: the same runs, metrics and model as any set,
     and the logged network carries its weights (it loads with safe_mode, no package needed)."""

@@ -11,7 +11,7 @@ from steps import contract
 from steps.config import load_config
 from steps.train import train
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 COMPARED = ("loss", "accuracy", "val_loss", "val_accuracy", "best_val_accuracy", "decision_threshold")
 

@@ -86,6 +86,7 @@ def first_cell(data: Path) -> Image.Image:
 
 
 @pytest.mark.skipif(spark.java_problem() is not None, reason=f"Spark needs Java 17+: {spark.java_problem()}")
+@pytest.mark.slow
 def test_spark_engine_predicts_what_the_local_engine_does(store_copy, tiny_data, tmp_path):
     incoming = Path(shutil.copytree(tiny_data / "test", tmp_path / "incoming"))
     (incoming / "def_front" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -135,6 +136,11 @@ Path("outputs.json").write_text(json.dumps(dict(zip(inputs, out.to_dict("records
 """
 
 
+# The tests that read what a separate Python (``alone``) or `mlflow models serve` (``rest_server``)
+# made of the model: those processes start in seconds to tens of seconds, so `make test-fast` skips them.
+beside_a_process = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def rest_server(served, tmp_path_factory):
     """``mlflow models serve`` of Production_Reg@prod on loopback, started (not yet ready): (URI, process, log).
@@ -174,6 +180,7 @@ def alone(rest_server, served, tiny_data, tmp_path_factory):
     return inputs, json.loads((work / "outputs.json").read_text())
 
 
+@beside_a_process
 def test_the_pyfunc_on_bytes_matches_the_keras_network_on_the_training_arrays(alone, store_copy, tiny_data):
     _, outputs = alone
     files = sorted((tiny_data / "test").rglob("*.png"))
@@ -190,6 +197,7 @@ def test_the_pyfunc_on_bytes_matches_the_keras_network_on_the_training_arrays(al
         assert row["predicted_class"] == ("def_front" if prob >= cutoff else "ok_front")
 
 
+@beside_a_process
 def test_every_kind_of_image_scores(alone):
     inputs, outputs = alone
     names = [n for n in inputs if not n.startswith(("file:", "bad:"))]
@@ -206,6 +214,7 @@ def test_every_kind_of_image_scores(alone):
     )
 
 
+@beside_a_process
 def test_bad_bytes_get_their_reason_in_the_row(alone):
     _, outputs = alone
     for kind, (_, reason) in BAD_FILES.items():
@@ -242,6 +251,7 @@ def one_image(data: bytes) -> dict:
     return {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(data).decode("ascii")]]}}
 
 
+@beside_a_process
 def test_mlflow_models_serve_scores_base64_png_and_jpeg_and_answers_400_to_bad_images(rest_server, alone, tiny_data):
     uri, server, log = rest_server
     inputs, outputs = alone
@@ -279,6 +289,7 @@ def test_mlflow_models_serve_scores_base64_png_and_jpeg_and_answers_400_to_bad_i
     assert body["predictions"][1]["defect_probability"] is None  # null: strict_json refused NaN
 
 
+@beside_a_process
 def test_rest_refuses_other_formats_and_a_request_over_the_pixel_cap_with_400(rest_server, alone):
     uri, server, log = rest_server
     assert wait_until_up(f"{uri}/ping", server, timeout=180), log.read_text()[-3000:]
@@ -316,6 +327,7 @@ print(json.dumps({"rows": len(out), "errors": int((out["error"] != "").sum()), "
 """
 
 
+@pytest.mark.slow
 def test_sixteen_4k_frames_in_one_request_cost_a_bounded_peak_memory(served, tmp_path):
     """Sixteen 4096 x 4096 PNGs (the default cap, 268 MP): stacked and converted to float32 before
     resizing, as preprocessing did, they took over 1 GB more; resized one by one as decoded, a few
@@ -332,6 +344,7 @@ def test_sixteen_4k_frames_in_one_request_cost_a_bounded_peak_memory(served, tmp
 # --- infer at folder scale -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_killed_infer_leaves_the_previous_predictions_untouched(store_copy, tiny_data, tmp_path):
     output = tmp_path / "predictions.csv"
     output.write_text("path,predicted_class,defect_probability,decision_threshold,error\nold.png,ok_front,0.1,0.5,\n")

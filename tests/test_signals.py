@@ -20,7 +20,7 @@ import pytest
 
 from helpers import PROJECT_DIR
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 STOPPED = "error: stopped by SIGTERM; any run it had started is marked KILLED"
 # (where the signal arrives, what happens to its exception, which runs exist by then)
