@@ -58,33 +58,33 @@ test-fast: venv
 ## scaling), then the default pipeline timed on the full ELPV set with its test accuracy; results go
 ## to BENCHMARKS.md. A smoke check on a tiny subset: make bench ARGS=--quick
 bench: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_training.py --write $(ARGS)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_pipeline.py --write $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_training.py --write $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_pipeline.py --write $(ARGS)
 
 ## Only the pipeline part of `make bench`; ARGS takes -P overrides, e.g. ARGS="-P hparams=small"
 bench-pipeline: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_pipeline.py --write $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_pipeline.py --write $(ARGS)
 
 ## Test accuracy, balanced accuracy and defect recall of each set, the first at three training
 ## seeds, beside the best set trained from scratch, trained as `train` does; results go to
 ## BENCHMARKS.md. Other sets: ARGS="--sets a,b". A smoke check: make bench-accuracy ARGS=--quick
 bench-accuracy: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_accuracy.py --write $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_accuracy.py --write $(ARGS)
 
 ## What fine-tuning the pretrained backbone costs: training images/s by image size, frozen blocks and
 ## precision, side by side; results go to BENCHMARKS.md. A smoke check: make bench-pretrained ARGS=--quick
 bench-pretrained: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_pretrained.py --write $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_pretrained.py --write $(ARGS)
 
 ## The registered model serving images, against the bare network, side by side; REST latency; load
 ## time. Results go to BENCHMARKS.md. A smoke check: make bench-serving ARGS=--quick
 bench-serving: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_serving.py --write $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_serving.py --write $(ARGS)
 
 ## Peak memory of scoring 64-megapixel frames, infer's way against a stacked batch, side by side;
 ## results go to BENCHMARKS.md. A smoke check on small frames: make bench-memory ARGS=--quick
 bench-memory: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/bench_memory.py --write $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_memory.py --write $(ARGS)
 
 ## A tracking server on loopback for the pipeline to use over HTTP: SQLite backend, artifacts
 ## served by the server itself. Then: MLFLOW_TRACKING_URI=http://127.0.0.1:$(PORT) make run

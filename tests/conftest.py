@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from helpers import PROJECT_DIR, free_port, make_tiny_elpv, without_spark_connec
 from steps.config import load_config
 
 without_spark_connect()  # before anything imports MLflow's Spark checks (helpers.py says why)
+# The benchmarks (tests/benchmarks/, run by `make bench*`), whose quick modes the suite checks.
+sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
 
 
 def optional_parts() -> list[tuple[str, str | None, str]]:

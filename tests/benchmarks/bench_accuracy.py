@@ -1,6 +1,6 @@
 """Benchmark: what moves test accuracy, next to what the training seed alone moves it by.
 
-Run with ``make bench-accuracy`` or ``python tests/bench_accuracy.py --write``; ``--quick`` is a
+Run with ``make bench-accuracy`` or ``python tests/benchmarks/bench_accuracy.py --write``; ``--quick`` is a
 smoke check on a tiny subset (one epoch at 32x32) that produces every figure. Every variant trains
 exactly as ``train`` does (``steps.train.fit``: the same input pipeline, schedule and best-epoch
 weights, chosen on validation accuracy) on the same training/validation split, and is then scored
@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
 sys.path.insert(0, str(PROJECT_DIR / "tests"))
 

@@ -1,6 +1,6 @@
 """Benchmark: peak memory of scoring large frames, infer's way against stacking a batch, side by side.
 
-Run with ``make bench-memory`` (or ``python tests/bench_memory.py --write``; ``--quick`` for a
+Run with ``make bench-memory`` (or ``python tests/benchmarks/bench_memory.py --write``; ``--quick`` for a
 smoke check on small frames). It writes one 8192 x 8192 PNG of noise (64 MP, about 64 MB: a
 line-scan frame that does not compress) and hard-links it into a folder ``--files`` times. Each
 measurement runs in a new Python process, so one's peak cannot hide another's:
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
 sys.path.insert(0, str(PROJECT_DIR / "tests"))
 

@@ -1,6 +1,6 @@
 """Benchmark: the default `main` on the full ELPV set, timed, with its test metrics read back from MLflow.
 
-Run with ``make bench`` (after ``bench_training.py``) or ``python tests/bench_pipeline.py --write``;
+Run with ``make bench`` (after ``bench_training.py``) or ``python tests/benchmarks/bench_pipeline.py --write``;
 ``--quick`` runs it on a tiny ELPV subset for one epoch at 32x32, a smoke check. It runs
 ``mlflow run . -e main --env-manager local`` against a fresh temporary SQLite store, so earlier
 runs and registry versions cannot change the outcome, and reports the wall time of the whole
@@ -21,8 +21,9 @@ from pathlib import Path
 
 import mlflow
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
+sys.path.insert(0, str(PROJECT_DIR / "tests"))
 
 from helpers import make_tiny_elpv, mlflow_run, publish  # noqa: E402
 from steps import contract  # noqa: E402

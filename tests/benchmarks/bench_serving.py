@@ -1,6 +1,6 @@
 """Benchmark: the registered model serving images, against the bare network, side by side in one run.
 
-Run with ``make bench-serving`` (or ``python tests/bench_serving.py --write``; ``--quick`` for a
+Run with ``make bench-serving`` (or ``python tests/benchmarks/bench_serving.py --write``; ``--quick`` for a
 smoke check). In a fresh temporary SQLite store it logs and registers the network of one
 hyperparameter set (``--hparams``, default ``small``, the set that won the pipeline benchmark) at
 the default image size, exactly as ``train`` and ``evaluate`` do, as ``Bench_Reg@prod``. Its
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
 sys.path.insert(0, str(PROJECT_DIR / "tests"))
 

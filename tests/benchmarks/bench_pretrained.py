@@ -1,6 +1,6 @@
 """Benchmark: what it costs to fine-tune the pretrained backbone, to fit the pipeline's time budget.
 
-Run with ``make bench-pretrained`` or ``python tests/bench_pretrained.py --write``; ``--quick`` is
+Run with ``make bench-pretrained`` or ``python tests/benchmarks/bench_pretrained.py --write``; ``--quick`` is
 a smoke check. Training images per second of EfficientNet-Lite0 as ``train`` fine-tunes it (the
 pipeline's input, augmentation included), for each resolution, number of frozen blocks and
 precision below, measured side by side in one process, interleaved over ``--repeats`` rounds, on
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
 sys.path.insert(0, str(PROJECT_DIR / "tests"))
 

@@ -1,7 +1,7 @@
 """Benchmark: how fast the pipeline trains, next to a plain Keras loop and to the machine's own peak.
 
 Run with ``make bench`` (this, then the timed default ``main`` of ``bench_pipeline.py``), or
-``python tests/bench_training.py --write``; ``--quick`` is a smoke check on a tiny subset that
+``python tests/benchmarks/bench_training.py --write``; ``--quick`` is a smoke check on a tiny subset that
 produces every figure in about a minute. All in one process, side by side, so machine noise hits
 every variant alike:
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
 sys.path.insert(0, str(PROJECT_DIR / "tests"))
 
@@ -237,7 +237,7 @@ def report(result: dict[str, Any], command: str) -> str:
 
 
 # The networks trained from scratch, whose speed this measures; the pretrained one's cost is
-# tests/bench_pretrained.py's (one of its epochs would take longer than this whole benchmark).
+# tests/benchmarks/bench_pretrained.py's (one of its epochs would take longer than this whole benchmark).
 SCRATCH = {"train.hparams": "small,medium,wide"}
 
 
@@ -260,7 +260,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
         result = measure(bench_config(options.quick, Path(tmp)), options.quick, repeats, not options.no_bfloat16)
     if options.no_bfloat16:  # not a make flag: `make bench` passes ARGS to the pipeline benchmark too
-        command = "python tests/bench_training.py" + (" --quick" if options.quick else "") + " --no-bfloat16"
+        command = "python tests/benchmarks/bench_training.py" + (" --quick" if options.quick else "") + " --no-bfloat16"
     else:
         command = "make bench" + (" ARGS=--quick" if options.quick else "")
     text = report(result, command)
