@@ -119,6 +119,15 @@ def split_count_metric(split: str) -> str:
 TAG_PROCESS = "pipeline.process"
 TAG_REAPED = "pipeline.reaped"
 
+# What determines a stage run's result (steps/fingerprint.py), set by main on each stage run it
+# starts; and, on main's run, "<stage>_reused_from" for a stage it did not run again.
+TAG_FINGERPRINT = "pipeline.fingerprint"
+
+
+def reused_from_tag(stage: str) -> str:
+    return f"{stage}_reused_from"
+
+
 # Artifact paths.
 MODEL_ARTIFACT = "model"
 CONFIG_ARTIFACT = "config.yaml"

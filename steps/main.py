@@ -3,7 +3,16 @@
 Parameters (an empty value keeps ``conf/``): ``experiment``, ``hparams``, ``epochs``,
 ``image_size``, ``data_dir``, ``seed`` (forwarded to train), ``skip_bad_images`` (to train and
 evaluate), ``threshold``, ``min_improvement`` (to evaluate),
-``input``, ``output`` (to infer), ``env_manager`` (for the nested runs, default ``local``).
+``input``, ``output`` (to infer), ``env_manager`` (for the nested runs, default ``local``),
+``reuse`` (empty or ``true``: reuse finished train and evaluate runs; ``false``: run every stage;
+``all``: infer too) and ``rerun`` (stages to run again, with every stage after them).
+
+Reuse: each stage run is tagged ``pipeline.fingerprint`` (``steps/fingerprint.py``: entry point,
+parameters, code, data). Before a stage, main looks in its experiment for the newest FINISHED,
+never-reaped run with the same fingerprint whose outputs are still there (train: the best model
+loads; evaluate: its registered version exists) and takes it instead of running the stage; a
+reused evaluation registers nothing and leaves ``prod`` alone. Infer's input is usually new: it
+runs again unless ``reuse=all``.
 
 Each stage is its own MLflow run in ``<stage>/<experiment>``, started with ``mlflow.run`` and
 the resolved parameters. The best run ID goes from train to evaluate through MLflow (the train run's
@@ -13,21 +22,28 @@ and the reason is recorded.
 
 Writes on its own run (meant for ``pipeline/<experiment>``: pass ``--experiment-name`` to
 ``mlflow run``, which creates the run): tags ``train_run_id``, ``best_run_id``, ``eval_run_id``,
-``infer_run_id`` (or ``infer_skipped``), ``registered_model``, ``registered_version``.
+``infer_run_id`` (or ``infer_skipped``), ``registered_model``, ``registered_version``, and
+``<stage>_reused_from`` (``train``, ``eval``, ``infer``: the run reused and when it started).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
 
 import mlflow
+from mlflow.entities import Run
 
-from steps import cli, contract, parameters
+from steps import cli, contract, fingerprint, parameters
 from steps.config import PROJECT_DIR, Config
+from steps.elpv import ensure_data
 from steps.errors import PipelineError
 from steps.records import log_config
 from steps.registry import alias_version
 from steps.runs import ensure_experiment, stage_run
+from steps.tracking import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +65,13 @@ def stage_parameters(config: Config) -> dict[str, dict[str, str]]:
 
 # Stage name in the contract -> MLproject entry point.
 ENTRY_POINTS = {contract.STAGE_TRAIN: "train", contract.STAGE_EVAL: "evaluate", contract.STAGE_INFER: "infer"}
+STAGES = tuple(ENTRY_POINTS)  # in order: rerunning one reruns those after it
+REUSE = ("true", "false", "all")
 
 
-def run_stage(stage: str, parameters: dict[str, str], config: Config, env_manager: str) -> str:
-    """Run one entry point as its own MLflow run in ``<stage>/<experiment>``; return its run ID."""
+def run_stage(stage: str, parameters: dict[str, str], config: Config, env_manager: str, fingerprint: str) -> str:
+    """Run one entry point as its own MLflow run in ``<stage>/<experiment>``, tagged with its
+    fingerprint from the start (so a run that fails or is killed shows what it was); its run ID."""
     experiment = contract.experiment_name(stage, config.experiment)
     ensure_experiment(experiment)  # created here so its artifacts sit beside a SQLite store
     logger.info("running %s in %s with %s", ENTRY_POINTS[stage], experiment, parameters)
@@ -63,46 +82,160 @@ def run_stage(stage: str, parameters: dict[str, str], config: Config, env_manage
             parameters=parameters,
             experiment_name=experiment,  # a run started by mlflow.run cannot switch experiment later
             env_manager=env_manager,  # not inherited from the outer `mlflow run`
-            synchronous=True,
+            synchronous=False,  # to tag the run before it ends; waited for below, as mlflow.run waits
         )
     except mlflow.exceptions.ExecutionException as err:
         raise PipelineError(f"the {ENTRY_POINTS[stage]} stage failed ({err}); its output is above") from None
+    client = mlflow.MlflowClient()
+    try:
+        client.set_tag(submitted.run_id, contract.TAG_FINGERPRINT, fingerprint)
+        succeeded = submitted.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the stage too, as a synchronous mlflow.run does
+        submitted.cancel()
+        _close(client, submitted.run_id, "KILLED")
+        raise
+    if not succeeded:
+        _close(client, submitted.run_id, "FAILED")
+        raise PipelineError(f"the {ENTRY_POINTS[stage]} stage failed (run {submitted.run_id}); its output is above")
+    _close(client, submitted.run_id, "FINISHED")
     return submitted.run_id
 
 
-def main(config: Config, env_manager: str = "") -> dict[str, str]:
+def _close(client: mlflow.MlflowClient, run_id: str, status: str) -> None:
+    """End the stage's run with ``status`` unless the stage ended it itself."""
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)
+
+
+def reusable(
+    client: mlflow.MlflowClient, stage: str, config: Config, fingerprint: str, usable: Callable[[Run], str | None]
+) -> Run | None:
+    """The newest FINISHED run of ``stage`` in its experiment with this fingerprint whose outputs are
+    still there (``usable`` says what is wrong with a run, or None); None if there is none."""
+    experiment = client.get_experiment_by_name(contract.experiment_name(stage, config.experiment))
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{contract.TAG_FINGERPRINT}` = '{fingerprint}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in runs:
+        if contract.TAG_REAPED in run.data.tags:  # closed by a later stage: never trusted
+            continue
+        problem = usable(run)
+        if problem is None:
+            return run
+        logger.warning("not reusing %s run %s: %s", ENTRY_POINTS[stage], run.info.run_id, problem)
+    return None
+
+
+def trained_model_loads(client: mlflow.MlflowClient) -> Callable[[Run], str | None]:
+    def check(run: Run) -> str | None:
+        best = run.data.tags.get(contract.TAG_BEST_RUN_ID)
+        if not best:
+            return f"it has no {contract.TAG_BEST_RUN_ID} tag"
+        try:
+            mlflow.pyfunc.load_model(f"runs:/{best}/{contract.MODEL_ARTIFACT}")
+        except Exception as err:  # noqa: BLE001 - any reason the model cannot load is a reason to retrain
+            return f"the model of run {best} does not load ({first_line(err)})"
+        return None
+
+    return check
+
+
+def version_exists(client: mlflow.MlflowClient) -> Callable[[Run], str | None]:
+    def check(run: Run) -> str | None:
+        name = run.data.tags.get(contract.TAG_REGISTERED_MODEL)
+        version = run.data.tags.get(contract.TAG_REGISTERED_VERSION)
+        if not (name and version):
+            return "it registered no version"
+        try:
+            client.get_model_version(name, version)
+        except mlflow.exceptions.MlflowException:
+            return f"{name} version {version} no longer exists"
+        return None
+
+    return check
+
+
+def reuse_plan(reuse: str, rerun: str) -> set[str]:
+    """The stages ``main`` may reuse, from ``-P reuse`` and ``-P rerun`` (rerunning a stage reruns
+    those after it); infer only with ``reuse=all``, since its input is usually new."""
+    reuse = reuse.strip().lower() or "true"
+    if reuse not in REUSE:
+        raise PipelineError(f"parameter reuse: expected one of {', '.join(REUSE)}, got {reuse!r}")
+    named = [s.strip() for s in rerun.split(",") if s.strip()]
+    known = {ENTRY_POINTS[s]: s for s in STAGES}
+    unknown = [n for n in named if n not in known]
+    if unknown:
+        raise PipelineError(f"parameter rerun: expected names among {', '.join(known)}, got {', '.join(unknown)}")
+    if reuse == "false":
+        return set()
+    allowed = set(STAGES) if reuse == "all" else {contract.STAGE_TRAIN, contract.STAGE_EVAL}
+    if named:
+        first = min(STAGES.index(known[n]) for n in named)
+        allowed -= set(STAGES[first:])
+    return allowed
+
+
+def main(config: Config, env_manager: str = "", reuse: str = "", rerun: str = "") -> dict[str, str]:
     """Run the whole pipeline; return the tags written on main's run."""
     env_manager = env_manager or "local"
     if env_manager not in ("local", "uv", "virtualenv", "conda"):
         raise PipelineError(f"parameter env_manager: expected one of local, uv, virtualenv, conda, got {env_manager!r}")
+    may_reuse = reuse_plan(reuse, rerun)
     client = mlflow.MlflowClient()
     params = stage_parameters(config)
+    data_dir = ensure_data(config)  # before its digest: the first run fills data/ from ELPV
+    code = fingerprint.code_digest()
     with stage_run(contract.STAGE_PIPELINE, config.experiment) as run:
         log_config(config)
         tags: dict[str, str] = {}
 
-        tags[contract.TAG_TRAIN_RUN_ID] = run_stage(
-            contract.STAGE_TRAIN, params[contract.STAGE_TRAIN], config, env_manager
-        )
-        best = client.get_run(tags[contract.TAG_TRAIN_RUN_ID]).data.tags.get(contract.TAG_BEST_RUN_ID)
-        if not best:
-            raise PipelineError(
-                f"train run {tags[contract.TAG_TRAIN_RUN_ID]} finished without a {contract.TAG_BEST_RUN_ID} tag"
+        def stage(name: str, parameters: dict[str, str], data: str, usable: Callable[[Run], str | None]) -> Run:
+            """The stage's run: a reusable one if allowed and found, else a new one."""
+            print_ = fingerprint.fingerprint(ENTRY_POINTS[name], parameters, code, data)
+            found = reusable(client, name, config, print_, usable) if name in may_reuse else None
+            if found is None:
+                return client.get_run(run_stage(name, parameters, config, env_manager, print_))
+            when = datetime.fromtimestamp(found.info.start_time / 1000, timezone.utc).isoformat(timespec="seconds")
+            logger.info(
+                "reusing %s run %s of %s: same code, parameters and data", ENTRY_POINTS[name], found.info.run_id, when
             )
+            tags[contract.reused_from_tag(name)] = f"{found.info.run_id} ({when})"
+            return found
+
+        train_run = stage(
+            contract.STAGE_TRAIN, params[contract.STAGE_TRAIN], fingerprint.tree_digest(data_dir, ["train"]),
+            trained_model_loads(client),
+        )  # fmt: skip
+        tags[contract.TAG_TRAIN_RUN_ID] = train_run.info.run_id
+        best = train_run.data.tags.get(contract.TAG_BEST_RUN_ID)
+        if not best:
+            raise PipelineError(f"train run {train_run.info.run_id} finished without a {contract.TAG_BEST_RUN_ID} tag")
         tags[contract.TAG_BEST_RUN_ID] = best
         mlflow.set_tags(tags)  # recorded as we go, so a failed later stage still leaves the trail
 
         eval_params = {"run_id": best, **params[contract.STAGE_EVAL]}
-        tags[contract.TAG_EVAL_RUN_ID] = run_stage(contract.STAGE_EVAL, eval_params, config, env_manager)
-        eval_tags = client.get_run(tags[contract.TAG_EVAL_RUN_ID]).data.tags
-        tags[contract.TAG_REGISTERED_MODEL] = eval_tags[contract.TAG_REGISTERED_MODEL]
-        tags[contract.TAG_REGISTERED_VERSION] = eval_tags[contract.TAG_REGISTERED_VERSION]
+        # A reused evaluation registers nothing: its version stays, and prod where the rule put it.
+        eval_run = stage(
+            contract.STAGE_EVAL, eval_params, fingerprint.tree_digest(data_dir, ["test"]), version_exists(client)
+        )
+        tags[contract.TAG_EVAL_RUN_ID] = eval_run.info.run_id
+        tags[contract.TAG_REGISTERED_MODEL] = eval_run.data.tags[contract.TAG_REGISTERED_MODEL]
+        tags[contract.TAG_REGISTERED_VERSION] = eval_run.data.tags[contract.TAG_REGISTERED_VERSION]
         mlflow.set_tags(tags)
 
-        if alias_version(config.registry.production, config.registry.alias) is not None:
-            tags[contract.TAG_INFER_RUN_ID] = run_stage(
-                contract.STAGE_INFER, params[contract.STAGE_INFER], config, env_manager
-            )
+        prod = alias_version(config.registry.production, config.registry.alias)
+        if prod is not None:
+            source = Path(config.infer_input)
+            if not source.exists():  # a glob: its files are only known to infer; never reused
+                may_reuse.discard(contract.STAGE_INFER)
+            # The input's content and the version the alias names now: what infer's result depends on.
+            inputs = f"{fingerprint.tree_digest(source)}\0{config.registry.production}/{prod}"
+            infer_run = stage(contract.STAGE_INFER, params[contract.STAGE_INFER], inputs, lambda found: None)
+            tags[contract.TAG_INFER_RUN_ID] = infer_run.info.run_id
         else:
             reason = f"no {config.registry.production}@{config.registry.alias} yet: no model has passed the threshold"
             logger.warning("skipping infer: %s", reason)

@@ -43,6 +43,8 @@ PARAMS: dict[str, tuple[Param, ...]] = {
         Param("input", "infer.input"),
         Param("output", "infer.output"),
         Param("env_manager", None),
+        Param("reuse", None),
+        Param("rerun", None),
     ),
     "prepare": (Param("data_dir", "data.dir"), Param("experiment", "experiment")),
     "train": (

@@ -48,7 +48,8 @@ def pytest_report_header(config) -> list[str]:
 # to two workers in collection order, so starting these first keeps both busy to the end instead of
 # leaving one to finish a long file alone. A file not listed runs after them, in name order.
 LONGEST_FIRST = ("test_server", "test_e2e", "test_serving", "test_concurrency", "test_signals", "test_steps",
-                 "test_pretrained", "test_robustness", "test_model", "test_env_managers", "test_bench")  # fmt: skip
+                 "test_pretrained", "test_reuse", "test_robustness", "test_model", "test_env_managers",
+                 "test_bench")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items) -> None:

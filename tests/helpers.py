@@ -285,3 +285,43 @@ def without_spark_connect() -> None:
         return
     if not should_test_connect:
         sys.modules["pyspark.sql.connect.dataframe"] = None  # type: ignore[assignment]
+
+
+def in_process_stages(monkeypatch, calls: list | None = None) -> None:
+    """Make ``steps.main`` run each stage in-process: from the command line main builds for it, in a
+    thread of its own (MLflow's active run is per thread, as it is per process under `mlflow run`),
+    tagged with its fingerprint as ``main.run_stage`` tags it. ``calls`` collects (stage, parameters,
+    env_manager) of every stage run."""
+    import importlib
+    import threading
+
+    import mlflow
+
+    from steps import cli, contract, main
+    from steps.errors import PipelineError
+
+    own = {"evaluate": ("run_id",)}
+
+    def run_stage(stage, parameters, config, env_manager, fingerprint):
+        if calls is not None:
+            calls.append((stage, dict(parameters), env_manager))
+        argv = [part for name, value in parameters.items() for part in (f"--{name}", value)]
+        name, result = main.ENTRY_POINTS[stage], {}
+        module = importlib.import_module(f"steps.{name}")  # entry point, module and function share a name
+        step = getattr(module, name)
+
+        def stage() -> None:
+            try:
+                result["run_id"] = cli.main(step, "", module.OVERRIDES, argv=argv, own=own.get(name, ()))
+            except SystemExit as stop:  # what the stage's process would have exited with
+                result["exit"] = stop.code
+
+        worker = threading.Thread(target=stage)
+        worker.start()
+        worker.join()
+        if "run_id" not in result:
+            raise PipelineError(f"the {name} stage failed (exit {result.get('exit')})")
+        mlflow.MlflowClient().set_tag(result["run_id"], contract.TAG_FINGERPRINT, fingerprint)
+        return result["run_id"]
+
+    monkeypatch.setattr(main, "run_stage", run_stage)

@@ -111,3 +111,11 @@ def test_accuracy_by_expert_certainty_needs_a_manifest_that_covers_every_image(t
     (tmp_path / "manifest.csv").write_text("file,probability\ntest/def_front/a.png,1.0\n")
     assert bench_accuracy.expert_certainty(tmp_path, samples) is None  # b.png is not in it
     assert bench_accuracy.accuracy(np.array([1.0, 0.0]), np.array([0.9, 0.7]), np.array([False, False])) is None
+
+
+def test_the_pipeline_benchmark_reports_a_rerun_beside_the_first_run():
+    import bench_pipeline
+
+    assert bench_pipeline.again_rows({}, 100.0) == []  # one run only (the end-to-end test's)
+    (row,) = bench_pipeline.again_rows({"again": {"wall": 12.0, "reused": ["train", "eval"]}}, 100.0)
+    assert row == "| `main` again, nothing changed (reused: train, eval) | 12 s, **0.120** of the first |"

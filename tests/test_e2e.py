@@ -70,6 +70,8 @@ class Scenario(NamedTuple):
     after_evaluations: tuple[list, str]  # Production_Reg's versions and the prod version then
     promoted: tuple[subprocess.CompletedProcess, str, str]  # promote by hand: result, version, reason
     history: list[str]  # `python -m steps.promote history`, line by line
+    again: tuple[dict[str, str], list, str]  # main once more, nothing changed: its tags, the registry's
+    # versions and the prod version before it ran
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +120,14 @@ def scenario(tiny_data, tmp_path_factory) -> Scenario:
         [sys.executable, "-m", "steps.promote", "history"],
         capture_output=True, text=True, cwd=PROJECT_DIR, env={**os.environ, "MLFLOW_TRACKING_URI": store},
     )  # fmt: skip
+    # main once more with nothing changed: train and evaluate are reused, only infer runs.
+    prod_before = str(client.get_model_version_by_alias("Production_Reg", "prod").version)
+    before = (client.search_model_versions(""), prod_before)
+    again, _ = run_main(tiny_data, store, tmp_path, threshold="0.0", seed="42")
     return Scenario(
         store, (code, stderr, statuses), first, report, twin_done, after_mains, evaluations, (versions, prod),
         (promoted, other, reason), shown.stdout.splitlines() if shown.returncode == 0 else [shown.stderr],
+        (again, *before),
     )  # fmt: skip
 
 
@@ -212,6 +219,18 @@ def test_promote_moves_prod_by_hand_and_history_shows_every_move(scenario, clien
     moves = [line.split()[1:4] for line in scenario.history[1:]]
     assert moves[-1][1:] == ["->", version] and reason in scenario.history[-1] and "promote" in scenario.history[-1]
     assert moves[0][:2] == ["-", "->"] and moves[0][2] in ("1", "2")  # whichever main settled first
+
+
+def test_main_again_with_nothing_changed_reuses_train_and_evaluate(scenario, client):
+    """How much time that saves is a benchmark's figure (BENCHMARKS.md), not a timed assertion here."""
+    again, versions_before, prod_before = scenario.again
+    for key in (contract.TAG_TRAIN_RUN_ID, contract.TAG_EVAL_RUN_ID, contract.TAG_REGISTERED_VERSION):
+        assert again[key] == scenario.first[key], key
+    assert contract.reused_from_tag(contract.STAGE_TRAIN) in again
+    assert contract.reused_from_tag(contract.STAGE_EVAL) in again
+    assert len(client.search_model_versions("")) == len(versions_before)  # nothing registered
+    assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == prod_before
+    assert again[contract.TAG_INFER_RUN_ID] != scenario.first[contract.TAG_INFER_RUN_ID]  # new input, new scores
 
 
 def test_nothing_the_killed_training_did_reached_the_registry_and_nothing_is_half_done(scenario, client):

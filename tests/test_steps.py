@@ -6,16 +6,14 @@ Training runs once per module; every test then works on its own copy of that SQL
 from __future__ import annotations
 
 import csv
-import importlib
 import shutil
-import threading
 
 import mlflow
 import pytest
 import tensorflow as tf
 
 from conftest import SCRATCH_SETS
-from helpers import building_store, use_copy_of
+from helpers import building_store, in_process_stages, use_copy_of
 from steps import cli, contract, evaluate, infer, main
 from steps.config import load_config
 from steps.errors import PipelineError
@@ -233,23 +231,8 @@ def test_infer_writes_one_row_per_image_and_survives_a_bad_file(trained_store, t
 def test_main_with_no_model_over_the_bar_registers_in_testing_and_skips_infer(store, tiny_data, monkeypatch):
     """main's own logic, in-process: each stage runs from the command line main builds for it, in a
     thread of its own (MLflow's active run is per thread, as it is per process under mlflow run)."""
-    own = {"evaluate": ("run_id",)}
-    calls = []
-
-    def run_stage(stage, parameters, config, env_manager):
-        calls.append((stage, dict(parameters), env_manager))
-        argv = [part for name, value in parameters.items() for part in (f"--{name}", value)]
-        name, result = main.ENTRY_POINTS[stage], {}
-        module = importlib.import_module(f"steps.{name}")  # entry point, module and function share a name
-        step = getattr(module, name)
-        worker = threading.Thread(
-            target=lambda: result.update(run_id=cli.main(step, "", module.OVERRIDES, argv=argv, own=own.get(name, ())))
-        )
-        worker.start()
-        worker.join()
-        return result["run_id"]
-
-    monkeypatch.setattr(main, "run_stage", run_stage)
+    calls: list = []
+    in_process_stages(monkeypatch, calls)
     # 1.0, the highest legal threshold: no model can pass, so no prod alias exists afterwards.
     config = tiny(tiny_data, **{"train.hparams": "small", "evaluate.threshold": "1.0"})
     tags = main.main(config)

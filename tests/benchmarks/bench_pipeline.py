@@ -4,7 +4,9 @@ Run with ``make bench`` (after ``bench_training.py``) or ``python tests/benchmar
 ``--quick`` runs it on a tiny ELPV subset for one epoch at 32x32, a smoke check. It runs
 ``mlflow run . -e main --env-manager local`` against a fresh temporary SQLite store, so earlier
 runs and registry versions cannot change the outcome, and reports the wall time of the whole
-pipeline and of each stage run, plus the evaluation metrics of the model it registered. With
+pipeline and of each stage run, plus the evaluation metrics of the model it registered. Then it
+runs the same ``main`` again in that store, nothing changed, and reports its wall time beside the
+first: train and evaluate are reused (README, "Rerunning main"), infer runs again. With
 ``--write`` the results replace the "pipeline" section of BENCHMARKS.md.
 """
 
@@ -102,6 +104,19 @@ def run(params: dict[str, str], store: str | None = None, experiment: str = "ben
     }
 
 
+def run_twice(params: dict[str, str]) -> dict[str, object]:
+    """``run`` in a fresh temporary store, then once more in that store; the first's result, with
+    the second's wall time and which stages it reused under "again"."""
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        params = {"output": f"{tmp}/predictions.csv", **params}
+        store = f"sqlite:///{tmp}/mlflow.db"
+        first = run(params, store)
+        second = run(params, store)
+    reused = [s for s in (contract.STAGE_TRAIN, contract.STAGE_EVAL, contract.STAGE_INFER)
+              if contract.reused_from_tag(s) in second["tags"]]  # fmt: skip
+    return {**first, "again": {"wall": second["wall"], "reused": reused}}
+
+
 def report(result: dict[str, object], params: dict[str, str], quick: bool = False) -> str:
     m = result["metrics"]
     wall, stages = result["wall"], (result["train"], result["evaluate"], result["infer"])
@@ -123,6 +138,7 @@ def report(result: dict[str, object], params: dict[str, str], quick: bool = Fals
         f"| {wall / 60:.1f} min ({wall:.0f} s) |",
         "| train run / evaluate run / infer run | " + " / ".join(f"{s:.0f} s" for s in stages) + " |",
         f"| best set (by val_accuracy) | {result['best_set']} |",
+        *again_rows(result, wall),
         "",
         f"| on the test set | cut-off 0.5 | tuned cut-off {cutoff:.3f} (validation split) |",
         "| --- | --- | --- |",
@@ -147,6 +163,18 @@ def report(result: dict[str, object], params: dict[str, str], quick: bool = Fals
     return "\n".join(lines)
 
 
+def again_rows(result: dict[str, object], wall: float) -> list[str]:
+    """The rerun's row, when there was one: its wall time, against the first's, and what it reused."""
+    again = result.get("again")
+    if not isinstance(again, dict):
+        return []
+    reused = ", ".join(again["reused"]) or "nothing"
+    return [
+        f"| `main` again, nothing changed (reused: {reused}) | {again['wall']:.0f} s, "
+        f"**{again['wall'] / wall:.3f}** of the first |"
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="replace the pipeline section of BENCHMARKS.md")
@@ -160,7 +188,7 @@ def main() -> None:
             tiny = {"data_dir": str(make_tiny_elpv(Path(tmp) / "data")), "epochs": "1", "image_size": "32",
                     "hparams": "small,medium,wide"}  # fmt: skip
             params = {**tiny, "threshold": "0.0", **params}
-        text = report(run(params), params, quick=options.quick)
+        text = report(run_twice(params), params, quick=options.quick)
     publish(text, BEGIN, END, options.write, options.quick)
 
 
