@@ -130,18 +130,16 @@ def reusable(
     return None
 
 
-def trained_model_loads(client: mlflow.MlflowClient) -> Callable[[Run], str | None]:
-    def check(run: Run) -> str | None:
-        best = run.data.tags.get(contract.TAG_BEST_RUN_ID)
-        if not best:
-            return f"it has no {contract.TAG_BEST_RUN_ID} tag"
-        try:
-            mlflow.pyfunc.load_model(f"runs:/{best}/{contract.MODEL_ARTIFACT}")
-        except Exception as err:  # noqa: BLE001 - any reason the model cannot load is a reason to retrain
-            return f"the model of run {best} does not load ({first_line(err)})"
-        return None
-
-    return check
+def trained_model_loads(run: Run) -> str | None:
+    """Why a train run cannot be reused (no best run, or its model does not load), or None."""
+    best = run.data.tags.get(contract.TAG_BEST_RUN_ID)
+    if not best:
+        return f"it has no {contract.TAG_BEST_RUN_ID} tag"
+    try:
+        mlflow.pyfunc.load_model(f"runs:/{best}/{contract.MODEL_ARTIFACT}")
+    except Exception as err:  # noqa: BLE001 - any reason the model cannot load is a reason to retrain
+        return f"the model of run {best} does not load ({first_line(err)})"
+    return None
 
 
 def version_exists(client: mlflow.MlflowClient) -> Callable[[Run], str | None]:
@@ -208,7 +206,7 @@ def main(config: Config, env_manager: str = "", reuse: str = "", rerun: str = ""
 
         train_run = stage(
             contract.STAGE_TRAIN, params[contract.STAGE_TRAIN], fingerprint.tree_digest(data_dir, ["train"]),
-            trained_model_loads(client),
+            trained_model_loads,
         )  # fmt: skip
         tags[contract.TAG_TRAIN_RUN_ID] = train_run.info.run_id
         best = train_run.data.tags.get(contract.TAG_BEST_RUN_ID)

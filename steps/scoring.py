@@ -42,7 +42,9 @@ def keras_loss_and_accuracy(y_true: np.ndarray, prob: np.ndarray, label_smoothin
     and the "accuracy" metric, from predictions already made: no second pass over the data.
 
     The loss clips probabilities to [1e-7, 1 - 1e-7] (Keras's epsilon) and smooths the labels
-    towards 0.5; accuracy counts ``prob > 0.5`` as defect, as ``binary_accuracy`` does.
+    towards 0.5; accuracy counts ``prob > 0.5`` as defect, as ``binary_accuracy`` does. Exactly
+    Keras's figures for a mean over views; for a bare sigmoid Keras uses the logits, the same figure
+    unless a probability is saturated (0 or 1 in float32) on the wrong label.
     """
     y = np.asarray(y_true, dtype=np.float64)
     # Clipped in float32, as the model's output is: 1 - 1e-7 rounds to 1 - 1.19e-7 there.

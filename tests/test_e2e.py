@@ -79,7 +79,8 @@ def scenario(tiny_data, tmp_path_factory) -> Scenario:
     """One store through every phase, in order: a training SIGKILLed mid-way; two mains at once (this
     one timed by the pipeline benchmark, and a twin in experiment e2e-twin, one set, another seed,
     registering into the same Production_Reg); two evaluations at once through `mlflow run`; prod
-    moved by hand with `promote`. Each phase runs as users run it, as its own processes."""
+    moved by hand with `promote`; the first main again, nothing changed. Each phase runs as users
+    run it, as its own processes."""
     tmp_path = tmp_path_factory.mktemp("e2e")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(store)
