@@ -83,16 +83,19 @@ def scenario(tiny_data, tmp_path_factory) -> Scenario:
     run it, as its own processes."""
     tmp_path = tmp_path_factory.mktemp("e2e")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    create_sqlite_store(store)  # as `make run` does: bare `mlflow run`s starting together race on a new one
     client = mlflow.MlflowClient(store)
+
+    # The twin starts first: its stages work in the e2e-twin experiments, where nothing is killed.
+    twin_params = {"data_dir": str(tiny_data), "epochs": "1", "image_size": "32", "hparams": "small", "seed": "7",
+                   "threshold": "0.0", "output": str(tmp_path / "twin.csv"), "experiment": "e2e-twin"}  # fmt: skip
+    cmd, env = mlflow_run_command("main", twin_params, store, "pipeline/e2e-twin")
+    twin = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     code, stderr = kill_training(tiny_data, store)
     train_experiment = client.get_experiment_by_name("train/e2e")
     statuses = {r.info.run_id: r.info.status for r in client.search_runs([train_experiment.experiment_id])}
 
-    twin_params = {"data_dir": str(tiny_data), "epochs": "1", "image_size": "32", "hparams": "small", "seed": "7",
-                   "threshold": "0.0", "output": str(tmp_path / "twin.csv"), "experiment": "e2e-twin"}  # fmt: skip
-    cmd, env = mlflow_run_command("main", twin_params, store, "pipeline/e2e-twin")
-    twin = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first, report = run_main(tiny_data, store, tmp_path, threshold="0.0", seed="42")
     twin_out, twin_err = twin.communicate(timeout=900)
     twin_done = subprocess.CompletedProcess(cmd, twin.returncode, twin_out, twin_err)

@@ -15,7 +15,15 @@ import sys
 import mlflow
 import pytest
 
-from helpers import PROJECT_DIR, assert_store_consistent, free_port, mlflow_run, running_server, wait_for_epochs
+from helpers import (
+    PROJECT_DIR,
+    assert_store_consistent,
+    free_port,
+    mlflow_run,
+    mlflow_run_command,
+    running_server,
+    wait_for_epochs,
+)
 from steps import contract, errors, tracking
 
 pytestmark = pytest.mark.e2e
@@ -144,20 +152,21 @@ def test_a_server_with_authentication_refuses_wrong_credentials_in_one_line(tmp_
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "right-password-1234")
         assert tracking.configure() == uri
 
-        # A real `mlflow run`, credentials in the environment (as the README says): none is printed.
-        done = mlflow_run("evaluate", {"run_id": "0" * 32, "experiment": "auth"}, uri, "eval/auth")
-        printed = done.stdout + done.stderr
-        assert done.returncode != 0 and "right-password-1234" not in printed
-        assert f"error: run '{'0' * 32}' does not exist in {uri}; run" in printed, printed[-3000:]
-
-        # Credentials in the URI: the stage moves them into the environment and prints the URI
-        # without them. The outer `mlflow run` is MLflow's: it prints its run's URL with the URI as
-        # given, unless MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT is set, which `make` sets for such a URI.
+        # Two real `mlflow run`s, started together: credentials in the environment (as the README
+        # says), and in the URI, which the stage moves into the environment and prints without them.
+        # The outer `mlflow run` is MLflow's: it prints its run's URL with the URI as given, unless
+        # MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT is set, which `make` sets for such a URI.
+        params = {"run_id": "0" * 32, "experiment": "auth"}
+        in_environment = mlflow_run_command("evaluate", params, uri, "eval/auth")
         monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
         monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
         monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         with_user = uri.replace("http://", "http://admin:right-password-1234@")
-        done = mlflow_run("evaluate", {"run_id": "0" * 32, "experiment": "auth"}, with_user, "eval/auth")
-        printed = done.stdout + done.stderr
-        assert done.returncode != 0 and "right-password-1234" not in printed
-        assert f"error: run '{'0' * 32}' does not exist in {uri}; run" in printed, printed[-3000:]
+        in_uri = mlflow_run_command("evaluate", params, with_user, "eval/auth")
+        started = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for cmd, env in (in_environment, in_uri)]  # fmt: skip
+        for process in started:
+            stdout, stderr = process.communicate(timeout=600)
+            printed = stdout + stderr
+            assert process.returncode != 0 and "right-password-1234" not in printed
+            assert f"error: run '{'0' * 32}' does not exist in {uri}; run" in printed, printed[-3000:]
