@@ -157,6 +157,8 @@ def test_a_server_with_authentication_refuses_wrong_credentials_in_one_line(tmp_
         # The outer `mlflow run` is MLflow's: it prints its run's URL with the URI as given, unless
         # MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT is set, which `make` sets for such a URI.
         params = {"run_id": "0" * 32, "experiment": "auth"}
+        # Created first: two `mlflow run`s creating one experiment at the same moment race in MLflow.
+        mlflow.MlflowClient(uri).create_experiment("eval/auth")
         in_environment = mlflow_run_command("evaluate", params, uri, "eval/auth")
         monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
         monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
