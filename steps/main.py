@@ -38,6 +38,7 @@ from mlflow.entities import Run
 
 from steps import cli, contract, fingerprint, parameters
 from steps.config import PROJECT_DIR, Config
+from steps.data import digest, manifest, scan_split
 from steps.elpv import ensure_data
 from steps.errors import PipelineError
 from steps.records import log_config
@@ -157,6 +158,12 @@ def version_exists(client: mlflow.MlflowClient) -> Callable[[Run], str | None]:
     return check
 
 
+def split_digest(config: Config, data_dir: Path, split: str) -> str:
+    """What a split's images are, as train and evaluate record it (``steps.data.digest``): the files'
+    contents and classes, whatever their names or folder."""
+    return digest(manifest(scan_split(data_dir, split, config.data.classes), split, data_dir))
+
+
 def reuse_plan(reuse: str, rerun: str) -> set[str]:
     """The stages ``main`` may reuse, from ``-P reuse`` and ``-P rerun`` (rerunning a stage reruns
     those after it); infer only with ``reuse=all``, since its input is usually new."""
@@ -205,7 +212,7 @@ def main(config: Config, env_manager: str = "", reuse: str = "", rerun: str = ""
             return found
 
         train_run = stage(
-            contract.STAGE_TRAIN, params[contract.STAGE_TRAIN], fingerprint.tree_digest(data_dir, ["train"]),
+            contract.STAGE_TRAIN, params[contract.STAGE_TRAIN], split_digest(config, data_dir, "train"),
             trained_model_loads,
         )  # fmt: skip
         tags[contract.TAG_TRAIN_RUN_ID] = train_run.info.run_id
@@ -218,7 +225,7 @@ def main(config: Config, env_manager: str = "", reuse: str = "", rerun: str = ""
         eval_params = {"run_id": best, **params[contract.STAGE_EVAL]}
         # A reused evaluation registers nothing: its version stays, and prod where the rule put it.
         eval_run = stage(
-            contract.STAGE_EVAL, eval_params, fingerprint.tree_digest(data_dir, ["test"]), version_exists(client)
+            contract.STAGE_EVAL, eval_params, split_digest(config, data_dir, "test"), version_exists(client)
         )
         tags[contract.TAG_EVAL_RUN_ID] = eval_run.info.run_id
         tags[contract.TAG_REGISTERED_MODEL] = eval_run.data.tags[contract.TAG_REGISTERED_MODEL]
