@@ -187,6 +187,9 @@ class EvaluateConfig:
 # infer's output file: its suffix says the format.
 OUTPUT_FORMATS = (".csv", ".jsonl")
 ENGINES = ("local", "spark")
+# What scores in infer: the Keras network or one of its exports (steps.serving.RUNTIMES; a test
+# keeps the two in step).
+RUNTIMES = ("keras", "onnx", "litert")
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,7 @@ class InferConfig:
     spark_master: str = "local[*]"
     allow_errors: bool = False
     gradcam_top: int = 8
+    runtime: str = "keras"
 
     def __post_init__(self) -> None:
         _check(
@@ -212,6 +216,7 @@ class InferConfig:
         _check(self.engine in ENGINES, "infer.engine", f"one of {', '.join(ENGINES)}", self.engine)
         _check(bool(self.spark_master), "infer.spark_master", "a Spark master URL such as local[*]", self.spark_master)
         _check(self.gradcam_top >= 0, "infer.gradcam_top", "an integer >= 0", self.gradcam_top)
+        _check(self.runtime in RUNTIMES, "infer.runtime", f"one of {', '.join(RUNTIMES)}", self.runtime)
 
 
 @dataclass(frozen=True)

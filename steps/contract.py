@@ -45,6 +45,8 @@ TAG_MODEL_URI = "model_uri"
 TAG_MODEL_VERSION = "model_version"
 # Which engine scored, local or spark.
 TAG_INFER_ENGINE = "infer_engine"
+# What scored: keras, or the onnx or litert export.
+TAG_INFER_RUNTIME = "infer_runtime"
 # main's record of why it did not run infer (no `prod` alias yet).
 TAG_INFER_SKIPPED = "infer_skipped"
 
@@ -61,6 +63,14 @@ VERSION_TAG_PROD_UNTIL = "prod_until"
 VERSION_TAG_REPLACED_VERSION = "replaced_version"
 # Set on a version that a rollback passed over: the rule never gives it prod again on its own.
 VERSION_TAG_BLOCKED = "prod_blocked"
+# Where a version's exports are (ONNX, LiteRT and their preprocessing spec): artifact URIs in its
+# train run, "runs:/<run id>/exports/<file>", by runtime ("export_onnx", "export_litert") and "export_spec".
+VERSION_TAG_EXPORT_PREFIX = "export_"
+
+
+def export_tag(runtime: str) -> str:
+    return f"{VERSION_TAG_EXPORT_PREFIX}{runtime}"
+
 
 # Metrics. Every epoch of a train child: Keras's names for the loss and accuracy on the training
 # and validation splits (the network is compiled with METRIC_ACCURACY; training keeps the epoch with
@@ -102,6 +112,15 @@ METRIC_BEST_VAL_LOSS = "best_val_loss"
 METRIC_FLOPS = "flops_per_image"
 METRIC_IMAGES_PER_SECOND = "images_per_second"
 METRIC_LEARNING_RATE = "learning_rate"
+# A train child's exports: the largest difference of each from the Keras model's defect probability
+# on the validation images ("onnx_max_abs_diff", "litert_max_abs_diff"); evaluate logs the same on
+# the test images.
+
+
+def export_diff_metric(runtime: str) -> str:
+    return f"{runtime}_max_abs_diff"
+
+
 TAG_VERSIONS_PREFIX = "versions."
 
 
@@ -141,4 +160,5 @@ CONFUSION_ARTIFACT = "confusion_matrix.png"
 CURVES_ARTIFACT = "roc_pr_curves.png"
 MISCLASSIFIED_ARTIFACT = "misclassified.png"
 SKIPPED_ARTIFACT = "skipped_images.csv"  # path, class, reason of every image skipped
+EXPORTS_ARTIFACT = "exports"  # train child: model.onnx, model.tflite, preprocessing.json
 GRADCAM_ARTIFACT = "gradcam.png"  # infer: Grad-CAM heat maps of the most confident defects

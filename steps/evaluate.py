@@ -13,7 +13,10 @@ in ``train`` or under both classes is refused). Writes, in experiment ``eval/<ex
   (defect is the positive class, cut-off 0.5 on the defect probability), the same prefixed
   ``tuned_`` at the model's own ``decision_threshold`` (tuned on the validation split by train,
   logged as a metric too), and ``champion_test_accuracy`` (the prod version it was compared with,
-  on this test set); ``n_skipped``, ``n_test_good`` and ``n_test_defect``;
+  on this test set); ``n_skipped``, ``n_test_good`` and ``n_test_defect``; ``onnx_max_abs_diff``
+  and ``litert_max_abs_diff``, each export's largest difference from the Keras model's defect
+  probability on the test images (over 1e-4, or a class that differs, fails the stage before
+  anything is registered);
 - tags ``source_run_id``, ``registered_model``, ``registered_version``, ``promoted`` (``true`` when
   ``prod`` now points at this version), ``promotion_reason`` (the numbers compared),
   ``champion_version``, and ``champion_rescored`` when the champion had to be scored on this test set;
@@ -25,7 +28,9 @@ in ``train`` or under both classes is refused). Writes, in experiment ``eval/<ex
 
 In the registry: a new version of ``Production_Reg`` when test accuracy >= ``threshold``, else of
 ``Testing_Reg``, tagged ``acc`` (the test accuracy at 0.5, as a string), ``test_digest``,
-``acc.<test_digest>``, ``decision_threshold``, ``source_run_id`` and ``eval_run_id``. Then, in
+``acc.<test_digest>``, ``decision_threshold``, ``source_run_id``, ``eval_run_id`` and, where
+the run has them, ``export_onnx``, ``export_litert`` and ``export_spec`` (``runs:/`` URIs of the
+exports and their preprocessing spec). Then, in
 ``Production_Reg`` only, ``steps.registry.settle`` applies the promotion rule: scores are compared
 on this test set only (a champion scored on another one is scored on this one first), a tie keeps
 the champion, a challenger must gain at least ``min_improvement``; the alias is re-read and
@@ -152,6 +157,31 @@ def log_figures(
     for name, fig in figures.items():
         mlflow.log_figure(fig, name)
         plots.close(fig)
+
+
+def check_exports(
+    info, model_run_id: str, images: np.ndarray, prob: np.ndarray, cutoff: float, batch_size: int
+) -> dict[str, str]:
+    """Score the model's ONNX and LiteRT exports on the test images against its Keras ``prob``
+    (``steps.exports.check_parity``: a mismatch fails the stage), log each one's largest difference,
+    and return the version tags that say where the exports are; none for a model logged without them."""
+    artifacts = (info.flavors or {}).get("python_function", {}).get("artifacts", {})
+    if not all(key in artifacts for key in serving.EXPORT_ARTIFACTS.values()):
+        logger.warning("run %s's model has no ONNX or LiteRT export (logged before train exported)", model_run_id)
+        return {}
+    from steps import exports  # Keras and the converters: only a model with exports needs them
+
+    paths = {
+        runtime: registry.model_artifact(info.model_uri, key, f"has no {runtime} export", info.flavors)
+        for runtime, key in serving.EXPORT_ARTIFACTS.items()
+    }
+    diffs = exports.check_parity(paths, images, prob, cutoff, batch_size)
+    mlflow.log_metrics({contract.export_diff_metric(runtime): diff for runtime, diff in diffs.items()})
+    files = {**exports.FILES, "spec": exports.SPEC_FILE}
+    return {
+        contract.export_tag(kind): f"runs:/{model_run_id}/{contract.EXPORTS_ARTIFACT}/{name}"
+        for kind, name in files.items()
+    }
 
 
 class TestSet:
@@ -323,6 +353,7 @@ def evaluate(config: Config, run_id: str) -> str:
         prob = test.predict(info.model_uri, image_size)
         metrics, confusions = report(test.y, prob, cutoff)
         mlflow.log_metrics(metrics)
+        export_tags = check_exports(info, model_run_id, test.images(image_size), prob, cutoff, test.batch_size)
         log_figures(test.images(image_size), test.y, prob, confusions, cutoff, classes)
         accuracy = metrics[contract.METRIC_TEST_ACCURACY]
 
@@ -336,6 +367,7 @@ def evaluate(config: Config, run_id: str) -> str:
                 contract.VERSION_TAG_SOURCE_RUN_ID: model_run_id,
                 contract.VERSION_TAG_EVAL_RUN_ID: eval_run_id,
                 contract.VERSION_TAG_DECISION_THRESHOLD: repr(cutoff),
+                **export_tags,
             },
             eval_run_id=eval_run_id,
             rescore=functools.partial(rescore, client, reg, test, test_digest),

@@ -7,7 +7,10 @@ file to write, ``.csv`` or ``.jsonl``: not a directory, in a writable place; che
 work), ``engine`` (``local``, or ``spark``: ``mlflow.pyfunc.spark_udf`` over Spark's ``binaryFile``
 source), ``spark_master`` (default ``local[*]``; a cluster's master URL, where ``input`` may be any
 path Spark reads), ``allow_errors`` (``true``: exit 0 even when some images could not be read),
-``gradcam_top`` (how many of the most confident defects get a Grad-CAM heat map), ``experiment``.
+``gradcam_top`` (how many of the most confident defects get a Grad-CAM heat map), ``runtime``
+(``keras``, the default, or ``onnx`` or ``litert``: the version's export of that format, scored by
+its own runtime; same decoding, columns and errors, probabilities within 1e-4 of Keras's; a version
+without exports, or an export that cannot be loaded, fails with one line naming it), ``experiment``.
 
 Writes ``output``: one row per input image with ``path``, ``predicted_class``,
 ``defect_probability``, ``decision_threshold`` (the model's own cut-off, tuned on validation by
@@ -18,8 +21,8 @@ the directory given, a glob's directory part before its first wildcard, or a sin
 Rows are in path order. ``output`` is written aside and renamed into place when complete: a crash
 or a kill leaves the previous file as it was (a SIGKILL may leave the hidden ``.<name>.<pid>.part``
 beside it). Nothing else is written on disk. In
-experiment ``infer/<experiment>`` one run with tags ``model_uri``, ``model_version`` and
-``infer_engine``; metrics ``n_images`` (every image given), ``n_scored`` (those predicted),
+experiment ``infer/<experiment>`` one run with tags ``model_uri``, ``model_version``,
+``infer_engine`` and ``infer_runtime``; metrics ``n_images`` (every image given), ``n_scored`` (those predicted),
 ``n_defect`` and ``n_errors`` (those that could not be read); the output file and, when any
 image is predicted defective, ``gradcam.png`` as artifacts. Prints a one-line summary; exits 1
 after writing everything when any image could not be read, unless ``allow_errors``.
@@ -49,7 +52,7 @@ from steps.data import is_image
 from steps.errors import PipelineError
 from steps.outputs import Writer, error_row, row
 from steps.records import log_config
-from steps.registry import alias_version, load_keras
+from steps.registry import alias_version, load_keras, model_artifact
 from steps.runs import stage_run
 from steps.serving import DefectModel, ImageError
 from steps.spark import check_spark, score_spark, spark_rows
@@ -151,16 +154,27 @@ def pinned_uri(model_uri: str) -> tuple[str, str | None]:
     return model_uri, None
 
 
-def load_production_model(model_uri: str, batch_size: int) -> tuple[DefectModel, str, str | None]:
-    """The served model's code around the version's network: ``(model, pinned URI, version)``."""
+def load_production_model(
+    model_uri: str, batch_size: int, runtime: str = "keras"
+) -> tuple[DefectModel, str, str | None]:
+    """The served model's code around the version's network, or its export in ``runtime``:
+    ``(model, pinned URI, version)``."""
     uri, version = pinned_uri(model_uri)
     try:
-        metadata = mlflow.models.get_model_info(uri).metadata or {}
-        network = load_keras(uri)
+        info = mlflow.models.get_model_info(uri)
+        if runtime == "keras":
+            network: Any = load_keras(uri)
+        else:
+            missing = (
+                f"has no {runtime} export (logged before train exported its models); use -P runtime=keras, "
+                "or train and register it again"
+            )
+            path = model_artifact(uri, serving.EXPORT_ARTIFACTS[runtime], missing, info.flavors)
+            network = serving.load_export(runtime, path)
     except mlflow.exceptions.MlflowException as err:
         raise PipelineError(f"cannot load {model_uri}: {err.message}") from None
     config = serving.model_config(
-        metadata, predict_batch_size=batch_size, max_request_pixels=NO_PIXEL_CAP["max_request_pixels"]
+        info.metadata or {}, batch_size, max_request_pixels=NO_PIXEL_CAP["max_request_pixels"], runtime=runtime
     )
     return DefectModel(network, config), uri, version
 
@@ -195,11 +209,12 @@ def score_local(model: DefectModel, files: list[Path], root: Path) -> Iterator[d
             yield error_row(path, refused[i]) if i in refused else row(path, scored_row)
 
 
-def log_gradcam(model: DefectModel, defects: list[tuple[float, str]], top: int, root: Path | None) -> None:
+def log_gradcam(model: DefectModel, defects: list[tuple[float, str]], top: int, root: Path | None, uri: str) -> None:
     """Grad-CAM of the ``top`` most confident defects, one PNG grid (``gradcam.png``).
 
     The files are read again, and checked against the input's ``root`` again as they are: one
-    replaced by a link since scoring is not followed (its heat map is left out).
+    replaced by a link since scoring is not followed (its heat map is left out). Gradients need
+    the Keras network: an export's scores are explained with the network it was made from (``uri``).
     """
     from steps.explain import gradcam
 
@@ -211,7 +226,8 @@ def log_gradcam(model: DefectModel, defects: list[tuple[float, str]], top: int, 
     keep = [i for i in range(len(chosen)) if i not in errors]  # a file changed or gone since scoring
     if not keep:
         return
-    heat = gradcam(model.network, images[keep])
+    network = model.network if model.runtime == "keras" else load_keras(uri)
+    heat = gradcam(network, images[keep])
     fig = plots.gradcam_grid(
         images[keep], heat, [chosen[i][0] for i in keep], [chosen[i][1] for i in keep], model.threshold
     )
@@ -244,7 +260,8 @@ def infer(config: Config) -> str:
     files, root = (None, None) if remote else resolve_inputs(spec)
     output = Path(ic.output)
     check_output(output)
-    model, uri, version = load_production_model(config.infer_model_uri, ic.batch_size)
+    model, uri, version = load_production_model(config.infer_model_uri, ic.batch_size, ic.runtime)
+    model_config = {**NO_PIXEL_CAP, "runtime": ic.runtime}  # the Spark workers' copy of the model
     good, defect = model.classes
 
     with stage_run(contract.STAGE_INFER, config.experiment) as run:
@@ -254,16 +271,20 @@ def infer(config: Config) -> str:
                 contract.TAG_MODEL_URI: config.infer_model_uri,
                 contract.TAG_MODEL_VERSION: version or "",
                 contract.TAG_INFER_ENGINE: ic.engine,
+                contract.TAG_INFER_RUNTIME: ic.runtime,
             }
         )
         n = "?" if files is None else len(files)
-        logger.info("scoring %s images with %s (version %s), engine %s", n, config.infer_model_uri, version, ic.engine)
+        logger.info(
+            "scoring %s images with %s (version %s), engine %s, runtime %s",
+            n, config.infer_model_uri, version, ic.engine, ic.runtime,
+        )  # fmt: skip
         rows: Iterable[dict[str, Any]]
         if files is None or root is None:
-            rows = score_spark(uri, None, spec, ic.spark_master, CHUNK, NO_PIXEL_CAP)
+            rows = score_spark(uri, None, spec, ic.spark_master, CHUNK, model_config)
         elif ic.engine == "spark":
             refused = {p: reason for p in files if (reason := outside_input(p, root))}
-            rows = spark_rows(uri, files, refused, spec, ic.spark_master, CHUNK, NO_PIXEL_CAP)
+            rows = spark_rows(uri, files, refused, spec, ic.spark_master, CHUNK, model_config)
         else:
             rows = score_local(model, files, root)
         writer = Writer(output, defect)
@@ -278,7 +299,7 @@ def infer(config: Config) -> str:
         )
         mlflow.log_artifact(str(output))
         if ic.gradcam_top:
-            log_gradcam(model, writer.defects, ic.gradcam_top, root)
+            log_gradcam(model, writer.defects, ic.gradcam_top, root, uri)
 
     n_errors = writer.n_errors
     print(

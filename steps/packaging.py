@@ -1,12 +1,15 @@
-"""The served model as train logs it: ``steps/serving.py`` as the model's code, the Keras network as its
-artifact, the model config built from the metadata (``serving.model_config``), the signature
-(``serving.signature``), a PNG serving example and the pinned requirements of a serving environment.
+"""The served model as train logs it: ``steps/serving.py`` as the model's code, the Keras network and
+its ONNX and LiteRT exports with their preprocessing spec as its artifacts (model config ``runtime``
+picks what scores), the model config built from the metadata (``serving.model_config``), the
+signature (``serving.signature``), a PNG serving example and the pinned requirements of a serving
+environment.
 """
 
 from __future__ import annotations
 
 import io
 import tempfile
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,16 @@ APPLE_SILICON = '; sys_platform == "darwin" and platform_machine == "arm64"'
 def model_requirements() -> list[str]:
     """What a serving environment installs: these versions of what steps/serving.py imports."""
     requirements = []
-    for name in ("mlflow", "keras", "tensorflow", "tensorflow-metal", "pillow", "pandas"):
+    for name in (
+        "mlflow",
+        "keras",
+        "tensorflow",
+        "tensorflow-metal",
+        "pillow",
+        "pandas",
+        "onnxruntime",
+        "ai-edge-litert",
+    ):
         try:
             requirements.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -42,11 +54,14 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def log_model(network: Any, config: Config, metadata: dict[str, Any], example: np.ndarray) -> Any:
+def log_model(
+    network: Any, config: Config, metadata: dict[str, Any], example: np.ndarray, exports: Mapping[str, Path]
+) -> Any:
     """Log the network as the served model (``steps/serving.py``): bytes in, predictions out; its ModelInfo.
 
     The file steps/serving.py is logged as the model's code ("models from code"), so loading
     needs no file of this repository. ``example``: one preprocessed image, the serving example.
+    ``exports``: ``steps.exports.write_exports``'s files, by runtime and ``spec``.
     """
     # predict_batch_size, not batch_size: MLflow logs the config's keys as params too.
     model_config = serving.model_config(metadata, predict_batch_size=config.infer.batch_size)
@@ -56,7 +71,11 @@ def log_model(network: Any, config: Config, metadata: dict[str, Any], example: n
         return mlflow.pyfunc.log_model(
             name=contract.MODEL_ARTIFACT,
             python_model=str(Path(serving.__file__)),
-            artifacts={serving.KERAS_ARTIFACT: str(keras_file)},
+            artifacts={
+                serving.KERAS_ARTIFACT: str(keras_file),
+                **{serving.EXPORT_ARTIFACTS[runtime]: str(exports[runtime]) for runtime in serving.EXPORT_ARTIFACTS},
+                serving.SPEC_ARTIFACT: str(exports["spec"]),
+            },
             model_config=model_config,
             signature=serving.signature(),
             # A DataFrame of PNG bytes: MLflow stores it base64, as a REST client sends it (the

@@ -73,6 +73,7 @@ PARAMS: dict[str, tuple[Param, ...]] = {
         Param("spark_master", "infer.spark_master"),
         Param("allow_errors", "infer.allow_errors"),
         Param("gradcam_top", "infer.gradcam_top", "int"),
+        Param("runtime", "infer.runtime"),
         Param("experiment", "experiment"),
     ),
 }

@@ -264,14 +264,10 @@ def load_keras(model_uri: str):
                 )
             _inside_model(model_uri, str(conf.get("data", "data")))
             return mlflow.keras.load_model(model_uri, load_model_kwargs={"safe_mode": True})
-        artifact = flavors.get("python_function", {}).get("artifacts", {}).get(KERAS_ARTIFACT, {}).get("path")
-        if not artifact:
-            raise PipelineError(f"{model_uri} is not a model of this pipeline: it holds no Keras network")
-        _inside_model(model_uri, artifact)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri)).resolve()
-        if not (local / artifact).resolve().is_relative_to(local):  # a link inside that leads out
-            raise PipelineError(f"refused to load {model_uri}: its file {artifact!r} leads outside the model")
-        return keras.saving.load_model(local / artifact, compile=False, safe_mode=True)
+        path = model_artifact(
+            model_uri, KERAS_ARTIFACT, "is not a model of this pipeline: it holds no Keras network", flavors
+        )
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
     except ValueError as err:
         if "safe_mode" not in str(err):
             raise
@@ -279,6 +275,22 @@ def load_keras(model_uri: str):
             f"refused to load {model_uri}: it needs code execution to load (Keras safe_mode); "
             "register models built from the pipeline's own layers"
         ) from None
+
+
+def model_artifact(model_uri: str, key: str, missing: str, flavors: dict | None = None) -> Path:
+    """The local copy of a served model's artifact ``key`` (the Keras network, an export), after
+    checking that the path its ``MLmodel`` gives stays inside the model; ``missing`` ends the error
+    when the model has no such artifact."""
+    if flavors is None:
+        flavors = mlflow.models.get_model_info(model_uri).flavors
+    artifact = flavors.get("python_function", {}).get("artifacts", {}).get(key, {}).get("path")
+    if not artifact:
+        raise PipelineError(f"{model_uri} {missing}")
+    _inside_model(model_uri, artifact)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri)).resolve()
+    if not (local / artifact).resolve().is_relative_to(local):  # a link inside that leads out
+        raise PipelineError(f"refused to load {model_uri}: its file {artifact!r} leads outside the model")
+    return local / artifact
 
 
 def _inside_model(model_uri: str, path: str) -> None:

@@ -31,7 +31,11 @@ Writes, in experiment ``train/<experiment>``:
   and cut-off out), logged as its code beside the Keras network (which resizes and scales its
   input itself, and averages over the set's ``tta`` views), with a signature, a serving input
   example (a validation image as PNG bytes) and, in its metadata and model config, the class
-  names, image size and ``decision_threshold``;
+  names, image size and ``decision_threshold``; beside the network among the model's artifacts,
+  and under ``exports`` in the run's, its ONNX (``model.onnx``) and LiteRT (``model.tflite``)
+  exports and their ``preprocessing.json`` (``steps.exports``), each checked against the Keras
+  model on the validation images (over 1e-4 apart, or a class that differs, fails the run), the
+  largest difference logged as ``onnx_max_abs_diff`` and ``litert_max_abs_diff``;
 - on every run, tags ``versions.<package>`` (Python, TensorFlow, Keras, MLflow, NumPy, ...).
 
 Training reads the decoded images from memory through ``steps.batches`` (seeded shuffle, batch
@@ -47,15 +51,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
 
-from steps import accelerator, cli, contract, packaging, parameters, signals
+from steps import accelerator, cli, contract, exports, packaging, parameters, signals
 from steps.batches import eval_batches, training_batches
 from steps.config import Config, HParams
 from steps.data import (
@@ -199,7 +205,7 @@ def fit_one(
             callbacks=[EpochLogger(len(train_xy[0]))],
         )
         flops = forward_flops(model)  # of one view: test-time augmentation runs it once a view
-        model = served_network(model, hp)
+        network, model = model, served_network(model, hp)
         # One pass over the validation images: loss and accuracy come from the same predictions the
         # cut-off is tuned on (an evaluate() as well would trace and run the served network again).
         val_prob = model.predict(eval_batches(*val_xy, config.evaluate.batch_size), verbose=0).reshape(-1)
@@ -233,7 +239,13 @@ def fit_one(
             "hparam_set": name,
             "decision_threshold": cutoff,
         }
-        packaging.log_model(model, config, metadata, example=val_xy[0][0])
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = exports.write_exports(network, hp.image_size, hp.tta, metadata, Path(tmp))
+            # The exports score the validation images as the Keras model did, or the run fails.
+            diffs = exports.check_parity(paths, val_xy[0], val_prob, cutoff, config.evaluate.batch_size)
+            mlflow.log_metrics({contract.export_diff_metric(runtime): diff for runtime, diff in diffs.items()})
+            mlflow.log_artifacts(tmp, contract.EXPORTS_ARTIFACT)
+            packaging.log_model(model, config, metadata, example=val_xy[0][0], exports=paths)
         return child.info.run_id, val_accuracy, val_loss
 
 

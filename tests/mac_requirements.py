@@ -3,8 +3,9 @@
 pip's ``--platform`` picks wheels for another platform but still evaluates environment markers for
 this one, so a ``sys_platform == "darwin"`` line would be dropped here. The Mac's set is worked out
 first (``mac_set``: markers evaluated for macOS arm64, Python 3.11), then resolved with
-``pip install --dry-run --only-binary=:all: --platform macosx_12_0_arm64``. It fails unless
-TensorFlow is the version Linux pins and ``tensorflow-metal`` is among what a Mac installs.
+``pip install --dry-run --only-binary=:all: --platform macosx_13_0_arm64``: macOS 13 or newer, as
+onnxruntime's arm64 wheels since 1.20 need (TensorFlow's need 12). It fails unless TensorFlow is
+the version Linux pins and ``tensorflow-metal`` is among what a Mac installs.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def resolve(lines: list[str]) -> dict[str, str]:
         reqs, report = Path(tmp) / "mac.txt", Path(tmp) / "report.json"
         reqs.write_text("\n".join(lines) + "\n")
         cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", "--report",
-               str(report), "--platform", "macosx_12_0_arm64", "--python-version", "3.11",
+               str(report), "--platform", "macosx_13_0_arm64", "--python-version", "3.11",
                "--only-binary=:all:", "-r", str(reqs)]  # fmt: skip
         subprocess.run(cmd, check=True)
         return {

@@ -129,10 +129,14 @@ sys.addaudithook(refuse)
 assert importlib.util.find_spec("steps") is None, "steps is importable"
 import mlflow, pandas as pd
 inputs = json.loads(Path("inputs.json").read_text())
-model = mlflow.pyfunc.load_model(sys.argv[2])
 frame = pd.DataFrame({"image": [bytes.fromhex(h) for h in inputs.values()]})
-out = model.predict(frame, params={"on_error": "row"})
-Path("outputs.json").write_text(json.dumps(dict(zip(inputs, out.to_dict("records")))))
+# The exports first, while TensorFlow has not been imported: they must score without it.
+for runtime in ("onnx", "litert", "keras"):
+    model = mlflow.pyfunc.load_model(sys.argv[2], model_config={"runtime": runtime})
+    out = model.predict(frame, params={"on_error": "row"})
+    rows = dict(zip(inputs, out.to_dict("records")))
+    rows["tensorflow imported"] = "tensorflow" in sys.modules
+    Path(f"outputs_{runtime}.json").write_text(json.dumps(rows))
 """
 
 
@@ -141,29 +145,46 @@ Path("outputs.json").write_text(json.dumps(dict(zip(inputs, out.to_dict("records
 beside_a_process = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def rest_server(served, tmp_path_factory):
-    """``mlflow models serve`` of Production_Reg@prod on loopback, started (not yet ready): (URI, process, log).
-
-    Started before ``alone`` so that its start-up (about 10 s of imports and loading) overlaps that one's.
-    """
-    work = tmp_path_factory.mktemp("rest")
+def start_server(served: Path, work: Path, **env: str) -> tuple[str, subprocess.Popen, Path]:
+    """``mlflow models serve`` of Production_Reg@prod on loopback, started (not yet ready): (URI, process, log)."""
     port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", MODEL, "--env-manager", "local",
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{served}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{served}", **env}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # MLflow starts uvicorn by name
     log = work / "serve.log"
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
-    yield f"http://127.0.0.1:{port}", server, log
+    return f"http://127.0.0.1:{port}", server, log
+
+
+@pytest.fixture(scope="module")
+def rest_server(served, tmp_path_factory):
+    """The Keras model served, started (not yet ready): (URI, process, log).
+
+    Started before ``alone`` so that its start-up (about 10 s of imports and loading) overlaps that one's.
+    """
+    uri, server, log = start_server(served, tmp_path_factory.mktemp("rest"))
+    yield uri, server, log
     server.terminate()
     server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
-def alone(rest_server, served, tiny_data, tmp_path_factory):
-    """What the registered model predicts, loaded with MLflow alone: ``(inputs, {name: row})``."""
+def onnx_server(rest_server, served, tmp_path_factory):
+    """The same model served on its ONNX export: the model config from MLflow's SERVING_MODEL_CONFIG."""
+    work = tmp_path_factory.mktemp("rest_onnx")
+    uri, server, log = start_server(served, work, SERVING_MODEL_CONFIG='{"runtime": "onnx"}')
+    yield uri, server, log
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def alone_runtimes(rest_server, onnx_server, served, tiny_data, tmp_path_factory):
+    """What the registered model predicts, loaded with MLflow alone with each runtime of model config
+    ``runtime``: ``(inputs, {runtime: {name: row}})``; each runtime's rows also say whether
+    TensorFlow had been imported by then (the exports' runtimes load first)."""
     work = tmp_path_factory.mktemp("alone")
     files = sorted((tiny_data / "test").rglob("*.png"))
     inputs = {f"file:{p.relative_to(tiny_data)}": p.read_bytes() for p in files} | kinds(first_cell(tiny_data))
@@ -177,7 +198,30 @@ def alone(rest_server, served, tiny_data, tmp_path_factory):
         timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    return inputs, json.loads((work / "outputs.json").read_text())
+    return inputs, {r: json.loads((work / f"outputs_{r}.json").read_text()) for r in ("onnx", "litert", "keras")}
+
+
+@pytest.fixture(scope="module")
+def alone(alone_runtimes):
+    """What the registered model predicts with Keras, loaded with MLflow alone: ``(inputs, {name: row})``."""
+    inputs, outputs = alone_runtimes
+    return inputs, outputs["keras"]
+
+
+@beside_a_process
+def test_the_exports_score_every_input_as_keras_does_without_tensorflow(alone_runtimes):
+    inputs, outputs = alone_runtimes
+    assert outputs["onnx"]["tensorflow imported"] is False
+    assert outputs["litert"]["tensorflow imported"] is False
+    assert outputs["keras"]["tensorflow imported"] is True  # the check can fail
+    for runtime in ("onnx", "litert"):
+        for name in inputs:
+            row, keras_row = outputs[runtime][name], outputs["keras"][name]
+            assert (row["predicted_class"], row["error"]) == (keras_row["predicted_class"], keras_row["error"]), name
+            if keras_row["error"]:
+                assert row["defect_probability"] is None, name
+            else:
+                assert abs(row["defect_probability"] - keras_row["defect_probability"]) <= 1e-4, (runtime, name)
 
 
 @beside_a_process
@@ -287,6 +331,21 @@ def test_mlflow_models_serve_scores_base64_png_and_jpeg_and_answers_400_to_bad_i
     assert status == 200
     assert [r["error"] for r in body["predictions"]] == ["", "empty file (0 bytes)"]
     assert body["predictions"][1]["defect_probability"] is None  # null: strict_json refused NaN
+
+
+@beside_a_process
+def test_mlflow_models_serve_on_the_onnx_export_answers_as_keras_does(onnx_server, alone):
+    uri, server, log = onnx_server
+    inputs, outputs = alone
+    assert wait_until_up(f"{uri}/ping", server, timeout=180), log.read_text()[-3000:]
+    for name in ("png_gray", "jpeg_rgb", "png_16bit"):
+        status, body = request(uri, one_image(inputs[name]))
+        assert status == 200, body
+        (row,) = body["predictions"]
+        assert row["error"] == "" and row["predicted_class"] == outputs[name]["predicted_class"]
+        assert abs(row["defect_probability"] - outputs[name]["defect_probability"]) <= 1e-4
+    status, body = request(uri, one_image(b""))
+    assert status == 400 and body["message"].startswith("row 0 of 1 cannot be used: empty file (0 bytes)")
 
 
 @beside_a_process
