@@ -12,8 +12,9 @@ Library modules, by job:
   data set and ``ensure_data``), ``batches`` (the tf.data training input);
 - model: ``model`` (``make_model``), ``pretrained`` (ImageNet weights), ``scoring``, ``explain``,
   ``plots``, ``accelerator`` (TensorFlow's devices and plugins);
-- the served model: ``serving`` (the registered model's own code: decoding, config, signature),
-  ``packaging`` (logging it);
+- the served model: ``serving`` (the registered model's own code: decoding, config, signature,
+  the exports' runtimes and preprocessing spec), ``packaging`` (logging it), ``exports`` (the ONNX
+  and LiteRT exports and their parity check);
 - MLflow: ``tracking`` (the store), ``runs`` (stage runs, reaping), ``records`` (what a run logs),
   ``registry`` (versions, the ``prod`` alias and its rule, loading a registered model);
 - infer's parts: ``outputs`` (the predictions file), ``spark`` (the Spark engine), ``progress``;

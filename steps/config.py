@@ -42,6 +42,8 @@ AUGMENTATIONS = ("none", "flips", "dihedral")
 # The networks steps.model.make_model builds (its ARCHS table; a test keeps the two in step).
 ARCHS = ("cnn", "efficientnet_lite0")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+# The exports train can make of each model (steps.exports.FILES; a test keeps the two in step).
+EXPORT_FORMATS = ("onnx", "litert")
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,12 @@ class TrainConfig:
     precision: str = "auto"
     # true: TensorFlow's deterministic ops, so one seed gives the same metrics on every rerun.
     deterministic: bool = False
+    # Which exports to log with each model, of EXPORT_FORMATS; ("none",): none.
+    exports: tuple[str, ...] = EXPORT_FORMATS
+
+    @property
+    def export_formats(self) -> tuple[str, ...]:
+        return () if self.exports == ("none",) else self.exports
 
     def __post_init__(self) -> None:
         _check(len(self.hparams) >= 1, "train.hparams", "one or more hyperparameter set names", self.hparams)
@@ -167,6 +175,13 @@ class TrainConfig:
             self.threshold_objective,
         )
         _check(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
+        _check(
+            self.exports == ("none",)
+            or (len(set(self.exports)) == len(self.exports) and set(self.exports) <= set(EXPORT_FORMATS)),
+            "train.exports",
+            f"a comma-separated list of {', '.join(EXPORT_FORMATS)}, or none",
+            ",".join(self.exports),
+        )
 
 
 @dataclass(frozen=True)

@@ -113,12 +113,16 @@ METRIC_FLOPS = "flops_per_image"
 METRIC_IMAGES_PER_SECOND = "images_per_second"
 METRIC_LEARNING_RATE = "learning_rate"
 # A train child's exports: the largest difference of each from the Keras model's defect probability
-# on the validation images ("onnx_max_abs_diff", "litert_max_abs_diff"); evaluate logs the same on
+# on 64 validation images ("onnx_max_abs_diff", "litert_max_abs_diff"); evaluate logs the same on
 # the test images.
 
 
 def export_diff_metric(runtime: str) -> str:
     return f"{runtime}_max_abs_diff"
+
+
+# What the exports cost: making and checking them (train child), checking them (evaluate), in seconds.
+METRIC_EXPORT_SECONDS = "export_seconds"
 
 
 TAG_VERSIONS_PREFIX = "versions."

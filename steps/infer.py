@@ -166,8 +166,8 @@ def load_production_model(
             network: Any = load_keras(uri)
         else:
             missing = (
-                f"has no {runtime} export (logged before train exported its models); use -P runtime=keras, "
-                "or train and register it again"
+                f"has no {runtime} export (trained with -P exports without it, or before train exported); "
+                "use -P runtime=keras, or train and register it again"
             )
             path = model_artifact(uri, serving.EXPORT_ARTIFACTS[runtime], missing, info.flavors)
             network = serving.load_export(runtime, path)

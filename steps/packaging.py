@@ -55,27 +55,28 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def log_model(
-    network: Any, config: Config, metadata: dict[str, Any], example: np.ndarray, exports: Mapping[str, Path]
+    network: Any, config: Config, metadata: dict[str, Any], example: np.ndarray, exports: Mapping[str, Path] | None
 ) -> Any:
     """Log the network as the served model (``steps/serving.py``): bytes in, predictions out; its ModelInfo.
 
     The file steps/serving.py is logged as the model's code ("models from code"), so loading
     needs no file of this repository. ``example``: one preprocessed image, the serving example.
-    ``exports``: ``steps.exports.write_exports``'s files, by runtime and ``spec``.
+    ``exports``: ``steps.exports.write_exports``'s files, by runtime and ``spec``; None (or none
+    of them: ``train.exports`` none) logs a model without exports, as models were logged before them.
     """
     # predict_batch_size, not batch_size: MLflow logs the config's keys as params too.
     model_config = serving.model_config(metadata, predict_batch_size=config.infer.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         keras_file = Path(tmp) / "network.keras"
         network.save(keras_file)
+        artifacts = {serving.KERAS_ARTIFACT: str(keras_file)}
+        if exports:
+            artifacts |= {key: str(exports[r]) for r, key in serving.EXPORT_ARTIFACTS.items() if r in exports}
+            artifacts[serving.SPEC_ARTIFACT] = str(exports["spec"])
         return mlflow.pyfunc.log_model(
             name=contract.MODEL_ARTIFACT,
             python_model=str(Path(serving.__file__)),
-            artifacts={
-                serving.KERAS_ARTIFACT: str(keras_file),
-                **{serving.EXPORT_ARTIFACTS[runtime]: str(exports[runtime]) for runtime in serving.EXPORT_ARTIFACTS},
-                serving.SPEC_ARTIFACT: str(exports["spec"]),
-            },
+            artifacts=artifacts,
             model_config=model_config,
             signature=serving.signature(),
             # A DataFrame of PNG bytes: MLflow stores it base64, as a REST client sends it (the

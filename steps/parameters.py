@@ -29,6 +29,7 @@ TRAINING = (
     Param("data_dir", "data.dir"),
     Param("seed", "seed", "int"),
     Param("skip_bad_images", "data.skip_bad_images"),
+    Param("exports", "train.exports"),
 )
 PROMOTION = (
     Param("threshold", "evaluate.threshold", "float"),

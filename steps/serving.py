@@ -1,9 +1,10 @@
 """The registered model: encoded image bytes in, one prediction per image out. Self-contained.
 
 ``train`` logs this file as the model's code (MLflow "models from code") beside the trained Keras
-network, so a registered version loads wherever MLflow, Keras/TensorFlow and Pillow are installed,
-with no file of this repository: ``mlflow.pyfunc.load_model``, ``mlflow models serve`` and
-``mlflow.pyfunc.spark_udf`` all run it. The pipeline's own steps import the same decoder and resize
+network and its exports, so a registered version loads wherever MLflow, Pillow and the runtime it
+scores with (Keras/TensorFlow, onnxruntime or LiteRT) are installed, with no file of this
+repository: ``mlflow.pyfunc.load_model``, ``mlflow models serve`` and ``mlflow.pyfunc.spark_udf``
+all run it. The pipeline's own steps import the same decoder and resize
 (``steps.data``, ``steps.model``), so training, evaluation and serving treat an image identically.
 Nothing here may import ``steps``: this file is all the model's code.
 
@@ -28,7 +29,10 @@ Model config (``train`` logs it; ``mlflow.pyfunc.load_model(..., model_config=..
 ``classes`` ([good, defect] names), ``decision_threshold``, ``image_size``, ``predict_batch_size``,
 ``read_paths`` (true or false, nothing else), ``max_request_pixels`` (the most pixels one call may
 decode, summed over its images from their headers before any is decoded; a call over it is refused
-whole, HTTP 400; 0 for no limit).
+whole, HTTP 400; 0 for no limit), ``runtime`` (``keras``, the default: the Keras network; ``onnx``
+or ``litert``: the network's export among the model's artifacts, scored by onnxruntime or LiteRT's
+interpreter, with Pillow's resize, and TensorFlow never imported; same decoding, columns and errors,
+probabilities within 1e-4).
 
 Preprocessing is the training loader's, one image at a time: decode to 8-bit gray (``decode_gray``)
 and at once resize to the trained size with the Keras resize (``resize``), so no more than one
@@ -38,6 +42,7 @@ full-size image is held at a time; the network scales 0..255 as it needs itself.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -245,7 +250,7 @@ def preprocessing_spec(metadata: Mapping[str, Any], tta: str, files: Mapping[str
             "height": size,
             "width": size,
             "channels": 1,
-        },  # fmt: skip
+        },
         "decode": (
             "8-bit gray: Pillow's convert('L') (ITU-R 601-2 luma; alpha ignored); 16-bit gray scaled by "
             "255/65535; EXIF orientation applied; the first frame of a multi-frame file"
@@ -255,7 +260,7 @@ def preprocessing_spec(metadata: Mapping[str, Any], tta: str, files: Mapping[str
             "interpolation": "bilinear",
             "antialias": True,
             "pillow": "Image.fromarray(gray.astype('float32'), 'F').resize((width, height), Image.BILINEAR)",
-        },  # fmt: skip
+        },
         # input = (gray * scale - mean) / std, gray in 0..255: the network normalises inside itself.
         "scale": 1.0,
         "mean": 0.0,
@@ -282,7 +287,8 @@ class ExportedNetwork:
         else:
             from ai_edge_litert.interpreter import Interpreter
 
-            self._interpreter = Interpreter(model_path=str(self.path))
+            # Every core, as onnxruntime and TensorFlow use: the interpreter's default is one thread.
+            self._interpreter = Interpreter(model_path=str(self.path), num_threads=os.cpu_count() or 1)
             self._input = self._interpreter.get_input_details()[0]["index"]
             self._output = self._interpreter.get_output_details()[0]["index"]
             self._shape: tuple[int, ...] = ()
@@ -392,8 +398,8 @@ class DefectModel(PythonModel):
         if self.runtime != "keras":
             if EXPORT_ARTIFACTS[self.runtime] not in context.artifacts:
                 raise MlflowException(
-                    f"model config runtime {self.runtime}: this model has no {self.runtime} export (it was "
-                    "logged before train exported its models); retrain it, or use runtime keras"
+                    f"model config runtime {self.runtime}: this model has no {self.runtime} export (trained "
+                    "without it, or before train exported); retrain it, or use runtime keras"
                 )
             self.network = load_export(self.runtime, context.artifacts[EXPORT_ARTIFACTS[self.runtime]])
             return

@@ -2,7 +2,8 @@
 
 Parameters (an empty value keeps ``conf/``): ``hparams`` (comma-separated set names of
 ``conf/hparams.yaml``), ``epochs`` and ``image_size`` (each overrides every set's), ``data_dir``, ``seed``,
-``skip_bad_images``, ``precision`` (auto, float32, mixed_bfloat16, mixed_float16),
+``skip_bad_images``, ``exports`` (``onnx,litert``, one of them, or ``none``), ``precision`` (auto,
+float32, mixed_bfloat16, mixed_float16),
 ``deterministic`` (true: TensorFlow's deterministic ops), ``experiment``.
 
 Before any run is written, every image of ``<data_dir>/train`` is decoded and checked
@@ -33,9 +34,11 @@ Writes, in experiment ``train/<experiment>``:
   example (a validation image as PNG bytes) and, in its metadata and model config, the class
   names, image size and ``decision_threshold``; beside the network among the model's artifacts,
   and under ``exports`` in the run's, its ONNX (``model.onnx``) and LiteRT (``model.tflite``)
-  exports and their ``preprocessing.json`` (``steps.exports``), each checked against the Keras
-  model on the validation images (over 1e-4 apart, or a class that differs, fails the run), the
-  largest difference logged as ``onnx_max_abs_diff`` and ``litert_max_abs_diff``;
+  exports (those of ``exports``: both by default, or ``none``) and their ``preprocessing.json``
+  (``steps.exports``), each checked against the Keras
+  model on the first 64 validation images (over 1e-4 apart, or a class that differs, fails the
+  run), the largest difference logged as ``onnx_max_abs_diff`` and ``litert_max_abs_diff``, and
+  the time making and checking them took as ``export_seconds``;
 - on every run, tags ``versions.<package>`` (Python, TensorFlow, Keras, MLflow, NumPy, ...).
 
 Training reads the decoded images from memory through ``steps.batches`` (seeded shuffle, batch
@@ -240,11 +243,21 @@ def fit_one(
             "decision_threshold": cutoff,
         }
         with tempfile.TemporaryDirectory() as tmp:
-            paths = exports.write_exports(network, hp.image_size, hp.tta, metadata, Path(tmp))
-            # The exports score the validation images as the Keras model did, or the run fails.
-            diffs = exports.check_parity(paths, val_xy[0], val_prob, cutoff, config.evaluate.batch_size)
-            mlflow.log_metrics({contract.export_diff_metric(runtime): diff for runtime, diff in diffs.items()})
-            mlflow.log_artifacts(tmp, contract.EXPORTS_ARTIFACT)
+            started = time.perf_counter()
+            formats = config.train.export_formats
+            paths = (
+                exports.write_exports(network, hp.image_size, hp.tta, metadata, Path(tmp), formats) if formats else None
+            )
+            if paths:
+                # The exports score validation images as the Keras model did, or the run fails: a
+                # sample of them here (evaluate checks every test image before registering).
+                sample = slice(0, exports.PARITY_SAMPLE)
+                diffs = exports.check_parity(
+                    paths, val_xy[0][sample], val_prob[sample], cutoff, config.evaluate.batch_size
+                )
+                mlflow.log_metrics({contract.export_diff_metric(runtime): diff for runtime, diff in diffs.items()})
+                mlflow.log_metric(contract.METRIC_EXPORT_SECONDS, time.perf_counter() - started)
+                mlflow.log_artifacts(tmp, contract.EXPORTS_ARTIFACT)
             packaging.log_model(model, config, metadata, example=val_xy[0][0], exports=paths)
         return child.info.run_id, val_accuracy, val_loss
 

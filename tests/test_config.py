@@ -63,7 +63,7 @@ def test_epochs_and_image_size_null_keep_each_sets_own():
         ({"seed": "-1"}, "seed: expected an integer in [0, 2**32), got -1"),
         (
             {"train.epoch": "3"},
-            "train.epoch: unknown key; expected one of deterministic, epochs, hparams, image_size, precision, thr",
+            "train.epoch: unknown key; expected one of deterministic, epochs, exports, hparams, image_size, prec",
         ),
         (
             {"train.precision": "float16"},

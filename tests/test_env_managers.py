@@ -39,7 +39,8 @@ def uv_interpreter() -> str | None:
 def test_train_runs_in_an_environment_uv_builds_from_python_env_yaml(store, tiny_data, tmp_path, monkeypatch):
     env_root = tmp_path / "envs"
     monkeypatch.setenv("MLFLOW_ENV_ROOT", str(env_root))
-    params = {"data_dir": str(tiny_data), "epochs": "1", "image_size": "32", "hparams": "small", "experiment": "uv"}
+    params = {"data_dir": str(tiny_data), "epochs": "1", "image_size": "32", "hparams": "small", "experiment": "uv",
+              "exports": "none"}  # fmt: skip
     done = mlflow_run("train", params, store, experiment="train/uv", env_manager="uv")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert "using uv" in done.stderr

@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from conftest import world_config
 from helpers import PROJECT_DIR, use_copy_of, write_bad
-from steps import cli, config, contract, exports, infer, serving
+from steps import config, contract, exports, infer, serving
 from steps.config import ConfigError, load_config
 from steps.errors import PipelineError
 
@@ -154,14 +154,41 @@ def test_a_corrupt_export_fails_loading_in_one_line_naming_it(runtime, store_cop
 
 
 @pytest.mark.unit
-def test_a_runtime_other_than_keras_onnx_or_litert_is_refused(capsys):
+def test_a_runtime_other_than_keras_onnx_or_litert_is_refused():
     assert config.RUNTIMES == serving.RUNTIMES  # the configuration's list is the served model's
     with pytest.raises(ConfigError, match=r"^infer\.runtime: expected one of keras, onnx, litert, got 'tensorflow'"):
         load_config({"infer.runtime": "tensorflow"})
     with pytest.raises(MlflowException, match="model config runtime: expected one of keras, onnx, litert, got 'tf'"):
         serving.check_config({"runtime": "tf"})
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(infer.infer, "", infer.OVERRIDES, argv=["--runtime", "onnxruntime"])
-    assert exit_.value.code == 2
-    expected = "error: parameter runtime (infer.runtime): expected one of keras, onnx, litert, got 'onnxruntime'\n"
-    assert capsys.readouterr().err == expected
+
+
+@pytest.mark.unit
+def test_train_exports_takes_a_list_of_the_formats_or_none():
+    assert config.EXPORT_FORMATS == tuple(exports.FILES)  # the configuration's list is the exporter's
+    assert load_config().train.export_formats == ("onnx", "litert")
+    assert load_config({"train.exports": "onnx"}).train.export_formats == ("onnx",)
+    assert load_config({"train.exports": "none"}).train.export_formats == ()
+    for bad in ("onnx,tflite", "onnx,onnx", "none,onnx"):
+        with pytest.raises(ConfigError, match=r"^train\.exports: expected a comma-separated list of onnx, litert"):
+            load_config({"train.exports": bad})
+
+
+def test_a_model_without_exports_scores_with_keras_and_names_the_missing_export(store_copy, tmp_path):
+    from steps import packaging
+    from steps.model import make_model
+
+    conf = world_config(tmp_path, tmp_path)
+    hp = conf.hparam_sets["small"]
+    metadata = {"classes": list(conf.data.classes), "image_size": 32, "decision_threshold": 0.5}
+    with mlflow.start_run() as run:  # as train logs a model with -P exports=none
+        packaging.log_model(make_model(hp, 0), conf, metadata, np.zeros((32, 32, 1)), exports=None)
+    uri = f"runs:/{run.info.run_id}/model"
+    with pytest.raises(PipelineError) as err:
+        infer.load_production_model(uri, 8, "onnx")
+    assert str(err.value) == (
+        f"{uri} has no onnx export (trained with -P exports without it, or before train exported); use -P "
+        "runtime=keras, or train and register it again"
+    )
+    with pytest.raises(MlflowException, match="model config runtime litert: this model has no litert export"):
+        mlflow.pyfunc.load_model(uri, model_config={"runtime": "litert"})
+    assert infer.load_production_model(uri, 8, "keras")[0].runtime == "keras"

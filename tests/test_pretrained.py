@@ -167,6 +167,13 @@ def test_fine_tuning_on_a_tiny_subset_logs_what_train_logs(tiny_data, store, tmp
         assert len(client.get_metric_history(child.info.run_id, metric)) == 1
     for metric in ("best_epoch", "best_val_accuracy", "best_val_loss", "flops_per_image", "decision_threshold"):
         assert metric in child.data.metrics
+    # Its exports too, with its normalisation and eight test-time views inside, checked against Keras.
+    exported = {a.path for a in client.list_artifacts(child.info.run_id, contract.EXPORTS_ARTIFACT)}
+    assert exported == {
+        f"{contract.EXPORTS_ARTIFACT}/{f}" for f in ("model.onnx", "model.tflite", "preprocessing.json")
+    }
+    for runtime in ("onnx", "litert"):
+        assert child.data.metrics[contract.export_diff_metric(runtime)] <= 1e-4
     network = unwrap(load_keras(f"runs:/{child.info.run_id}/model"))  # inside the test-time views
     assert network.get_layer("block0_depthwise") is not None  # the backbone, in the logged network
     frozen = network.get_layer("stem_conv").get_weights()[0]

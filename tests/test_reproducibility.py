@@ -30,6 +30,7 @@ def test_the_same_seed_with_determinism_on_gives_the_same_split_and_metrics(tiny
             "train.epochs": "2",
             "train.hparams": "small",
             "train.deterministic": "true",
+            "train.exports": "none",
             "experiment": "repro",
             "infer.output": str(tmp_path / "p.csv"),
         }  # fmt: skip

@@ -27,6 +27,7 @@ TRAIN, EVAL, INFER = contract.STAGE_TRAIN, contract.STAGE_EVAL, contract.STAGE_I
 
 def pipeline_config(data: Path, tmp_path: Path, **overrides: str):
     values = {"data.dir": str(data), "train.image_size": "32", "train.epochs": "1", "train.hparams": "small",
+              "train.exports": "none",
               "evaluate.threshold": "0.0", "experiment": "reuse", "infer.output": str(tmp_path / "p.csv")}  # fmt: skip
     return load_config({**values, **overrides})
 

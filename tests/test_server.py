@@ -57,7 +57,7 @@ def lose_the_server_mid_training(tmp_path, backend: str, port: int, tiny_data) -
     env = {**os.environ, **quick, "MLFLOW_TRACKING_URI": uri}
     env.pop("MLFLOW_RUN_ID", None)
     args = ["--data_dir", str(tiny_data), "--hparams", "small", "--image_size", "32", "--epochs", "500",
-            "--experiment", "server"]  # fmt: skip
+            "--experiment", "server", "--exports", "none"]  # fmt: skip
     lost = subprocess.Popen(
         [sys.executable, "-c", TRAIN_WHEN_UP, uri, *args], env=env, cwd=PROJECT_DIR, stderr=subprocess.PIPE, text=True
     )
@@ -88,7 +88,7 @@ def check_the_pipeline_over_http(server: str, tiny_data, tmp_path) -> None:
     assert len(lost) == 2  # the lost training's parent and child, left RUNNING on the server
     output = tmp_path / "predictions.csv"
     params = {"data_dir": str(tiny_data), "epochs": "1", "image_size": "32", "hparams": "small",
-              "experiment": "server", "threshold": "0.0", "output": str(output)}  # fmt: skip
+              "experiment": "server", "threshold": "0.0", "output": str(output), "exports": "none"}  # fmt: skip
     done = mlflow_run("main", params, server, experiment="pipeline/server")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 

@@ -40,7 +40,7 @@ def case(tiny_data: Path, tmp_path: Path, target: str, mode: str) -> dict:
     name = target.replace(":", "_")
     return {"signal": "SIGTERM", "target": target, "mode": mode, "stage": "train",
             "args": ["--data_dir", str(tiny_data), "--hparams", "small", "--epochs", "1", "--image_size", "32",
-                     "--experiment", "sig"],
+                     "--experiment", "sig", "--exports", "none"],
             "env": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / (name + '.db')}"},
             "stderr": str(tmp_path / (name + ".stderr"))}  # fmt: skip
 

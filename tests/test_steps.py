@@ -24,8 +24,9 @@ pytestmark = pytest.mark.model
 
 
 def tiny(tiny_data, **overrides: str):
+    # No exports: tests/test_exports.py checks them, on conftest's prod_world.
     values = {"data.dir": str(tiny_data), "train.image_size": "32", "train.epochs": "1", "experiment": "test",
-              "train.hparams": SCRATCH_SETS}  # fmt: skip
+              "train.hparams": SCRATCH_SETS, "train.exports": "none"}  # fmt: skip
     return load_config({**values, **overrides})
 
 

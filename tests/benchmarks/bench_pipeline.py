@@ -94,6 +94,7 @@ def run(params: dict[str, str], store: str | None = None, experiment: str = "ben
                 int(c.data.metrics[contract.METRIC_BEST_EPOCH]),
                 int(c.data.params["epochs"]),
                 seconds(c.info.run_id),
+                c.data.metrics.get(contract.METRIC_EXPORT_SECONDS, 0.0),
             )
             for c in children
         ),
@@ -120,6 +121,7 @@ def run_twice(params: dict[str, str]) -> dict[str, object]:
 def report(result: dict[str, object], params: dict[str, str], quick: bool = False) -> str:
     m = result["metrics"]
     wall, stages = result["wall"], (result["train"], result["evaluate"], result["infer"])
+    exported = sum(child[-1] for child in result["children"])
     keys = (contract.METRIC_PRECISION, contract.METRIC_RECALL, contract.METRIC_F1)
     prf = " / ".join(f"{m[k]:.4f}" for k in keys)
     tuned_prf = " / ".join(f"{m.get(contract.TUNED_PREFIX + k, float('nan')):.4f}" for k in keys)
@@ -137,6 +139,8 @@ def report(result: dict[str, object], params: dict[str, str], quick: bool = Fals
         "| `main` wall time (3 sets trained, evaluate, infer; goal: at most 20 min) "
         f"| {wall / 60:.1f} min ({wall:.0f} s) |",
         "| train run / evaluate run / infer run | " + " / ".join(f"{s:.0f} s" for s in stages) + " |",
+        f"| of which the exports: made and checked in train / checked in evaluate | {exported:.0f} s / "
+        f"{m.get(contract.METRIC_EXPORT_SECONDS, 0.0):.0f} s |",
         f"| best set (by val_accuracy) | {result['best_set']} |",
         *again_rows(result, wall),
         "",
@@ -152,11 +156,11 @@ def report(result: dict[str, object], params: dict[str, str], quick: bool = Fals
         "| --- | --- |",
         f"| registered as | {result['registered']} |",
         "",
-        "| hyperparameter set | best val_accuracy | at epoch (of) | training time |",
-        "| --- | --- | --- | --- |",
+        "| hyperparameter set | best val_accuracy | at epoch (of) | run time | of which the exports |",
+        "| --- | --- | --- | --- | --- |",
         *[
-            f"| {name} | {acc:.4f} | {epoch} ({epochs}) | {secs:.0f} s |"
-            for name, acc, epoch, epochs, secs in result["children"]
+            f"| {name} | {acc:.4f} | {epoch} ({epochs}) | {secs:.0f} s | {export:.0f} s |"
+            for name, acc, epoch, epochs, secs, export in result["children"]
         ],
         END,
     ]
