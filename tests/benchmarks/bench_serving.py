@@ -69,7 +69,7 @@ def register(hparams: str) -> tuple[object, int]:
     metadata = {"classes": list(config.data.classes), "image_size": size, "hparam_set": hparams,
                 "decision_threshold": 0.5}  # fmt: skip
     with mlflow.start_run(), tempfile.TemporaryDirectory() as tmp:
-        paths = exports.write_exports(trained, size, hp.tta, metadata, Path(tmp))
+        paths = exports.write_exports(trained, size, hp.tta, metadata, Path(tmp), config.train.export_formats)
         example = np.full((size, size, 1), 128.0, np.float32)
         info = packaging.log_model(network, config, metadata, example=example, exports=paths)
     version = mlflow.register_model(info.model_uri, NAME).version
