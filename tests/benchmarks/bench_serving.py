@@ -2,7 +2,8 @@
 
 Run with ``make bench-serving`` (or ``python tests/benchmarks/bench_serving.py --write``; ``--quick`` for a
 smoke check). In a fresh temporary SQLite store it logs and registers the network of one
-hyperparameter set (``--hparams``, default ``small``, the set that won the pipeline benchmark) at
+hyperparameter set (``--hparams``, default ``small``, trained from scratch: the smallest network, so
+decoding and each runtime's own overhead show the most; the pipeline's ``lite160`` also works) at
 the default image size, exactly as ``train`` and ``evaluate`` do, as ``Bench_Reg@prod``. Its
 weights are not trained: the time per image does not depend on their values. Then, on the real
 ELPV test images (300x300 grayscale PNG):
