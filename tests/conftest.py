@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -78,18 +79,30 @@ def world_config(data_dir: Path, tmp_path: Path, **overrides: str):
 
 
 @pytest.fixture(scope="session")
-def prod_world(tmp_path_factory, tiny_data):
+def prod_world(tmp_path_factory):
     """A store with one finished train run (set small, 32 px, one epoch) on the tiny set, its model
     registered as Production_Reg@prod: ``(db path, train run ID)``. Tests work on copies
-    (``helpers.use_copy_of``); built once, as train and evaluate build it."""
+    (``helpers.use_copy_of``); built once, as train and evaluate build it, and shared by the
+    pytest-xdist workers: the first to need it builds it, under a lock, the others wait and use it."""
     from helpers import building_store
     from steps import evaluate, train
 
-    root = tmp_path_factory.mktemp("world")
-    with building_store(root) as db:
-        parent = train.train(world_config(tiny_data, root))
-        evaluate.evaluate(world_config(tiny_data, root, **{"evaluate.threshold": "0.0"}), parent)
-    return db, parent
+    # The session's own temporary folder: with xdist, the parent of each worker's, shared by them.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root = shared / "prod_world"
+    with open(shared / "prod_world.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / "train_run_id"
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed part-way
+            data = make_tiny_elpv(root / "data")
+            with building_store(root):
+                parent = train.train(world_config(data, root))
+                evaluate.evaluate(world_config(data, root, **{"evaluate.threshold": "0.0"}), parent)
+            done.write_text(parent)
+    return root / "mlflow.db", done.read_text()
 
 
 @pytest.fixture
