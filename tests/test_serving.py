@@ -295,18 +295,23 @@ def one_image(data: bytes) -> dict:
     return {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(data).decode("ascii")]]}}
 
 
-@beside_a_process
-def test_mlflow_models_serve_scores_base64_png_and_jpeg_and_answers_400_to_bad_images(rest_server, alone, tiny_data):
-    uri, server, log = rest_server
+def assert_serves_as_alone(uri: str, alone: tuple, tolerance: float) -> None:
+    """A PNG, a JPEG and a 16-bit PNG, one per request: the rows the model loaded alone gave."""
     inputs, outputs = alone
-    assert wait_until_up(f"{uri}/ping", server, timeout=180), log.read_text()[-3000:]
-
     for name in ("png_gray", "jpeg_rgb", "png_16bit"):
         status, body = request(uri, one_image(inputs[name]))
         assert status == 200, body
         (row,) = body["predictions"]
         assert row["error"] == "" and row["predicted_class"] == outputs[name]["predicted_class"]
-        assert row["defect_probability"] == pytest.approx(outputs[name]["defect_probability"], abs=1e-6)
+        assert abs(row["defect_probability"] - outputs[name]["defect_probability"]) <= tolerance
+
+
+@beside_a_process
+def test_mlflow_models_serve_scores_base64_png_and_jpeg_and_answers_400_to_bad_images(rest_server, alone, tiny_data):
+    uri, server, log = rest_server
+    inputs, outputs = alone
+    assert wait_until_up(f"{uri}/ping", server, timeout=180), log.read_text()[-3000:]
+    assert_serves_as_alone(uri, alone, 1e-6)
 
     # The model's own serving example, as MLflow stored it with the model.
     example = (Path(mlflow.artifacts.download_artifacts(MODEL)) / "serving_input_example.json").read_text()
@@ -336,14 +341,8 @@ def test_mlflow_models_serve_scores_base64_png_and_jpeg_and_answers_400_to_bad_i
 @beside_a_process
 def test_mlflow_models_serve_on_the_onnx_export_answers_as_keras_does(onnx_server, alone):
     uri, server, log = onnx_server
-    inputs, outputs = alone
     assert wait_until_up(f"{uri}/ping", server, timeout=180), log.read_text()[-3000:]
-    for name in ("png_gray", "jpeg_rgb", "png_16bit"):
-        status, body = request(uri, one_image(inputs[name]))
-        assert status == 200, body
-        (row,) = body["predictions"]
-        assert row["error"] == "" and row["predicted_class"] == outputs[name]["predicted_class"]
-        assert abs(row["defect_probability"] - outputs[name]["defect_probability"]) <= 1e-4
+    assert_serves_as_alone(uri, alone, 1e-4)
     status, body = request(uri, one_image(b""))
     assert status == 400 and body["message"].startswith("row 0 of 1 cannot be used: empty file (0 bytes)")
 
