@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
@@ -14,7 +13,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from helpers import PROJECT_DIR, free_port, make_tiny_elpv, without_spark_connect
+import helpers
+from helpers import PROJECT_DIR, building_store, empty_store, free_port, make_tiny_elpv, without_spark_connect
 from steps.config import load_config
 
 without_spark_connect()  # before anything imports MLflow's Spark checks (helpers.py says why)
@@ -58,6 +58,14 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within a file kept
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_dir(tmp_path_factory) -> None:
+    """The folder the session's workers share (``helpers.once_per_session``): with pytest-xdist, the
+    parent of each worker's own temporary folder."""
+    shared = tmp_path_factory.getbasetemp()
+    helpers.SESSION_DIR = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return make_tiny_elpv(tmp_path_factory.mktemp("tiny") / "data")
@@ -79,36 +87,28 @@ def world_config(data_dir: Path, tmp_path: Path, **overrides: str):
 
 
 @pytest.fixture(scope="session")
-def prod_world(tmp_path_factory):
+def prod_world():
     """A store with one finished train run (set small, 32 px, one epoch) on the tiny set, its model
     registered as Production_Reg@prod: ``(db path, train run ID)``. Tests work on copies
     (``helpers.use_copy_of``); built once, as train and evaluate build it, and shared by the
     pytest-xdist workers: the first to need it builds it, under a lock, the others wait and use it."""
-    from helpers import building_store
     from steps import evaluate, train
 
-    # The session's own temporary folder: with xdist, the parent of each worker's, shared by them.
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent
-    root = shared / "prod_world"
-    with open(shared / "prod_world.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        done = root / "train_run_id"
-        if not done.exists():
-            shutil.rmtree(root, ignore_errors=True)  # a build that failed part-way
-            data = make_tiny_elpv(root / "data")
-            with building_store(root):
-                parent = train.train(world_config(data, root))
-                evaluate.evaluate(world_config(data, root, **{"evaluate.threshold": "0.0"}), parent)
-            done.write_text(parent)
-    return root / "mlflow.db", done.read_text()
+    def build(root: Path) -> None:
+        data = make_tiny_elpv(root / "data")
+        with building_store(root):
+            parent = train.train(world_config(data, root))
+            evaluate.evaluate(world_config(data, root, **{"evaluate.threshold": "0.0"}), parent)
+        (root / "train_run_id").write_text(parent)
+
+    root = helpers.once_per_session("prod_world", build)
+    return root / "mlflow.db", (root / "train_run_id").read_text()
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite store for this test alone, in the environment too (for subprocesses)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    """A new SQLite store for this test alone (``helpers.empty_store``), in the environment too (for subprocesses)."""
+    uri = empty_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
@@ -176,7 +176,7 @@ def postgres():
 def server_backend(request, tmp_path) -> str:
     """The backend store for a tracking server: PostgreSQL where installed (as a team runs it), else SQLite."""
     if postgres_bin() is None:
-        return f"sqlite:///{tmp_path / 'server.db'}"
+        return empty_store(tmp_path / "server.db")
     return request.getfixturevalue("postgres")
 
 

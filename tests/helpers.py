@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -92,6 +94,45 @@ def mlflow_runs_at_once(*runs: tuple[str, dict[str, str], str, str | None]) -> l
     return results
 
 
+# The folder this test session's workers share (conftest.py sets it; pytest-xdist gives each worker
+# a folder of its own below it). None outside pytest, in the benchmarks.
+SESSION_DIR: Path | None = None
+
+
+def once_per_session(name: str, build: Callable[[Path], None]) -> Path:
+    """``SESSION_DIR/name``, filled by ``build(folder)`` once a session: the first worker to need it
+    builds it, under a lock, and the others wait and use it."""
+    assert SESSION_DIR is not None, "conftest.py sets SESSION_DIR"
+    root = SESSION_DIR / name
+    with open(SESSION_DIR / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the worker dies
+        done = root / ".built"
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed part-way
+            root.mkdir(parents=True)
+            build(root)
+            done.touch()
+    return root
+
+
+def empty_store(db: Path) -> str:
+    """A new SQLite store at ``db`` with MLflow's tables in it; its URI.
+
+    A copy of one empty store made once a session: MLflow's table creation and schema migrations
+    take about 3 CPU-seconds a store, and the suite makes dozens. Outside pytest, made in place.
+    """
+    from steps.tracking import create_sqlite_store
+
+    uri = f"sqlite:///{db}"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    if SESSION_DIR is None:
+        create_sqlite_store(uri)
+        return uri
+    template = once_per_session("empty_store", lambda root: create_sqlite_store(f"sqlite:///{root / 'mlflow.db'}"))
+    shutil.copy(template / "mlflow.db", db)
+    return uri
+
+
 @contextlib.contextmanager
 def building_store(root: Path):
     """Make ``root/mlflow.db`` the store while a module fixture fills it; yields its path.
@@ -101,7 +142,7 @@ def building_store(root: Path):
     from steps.tracking import configure
 
     patch = pytest.MonkeyPatch()
-    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    patch.setenv("MLFLOW_TRACKING_URI", empty_store(root / "mlflow.db"))
     patch.delenv("MLFLOW_RUN_ID", raising=False)
     configure()
     try:

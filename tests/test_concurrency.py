@@ -21,7 +21,7 @@ import time
 import mlflow
 import pytest
 
-from helpers import assert_store_consistent, running_server, without_spark_connect
+from helpers import assert_store_consistent, empty_store, running_server, without_spark_connect
 from steps import registry
 from steps.config import load_config
 from steps.registry import alias_version
@@ -172,10 +172,9 @@ def test_stages_starting_together_on_a_brand_new_sqlite_store_all_succeed(pool, 
 
 
 def test_parallel_evaluations_leave_prod_on_the_best_version_in_sqlite(pool, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The store exists before any evaluation, as it does after train: MLflow's first-use schema
     # creation is not safe for several processes at once ("table ... already exists").
-    mlflow.MlflowClient(uri).search_experiments()
+    uri = empty_store(tmp_path / "mlflow.db")
     assert race(uri, pool, "Race") == []
 
 
@@ -186,6 +185,5 @@ def test_parallel_evaluations_leave_prod_on_the_best_version_through_a_server(po
 
 def test_the_race_catches_a_promotion_that_does_not_read_again(pool, tmp_path):
     """The harness can fail: with one read-decide-write per evaluation, prod ends up wrong."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.MlflowClient(uri).search_experiments()
+    uri = empty_store(tmp_path / "mlflow.db")
     assert race(uri, pool, "Naive", naive=True) != []

@@ -10,7 +10,7 @@ import signal
 import pytest
 import yaml
 
-from helpers import PROJECT_DIR
+from helpers import PROJECT_DIR, empty_store
 from steps import cli, contract, main, parameters, signals
 from steps.config import CONF_DIR, ConfigError, load_config
 
@@ -141,7 +141,7 @@ def test_cli_handles_sigterm_only_while_its_stage_runs(tmp_path, monkeypatch, ca
     """The stage's SIGTERM handler goes when the stage ends: a process that ran a stage in-process (a
     pool worker, a test) must die of SIGTERM again, even if stuck in C code where no Python handler runs."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store(tmp_path / "mlflow.db"))
     before = signal.getsignal(signal.SIGTERM)
     seen = []
     assert (

@@ -18,9 +18,15 @@ import mlflow
 import pytest
 
 from conftest import SCRATCH_SETS
-from helpers import PROJECT_DIR, assert_store_consistent, mlflow_run, mlflow_run_command, mlflow_runs_at_once
+from helpers import (
+    PROJECT_DIR,
+    assert_store_consistent,
+    empty_store,
+    mlflow_run,
+    mlflow_run_command,
+    mlflow_runs_at_once,
+)
 from steps import contract
-from steps.tracking import create_sqlite_store
 
 pytestmark = pytest.mark.e2e
 
@@ -82,8 +88,9 @@ def scenario(tiny_data, tmp_path_factory) -> Scenario:
     moved by hand with `promote`; the first main again, nothing changed. Each phase runs as users
     run it, as its own processes."""
     tmp_path = tmp_path_factory.mktemp("e2e")
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    create_sqlite_store(store)  # as `make run` does: bare `mlflow run`s starting together race on a new one
+    # Made before anything runs, as `make run` does: bare `mlflow run`s starting together on a store
+    # that does not exist yet race to create its tables inside MLflow's own command.
+    store = empty_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(store)
 
     # The twin starts first: its stages work in the e2e-twin experiments, where nothing is killed.
@@ -271,10 +278,7 @@ BAD_INPUT = [
 def test_bad_input_through_mlflow_run_fails_with_one_clear_line(store, tiny_data):
     """A sample per entry point through `mlflow run` itself, run at once; every case is covered
     in-process in tests/test_robustness.py."""
-    # Created first, as `make run` does: several bare `mlflow run`s on a store that does not exist
-    # yet race to create its tables inside MLflow's own command, before any pipeline code runs.
-    create_sqlite_store(store)
-    runs = []
+    runs = []  # on the store fixture's store, made before they start (the scenario above says why)
     for entry_point, params, _ in BAD_INPUT:
         data = {"data_dir": str(tiny_data)} if entry_point != "infer" else {"input": str(tiny_data / "test")}
         runs.append((entry_point, {**data, **params}, store, None))

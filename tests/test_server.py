@@ -18,6 +18,7 @@ import pytest
 from helpers import (
     PROJECT_DIR,
     assert_store_consistent,
+    empty_store,
     free_port,
     mlflow_run,
     mlflow_run_command,
@@ -70,7 +71,7 @@ def lose_the_server_mid_training(tmp_path, backend: str, port: int, tiny_data) -
 
 
 def test_a_lost_server_stops_a_stage_in_one_line_and_the_pipeline_reruns_against_it(tiny_data, tmp_path, monkeypatch):
-    backend, port = f"sqlite:///{tmp_path / 'server.db'}", free_port()
+    backend, port = empty_store(tmp_path / "server.db"), free_port()
     uri, stderr = lose_the_server_mid_training(tmp_path, backend, port, tiny_data)
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: lost the tracking server at {uri} during the run (")
@@ -136,7 +137,7 @@ def test_a_server_with_authentication_refuses_wrong_credentials_in_one_line(tmp_
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
     env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only"}
-    with running_server(tmp_path, f"sqlite:///{tmp_path / 'server.db'}", "--app-name", "basic-auth", env=env) as uri:
+    with running_server(tmp_path, empty_store(tmp_path / "server.db"), "--app-name", "basic-auth", env=env) as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")

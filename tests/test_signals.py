@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from helpers import PROJECT_DIR
+from helpers import PROJECT_DIR, empty_store
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -41,7 +41,7 @@ def case(tiny_data: Path, tmp_path: Path, target: str, mode: str) -> dict:
     return {"signal": "SIGTERM", "target": target, "mode": mode, "stage": "train",
             "args": ["--data_dir", str(tiny_data), "--hparams", "small", "--epochs", "1", "--image_size", "32",
                      "--experiment", "sig", "--exports", "none"],
-            "env": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / (name + '.db')}"},
+            "env": {"MLFLOW_TRACKING_URI": empty_store(tmp_path / (name + ".db"))},
             "stderr": str(tmp_path / (name + ".stderr"))}  # fmt: skip
 
 
