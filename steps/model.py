@@ -55,6 +55,12 @@ def make_model(hp: HParams, seed: int) -> keras.Model:
         loss=keras.losses.BinaryCrossentropy(label_smoothing=hp.label_smoothing),
         metrics=["accuracy"],  # by keyword: Keras 3 compile's positional order is not (opt, loss, metrics)
     )
+    # Without a distribution strategy, Keras creates the optimizer's and the metrics' variables
+    # inside the first trace of the training step, and TensorFlow then traces that step a second
+    # time (a traced function that created variables is traced again): seconds per set, most of a
+    # short training. Created here, from a batch's shapes, the step is traced once (tests/test_model.py).
+    batch = (np.zeros((1, hp.image_size, hp.image_size, 1), "float32"), np.zeros(1, "float32"))
+    model._symbolic_build(data_batch=batch)
     return model
 
 

@@ -52,6 +52,34 @@ def test_same_seed_gives_the_same_initial_weights():
         np.testing.assert_array_equal(a, b)
 
 
+def test_fit_traces_the_training_step_once_and_trains_as_a_model_built_during_fit_does(monkeypatch):
+    """make_model creates the optimizer's and metrics' variables itself: Keras, left to create them
+    inside the first trace, makes TensorFlow trace the training step twice. The weights after a
+    step are the same either way."""
+    from steps.batches import training_batches
+
+    hp = dataclasses.replace(HP, image_size=16, stem_filters=4, filters=(8,), dense_units=0)  # seconds to trace
+    images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 1)).astype("uint8")
+    labels = (np.arange(10) % 2).astype("float32")
+
+    def trained(build: bool) -> tuple[int, list[np.ndarray]]:
+        if not build:  # as Keras does by itself: the variables made in the first trace
+            monkeypatch.setattr(model_module.keras.Model, "_symbolic_build", lambda self, **kwargs: None)
+        set_seed(0)
+        model = make_model(hp, seed=0)
+        monkeypatch.undo()
+        traces, step = [], model.train_step
+        model.train_step = lambda data: traces.append(1) or step(data)  # runs only while tracing
+        batches, steps = training_batches(images, labels, 4, 0, "none")
+        model.fit(batches, steps_per_epoch=steps, epochs=1, shuffle=False, verbose=0)
+        return len(traces), model.get_weights()
+
+    (once, built), (twice, unbuilt) = trained(build=True), trained(build=False)
+    assert (once, twice) == (1, 2)
+    for a, b in zip(built, unbuilt, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def as_learning_test(hp: HParams) -> HParams:
     """A set as the learning test trains it: without dropout, regularisation or warm-up, at 32x32 for
     the networks trained from scratch and 64x64 for a pretrained one (its stride-32 features need it)."""
