@@ -37,10 +37,12 @@ run: venv
 		--experiment-name pipeline/$(EXPERIMENT) -P experiment=$(EXPERIMENT) $(ARGS)
 
 ## The default test suite: unit, data, model and end-to-end `mlflow run` tests, in TEST_WORKERS
-## processes (pytest-xdist; a test file stays in one worker, so its module fixtures are built once).
+## processes (pytest-xdist; a test file stays in one worker, so its module fixtures are built once;
+## files are handed out longest first, in tests/conftest.py's order, not reordered by test count).
 TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(XDIST)
 
 ## Style (ruff) over steps/ and tests/, types (mypy) over steps/, and that requirements.txt
 ## resolves for Apple silicon (one TensorFlow with Linux, the Metal plugin; needs the package index).
@@ -52,7 +54,7 @@ lint: venv
 
 ## The quick tiers: everything but the end-to-end `mlflow run` tests and those marked slow.
 test-fast: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not e2e and not slow"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(XDIST) -m "not e2e and not slow"
 
 ## Training speed (side by side with a plain Keras loop, against the machine's peak, precision,
 ## scaling), then the default pipeline timed on the full ELPV set with its test accuracy; results go

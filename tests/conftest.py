@@ -45,12 +45,13 @@ def pytest_report_header(config) -> list[str]:
     return lines
 
 
-# The longest test files, longest first (seconds on 2 cores, serial): `make test` hands whole files
-# to two workers in collection order, so starting these first keeps both busy to the end instead of
-# leaving one to finish a long file alone. A file not listed runs after them, in name order.
-LONGEST_FIRST = ("test_server", "test_e2e", "test_serving", "test_concurrency", "test_signals", "test_steps",
-                 "test_pretrained", "test_reuse", "test_robustness", "test_model", "test_env_managers",
-                 "test_bench")  # fmt: skip
+# The longest test files, longest first (seconds in one worker of `make test`, 2 cores): `make test`
+# hands whole files to two workers in this order (--no-loadscope-reorder: pytest-xdist would
+# otherwise order files by how many tests they hold), so both stay busy to the end instead of one
+# finishing a long file alone. A file not listed runs after them, in name order.
+LONGEST_FIRST = ("test_e2e", "test_server", "test_serving", "test_reuse", "test_pretrained", "test_robustness",
+                 "test_concurrency", "test_model", "test_steps", "test_env_managers", "test_signals", "test_bench",
+                 "test_accelerator")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items) -> None:
