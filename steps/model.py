@@ -57,8 +57,9 @@ def make_model(hp: HParams, seed: int) -> keras.Model:
     )
     # Without a distribution strategy, Keras creates the optimizer's and the metrics' variables
     # inside the first trace of the training step, and TensorFlow then traces that step a second
-    # time (a traced function that created variables is traced again): seconds per set, most of a
-    # short training. Created here, from a batch's shapes, the step is traced once (tests/test_model.py).
+    # time (a traced function that created variables is traced again). Created here, from a batch's
+    # shapes, the step is traced once: a set's first epoch 1.4-1.7x sooner (BENCHMARKS.md, "First
+    # epoch"), the same weights (tests/test_model.py).
     batch = (np.zeros((1, hp.image_size, hp.image_size, 1), "float32"), np.zeros(1, "float32"))
     model._symbolic_build(data_batch=batch)
     return model
