@@ -20,7 +20,7 @@ ifneq ($(findstring @,$(MLFLOW_TRACKING_URI)),)
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
 endif
 
-.PHONY: venv run test test-fast lint bench bench-pipeline bench-accuracy bench-pretrained bench-serving bench-memory bench-first-epoch server serve ui prod-history clean
+.PHONY: venv run test test-fast lint bench bench-pipeline bench-accuracy bench-pretrained bench-serving bench-memory bench-first-epoch bench-store server serve ui prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,11 @@ bench-memory: venv
 ## against left to Keras's first trace, side by side; results go to BENCHMARKS.md. One round: ARGS=--quick
 bench-first-epoch: venv
 	$(BIN)/python tests/benchmarks/bench_first_epoch.py --write $(ARGS)
+
+## A new SQLite store against a copy of an empty one (what each test store is), side by side;
+## results go to BENCHMARKS.md. One round: ARGS=--quick
+bench-store: venv
+	$(BIN)/python tests/benchmarks/bench_store.py --write $(ARGS)
 
 ## A tracking server on loopback for the pipeline to use over HTTP: SQLite backend, artifacts
 ## served by the server itself. Then: MLFLOW_TRACKING_URI=http://127.0.0.1:$(PORT) make run

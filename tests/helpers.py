@@ -119,8 +119,8 @@ def empty_store(db: Path) -> str:
     """A new SQLite store at ``db`` with MLflow's tables in it; its URI.
 
     A copy of one empty store made once a session: MLflow's table creation and schema migrations
-    cost 1.2 CPU-seconds a store in a process that has used MLflow before, a copy 0.04 (medians of
-    five, side by side, BENCHMARKS.md), and the suite makes dozens. Outside pytest, made in place.
+    cost over a CPU-second a store, a copy hundredths (`make bench-store`, BENCHMARKS.md), and the
+    suite makes dozens. Outside pytest, made in place.
     """
     from steps.tracking import create_sqlite_store
 
