@@ -20,7 +20,7 @@ ifneq ($(findstring @,$(MLFLOW_TRACKING_URI)),)
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
 endif
 
-.PHONY: venv run test test-fast lint bench bench-pipeline bench-accuracy bench-pretrained bench-serving bench-memory bench-first-epoch bench-store server serve ui prod-history clean
+.PHONY: venv run test test-fast lint bench bench-pipeline bench-accuracy bench-pretrained bench-serving bench-memory bench-first-epoch bench-store bench-startup server serve ui prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,12 @@ bench-first-epoch: venv
 ## results go to BENCHMARKS.md. One round: ARGS=--quick
 bench-store: venv
 	$(BIN)/python tests/benchmarks/bench_store.py --write $(ARGS)
+
+## What a stage's process costs besides its work: the entry points' collector thresholds against
+## Python's defaults (train, evaluate, infer on a tiny set), and ml-dtypes 0.6 against 0.7's import;
+## results go to BENCHMARKS.md. One round: ARGS=--quick
+bench-startup: venv
+	$(BIN)/python tests/benchmarks/bench_startup.py --write $(ARGS)
 
 ## A tracking server on loopback for the pipeline to use over HTTP: SQLite backend, artifacts
 ## served by the server itself. Then: MLFLOW_TRACKING_URI=http://127.0.0.1:$(PORT) make run

@@ -25,9 +25,23 @@ commands and the registered model's code (``steps/serving.py``, logged as a file
 paths, and this list says which module is which.
 """
 
+import gc
 import os
+import sys
 
 from steps import accelerator
+
+# The collector's thresholds in an entry point's process. It imports TensorFlow, Keras and MLflow:
+# millions of objects that live as long as the process, which Python's default thresholds
+# (700, 10, 10) have the collector walk again and again, during the imports and after. Running it
+# less often costs a little more memory held by cyclic garbage (BENCHMARKS.md, "Start-up").
+ENTRY_POINT_GC_THRESHOLDS = (50_000, 20, 20)
+
+# `python -m steps.<name>` (MLproject's commands) only: runpy sets argv[0] to "-m" while it imports
+# this package. A process that merely imports steps (a model server, Spark's workers, the tests)
+# keeps its own settings.
+if sys.argv[:1] == ["-m"]:
+    gc.set_threshold(*ENTRY_POINT_GC_THRESHOLDS)
 
 # Quiet unless asked: set before any step imports TensorFlow, whose C++ log otherwise prints its
 # CUDA probe (an "E0000 ... failed call to cuInit" line on every CPU-only machine that has the CUDA

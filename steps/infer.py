@@ -255,12 +255,12 @@ def infer(config: Config) -> str:
     spec = config.infer_input
     if ic.engine == "spark":
         check_spark()
-    logger.info("%s", accelerator.describe())
     remote = ic.engine == "spark" and "://" in spec  # a cluster path only Spark can list
     files, root = (None, None) if remote else resolve_inputs(spec)
     output = Path(ic.output)
     check_output(output)
     model, uri, version = load_production_model(config.infer_model_uri, ic.batch_size, ic.runtime)
+    logger.info("%s", accelerator.describe())  # imports TensorFlow: after a missing model has been said
     model_config = {**NO_PIXEL_CAP, "runtime": ic.runtime}  # the Spark workers' copy of the model
     good, defect = model.classes
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -14,10 +15,14 @@ import mlflow
 import pytest
 
 import helpers
+import steps
 from helpers import PROJECT_DIR, building_store, empty_store, free_port, make_tiny_elpv, without_spark_connect
 from steps.config import load_config
 
 without_spark_connect()  # before anything imports MLflow's Spark checks (helpers.py says why)
+# The suite's processes hold TensorFlow, Keras and MLflow as an entry point's process does: the same
+# collector thresholds (steps/__init__.py says why).
+gc.set_threshold(*steps.ENTRY_POINT_GC_THRESHOLDS)
 # The benchmarks (tests/benchmarks/, run by `make bench*`), whose quick modes the suite checks.
 sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
 
