@@ -6,7 +6,7 @@ for one round). Two comparisons, CPU seconds (user + system, the process and its
 - the collector: train (set small, 32 px, one epoch, no exports), evaluate and infer on a tiny real
   ELPV set, each run as MLproject runs it (``python -m steps.<name>``, with the entry points'
   thresholds, ``steps/__init__.py``) and the same stage with Python's default thresholds; a new
-  SQLite store each time, the two ways alternating, ``--rounds`` times;
+  SQLite store for each run of the three, the two ways alternating, ``--rounds`` times;
 - ml-dtypes, which TensorFlow, Keras and ONNX import: the installed version's import against
   ``--ml-dtypes`` (0.7.0, the release requirements.txt leaves out), installed with pip into a
   temporary folder; also alternating.
