@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from datetime import date
+from importlib import metadata
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -106,7 +107,7 @@ def measure(rounds: int, other: str) -> tuple[dict[str, list[dict[str, float]]],
                 work = folder / f"{way.replace(' ', '-')}-{i}"
                 work.mkdir()
                 stages[way].append(pipeline(way, data, work))
-        installed = __import__("ml_dtypes").__version__
+        installed = metadata.version("ml-dtypes")  # without importing it here
         problem = ml_dtypes_import(other, folder / "other")
         imports: dict[str, list[float]] = {installed: [], other: []}
         for _ in range(0 if problem else max(rounds, 3)):
