@@ -192,8 +192,9 @@ def history_key(alias: str, ns: int, nonce: str) -> str:
 def history_events(tags: Mapping[str, str], alias: str) -> list[dict[str, Any]]:
     """The recorded moves of ``alias``, oldest first; a tag that is not valid JSON is kept as text.
 
-    Ordered by when each move was made (``ns``, written when it is marked done), else by when it was
-    intended (the key): of two processes, the one that intends first may move last.
+    Ordered by when each move was made (``ns``, written when it is marked done; ``move_alias`` says
+    how it keeps the holder's move last), else by when it was intended (the key): of two processes,
+    the one that intends first may move last.
     """
     timed = []
     for key in (k for k in tags if k.startswith(history_prefix(alias))):
@@ -436,7 +437,14 @@ def move_alias(
     # Record first: a process killed between these writes leaves "intended", never an unrecorded move.
     _retried(client.set_registered_model_tag, name, key, json.dumps(event))
     _retried(client.set_registered_model_alias, name, alias, to)
-    done = time.time_ns()  # the move's own time orders the history (history_events)
+    # The move's time orders the history (history_events): taken after the write returned, and kept
+    # only if the alias still points at ``to`` when read after that. Otherwise another process's
+    # write landed after this one, yet its clock may read earlier than this one's (a slow reply
+    # from a busy server), so this move keeps the time taken before its write, which is earlier
+    # than any later write. Either way the current holder's own move sorts last.
+    done = time.time_ns()
+    if alias_version(name, alias) != to:
+        done = ns
     at = datetime.fromtimestamp(done / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")
     event.update({"state": "done", "at": at, "ns": done})
     _retried(client.set_registered_model_tag, name, key, json.dumps(event))

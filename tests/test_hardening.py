@@ -296,6 +296,27 @@ def test_a_move_is_recorded_as_intended_before_the_alias_changes(store):
     assert shown.splitlines()[-1].endswith("[intended, not confirmed: the process stopped around this move]")
 
 
+def test_a_move_overtaken_before_its_reply_still_sorts_before_the_holder_s_own(store):
+    """Another process moves prod after this write lands but before its reply arrives (a busy
+    server): that process's clock reads earlier than this one's, yet its move is the last."""
+    first, second = register(0.70), register(0.60)
+    client, other = mlflow.MlflowClient(), mlflow.MlflowClient()
+    original = client.set_registered_model_alias
+
+    def overtaken(name, alias, version):
+        original(name, alias, version)
+        registry.move_alias(other, REG, first.version, version, "promote", "the other process", None)
+
+    client.set_registered_model_alias = overtaken
+    registry.move_alias(client, REG, second.version, first.version, "promote", "this process", None)
+    events = registry.history(client, REG)
+    assert holder() == first.version
+    assert [(e["to"], e["reason"]) for e in events[-2:]] == [
+        (second.version, "this process"),
+        (first.version, "the other process"),
+    ]
+
+
 # --- Inputs: links in every form ---------------------------------------------------------------
 
 
