@@ -190,6 +190,27 @@ def resolve_precision(requested: str) -> str:
     return "mixed_bfloat16" if _cpu_has_amx() else "float32"
 
 
+def float32_copy(network: keras.Model) -> keras.Model:
+    """``network`` with every layer in float32 and the same weights; itself when it already is.
+
+    Mixed precision only speeds up training: the network that is scored, logged and exported is
+    float32, so the Keras model, its ONNX and LiteRT exports (whose converters do not take bfloat16
+    graphs) and every score computed from it agree.
+    """
+    if network.dtype_policy.name == "float32":  # built under the float32 policy, as make_model builds it
+        return network
+
+    def clone(layer):
+        config = layer.get_config()
+        if "dtype" in config:
+            config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(network, clone_function=clone, recursive=True)
+    copy.set_weights(network.get_weights())
+    return copy
+
+
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     """The CPU's feature flags (Linux ``/proc/cpuinfo``); empty where they cannot be read."""
     try:

@@ -69,6 +69,7 @@ from steps.batches import eval_batches, training_batches
 from steps.config import Config, HParams
 from steps.data import (
     Sample,
+    check_every_class_in,
     check_not_shared,
     class_balance,
     describe_balance,
@@ -80,7 +81,7 @@ from steps.data import (
     stratified_split,
 )
 from steps.elpv import ensure_data
-from steps.model import forward_flops, make_model, resolve_precision, schedule, set_seed, with_tta
+from steps.model import float32_copy, forward_flops, make_model, resolve_precision, schedule, set_seed, with_tta
 from steps.records import log_config, log_dataset, log_skipped
 from steps.runs import nested_run, stage_run
 from steps.scoring import keras_loss_and_accuracy, objective, tune_threshold
@@ -91,6 +92,20 @@ logger = logging.getLogger(__name__)
 def split_train_val(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded validation split of the training samples, stratified by class: (fit, val) indices."""
     return stratified_split([s.label for s in samples], val_fraction, seed)
+
+
+def split_samples(samples: Sequence[Sample], config: Config) -> tuple[list[Sample], list[Sample]]:
+    fit_rows, val_rows = split_train_val(samples, config.data.val_fraction, config.seed)
+    return [samples[i] for i in fit_rows], [samples[i] for i in val_rows]
+
+
+def check_split(fit: Sequence[Sample], val: Sequence[Sample], config: Config, data_dir: Path) -> None:
+    """Every class in both the training and the validation part, or a ``DataError`` naming the counts."""
+    hint = (
+        f"add images to {data_dir / 'train'} (at least two per class) or change data.val_fraction "
+        f"({config.data.val_fraction})"
+    )
+    check_every_class_in({"training": fit, "validation": val}, config.data.classes, hint)
 
 
 def pick_best(results: Mapping[str, tuple[float, float]]) -> str:
@@ -143,8 +158,9 @@ def fit(
     eval_batch_size: int,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, int, int]:
-    """Train one set as the pipeline does; return the network with its best epoch's weights, that
-    epoch and the epochs run (from 1; fewer than ``hp.epochs`` when ``patience`` stopped it).
+    """Train one set as the pipeline does; return the network with its best epoch's weights (in
+    float32 whatever ``precision`` trained it: ``steps.model.float32_copy``), that epoch and the
+    epochs run (from 1; fewer than ``hp.epochs`` when ``patience`` stopped it).
     No MLflow here: ``fit_one`` logs around it, the benchmarks call it alone."""
     set_seed(seed)  # every set starts from the same seed, so sets differ only by their params
     batches, steps = training_batches(*train_xy, hp.batch_size, seed, hp.augment)
@@ -167,7 +183,7 @@ def fit(
         callbacks=[StopOnSignal(), schedule(hp), *callbacks, best],
         verbose=1 if sys.stdout.isatty() else 2,  # a progress bar on a terminal, a line per epoch in logs
     )
-    return model, best.best_epoch + 1, len(history.epoch)
+    return float32_copy(model), best.best_epoch + 1, len(history.epoch)
 
 
 def served_network(network: keras.Model, hp: HParams) -> keras.Model:
@@ -268,6 +284,7 @@ def train(config: Config) -> str:
     data_dir = ensure_data(config)
     classes = config.data.classes
     samples = scan_split(data_dir, "train", classes)
+    check_split(*split_samples(samples, config), config, data_dir)  # before decoding: with every image usable
     sets = config.selected_hparams()
     first, *more = sorted({hp.image_size for hp in sets.values()})
     logger.info("decoding and checking %d training images at %dx%d", len(samples), first, first)
@@ -279,9 +296,8 @@ def train(config: Config) -> str:
         at_size[size], _ = load_images([s.path for s in samples], size, cache=config.data.cache)
     check_not_shared({"train": samples, **other_split(data_dir, "test", classes)})
     fit_rows, val_rows = split_train_val(samples, config.data.val_fraction, config.seed)
-    fit_samples, val_samples = [samples[i] for i in fit_rows], [samples[i] for i in val_rows]
-    if not {s.label for s in val_samples} >= {0, 1}:
-        logger.warning("the validation split lacks a class; add images or raise data.val_fraction")
+    fit_samples, val_samples = split_samples(samples, config)
+    check_split(fit_samples, val_samples, config, data_dir)
     labels = np.array([s.label for s in samples], "float32")
     balance = {**class_balance(fit_samples, "train"), **class_balance(val_samples, "val")}
     logger.info("class balance: train %s; val %s", describe_balance(balance, "train"), describe_balance(balance, "val"))

@@ -205,3 +205,31 @@ def test_loss_and_accuracy_from_predictions_match_keras_evaluate():
             expected = model.evaluate(data, y, batch_size=16, verbose=0)
             got = keras_loss_and_accuracy(y, model.predict(data, verbose=0).reshape(-1), smoothing)
             np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def every_layer(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from every_layer(layer)
+
+
+@pytest.mark.parametrize("name", ["small", "lite160"])
+def test_a_network_trained_in_mixed_precision_is_scored_logged_and_exported_in_float32(name):
+    """On a CPU with AMX, precision auto trains in mixed_bfloat16; the ONNX converter refuses a
+    bfloat16 graph, and a bfloat16 Keras model would not score as its float32 exports do."""
+    import keras
+
+    hp = dataclasses.replace(load_config().hparam_sets[name], image_size=32)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = make_model(hp, seed=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    copy = model_module.float32_copy(mixed)
+    assert mixed.dtype_policy.name == "mixed_bfloat16"
+    assert {layer.dtype_policy.name for layer in every_layer(copy)} == {"float32"}
+    assert all(np.array_equal(a, b) for a, b in zip(mixed.get_weights(), copy.get_weights(), strict=True))
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1)).astype("float32")
+    assert np.allclose(mixed.predict(images, verbose=0), copy.predict(images, verbose=0), atol=0.05)
+    assert model_module.float32_copy(copy) is copy
