@@ -20,7 +20,7 @@ ifneq ($(findstring @,$(MLFLOW_TRACKING_URI)),)
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
 endif
 
-.PHONY: venv run test test-fast lint bench bench-pipeline bench-accuracy bench-pretrained bench-serving bench-memory bench-first-epoch bench-store bench-startup server serve ui prod-history clean
+.PHONY: venv run test test-fast lint bench bench-pipeline bench-accuracy bench-pretrained bench-serving bench-memory bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -120,6 +120,11 @@ serve: venv
 ## The MLflow UI on the store, at http://127.0.0.1:5000
 ui: venv
 	$(BIN)/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port 5000
+
+## Check the files of every registered version of Production_Reg and tag those that pass (code_sha256),
+## as evaluate does: once, for versions registered before evaluate checked them, so promote can choose them.
+verify-registry: venv
+	$(BIN)/python -m steps.promote verify
 
 ## Every move of Production_Reg@prod, oldest first: by evaluate (the rule) or promote (by hand).
 prod-history: venv

@@ -4,14 +4,20 @@ TensorFlow loads every library in ``site-packages/tensorflow-plugins`` while it 
 on Apple silicon that is ``tensorflow-metal``, the Metal GPU plugin. A plugin built for another
 TensorFlow release fails to load, and takes ``import tensorflow`` down with it. ``guard_plugins``
 (installed by ``steps/__init__.py``, before anything imports TensorFlow) turns that failure into
-one warning line on stderr and lets TensorFlow start on the CPU. ``describe`` names the devices
-TensorFlow sees; ``train``, ``evaluate`` and ``infer`` log it as they start.
+one warning line on stderr and lets TensorFlow start on the CPU. It also keeps TensorFlow's import
+quiet unless ``TF_CPP_MIN_LOG_LEVEL`` asks for its log (below 2): TensorFlow 2.21 writes its oneDNN
+and CUDA-probe notes through absl before absl is set up, past that variable, so stderr is pointed
+at ``/dev/null`` for the import alone. ``describe`` names the devices TensorFlow sees; ``train``,
+``evaluate`` and ``infer`` log it as they start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
+import os
 import sys
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -23,10 +29,11 @@ FAILED: list[str] = []
 
 
 class _PluginGuard(importlib.abc.MetaPathFinder):
-    """Finds ``LOADER_MODULE`` as Python would and wraps its loaders once the module has run."""
+    """Finds ``LOADER_MODULE`` as Python would and wraps its loaders once the module has run; finds
+    ``tensorflow`` and runs it with stderr quiet (``_quiet``)."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != LOADER_MODULE:
+        if fullname not in (LOADER_MODULE, "tensorflow"):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -36,6 +43,10 @@ class _PluginGuard(importlib.abc.MetaPathFinder):
                 run = spec.loader.exec_module  # a loader of its own for this spec: safe to wrap
 
                 def exec_module(module: ModuleType, run: Any = run) -> None:
+                    if module.__name__ == "tensorflow":
+                        with _quiet():
+                            run(module)
+                        return
                     run(module)
                     _wrap(module)
 
@@ -44,9 +55,31 @@ class _PluginGuard(importlib.abc.MetaPathFinder):
         return None
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """File descriptor 2 to ``/dev/null`` while the block runs, unless TensorFlow's log was asked for;
+    a plugin's warning line made meanwhile is printed after."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") < "2":
+        yield
+        return
+    before = len(FAILED)
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+        for line in FAILED[before:]:
+            print(line, file=sys.stderr, flush=True)
+
+
 def guard_plugins() -> None:
-    """Install the guard (once); a no-op when TensorFlow's loader module is already imported."""
-    if LOADER_MODULE not in sys.modules and not any(isinstance(f, _PluginGuard) for f in sys.meta_path):
+    """Install the guard (once); a no-op when TensorFlow is already imported."""
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _PluginGuard) for f in sys.meta_path):
         sys.meta_path.insert(0, _PluginGuard())
 
 

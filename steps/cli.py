@@ -12,19 +12,16 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from steps import signals
 from steps.config import Config, ConfigError, load_config
-from steps.data import DataError
-from steps.errors import PipelineError
-from steps.tracking import configure, lost_server, redact
+from steps.errors import BUG, STORE, PipelineError, classify
+from steps.tracking import configure, redact, store_failure
 
 logger = logging.getLogger(__name__)
-
-# Errors a user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, PipelineError)
 
 
 def parse(
@@ -59,9 +56,10 @@ def main(
 ) -> Any:
     """Parse and validate, set up logging and the store, then run ``step(config, **own_args)``.
 
-    A user error (bad parameter, bad data, missing run or model) exits 2 with one line. A stop
-    signal exits 128 + its number (130 for Ctrl-C, 143 for SIGTERM), also when the work under way
-    swallowed its exception (``steps.signals``).
+    Every failure the pipeline foresees prints one line and exits with its kind's code
+    (``steps.errors``: 2 bad input, 3 model, 4 store, 5 output, 1 partial); anything else keeps its
+    traceback and exits 70. A stop signal exits 128 + its number (130 for Ctrl-C, 143 for SIGTERM),
+    also when the work under way swallowed its exception (``steps.signals``).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") >= "2":  # quiet unless asked (steps/__init__.py)
@@ -84,24 +82,25 @@ def _run(
         config, own_args = parse(description, overrides, argv, own)
         configure()
         result = step(config, **own_args)
-        signals.check()  # a SIGTERM swallowed after the last run had closed still stops with 143
+        signals.check()  # a signal swallowed after the last run had closed still stops the stage
         return result
     except KeyboardInterrupt as err:
-        _stopped(signal.SIGTERM if isinstance(err, signals.Terminated) else signal.SIGINT)
-    except USER_ERRORS as err:
-        if signals.received():
-            _stopped(signals.received())
-        print(f"error: {redact(str(err))}", file=sys.stderr)  # a URI in it may carry user:token@
-        # 1: the step did its work but some inputs failed (infer's unreadable images); 2: it could not start.
-        raise SystemExit(getattr(err, "exit_code", 2)) from None
+        _stopped(signals.received() or (signal.SIGTERM if isinstance(err, signals.Terminated) else signal.SIGINT))
     except Exception as err:
         if signals.received():  # the error is what the interrupted work made of the signal
             _stopped(signals.received())
-        lost = lost_server(err)
-        if lost is None:
-            raise  # a bug: keep the traceback
-        print(f"error: {lost}", file=sys.stderr)
-        raise SystemExit(2) from None
+        failure = classify(err)
+        if failure is BUG:
+            traceback.print_exc()
+            print(f"error: an unexpected {type(err).__name__} (a bug: the traceback is above)", file=sys.stderr)
+            raise SystemExit(failure.exit_code) from None
+        message: object = err
+        if failure is STORE and not isinstance(err, PipelineError):
+            message = store_failure(err)
+        elif isinstance(err, OSError):
+            message = f"cannot write {err.filename or 'an output'}: {err.strerror or err}"
+        print(f"error: {redact(str(message))}", file=sys.stderr)  # a URI in it may carry user:token@
+        raise SystemExit(failure.exit_code) from None
 
 
 def _stopped(signum: signal.Signals | None) -> NoReturn:

@@ -219,6 +219,7 @@ class InferConfig:
     allow_errors: bool = False
     gradcam_top: int = 8
     runtime: str = "keras"
+    max_file_mb: int = 256
 
     def __post_init__(self) -> None:
         _check(
@@ -232,6 +233,7 @@ class InferConfig:
         _check(bool(self.spark_master), "infer.spark_master", "a Spark master URL such as local[*]", self.spark_master)
         _check(self.gradcam_top >= 0, "infer.gradcam_top", "an integer >= 0", self.gradcam_top)
         _check(self.runtime in RUNTIMES, "infer.runtime", f"one of {', '.join(RUNTIMES)}", self.runtime)
+        _check(self.max_file_mb >= 1, "infer.max_file_mb", "an integer >= 1 (megabytes)", self.max_file_mb)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,9 @@ TAG_MODEL_VERSION = "model_version"
 TAG_INFER_ENGINE = "infer_engine"
 # What scored: keras, or the onnx or litert export.
 TAG_INFER_RUNTIME = "infer_runtime"
+# infer: where it wrote its output and the file's SHA-256, so a reused infer is one whose output is intact.
+TAG_OUTPUT = "output"
+TAG_OUTPUT_SHA256 = "output_sha256"
 # main's record of why it did not run infer (no `prod` alias yet).
 TAG_INFER_SKIPPED = "infer_skipped"
 
@@ -61,6 +64,9 @@ VERSION_TAG_DECISION_THRESHOLD = "decision_threshold"
 VERSION_TAG_PROD_SINCE = "prod_since"
 VERSION_TAG_PROD_UNTIL = "prod_until"
 VERSION_TAG_REPLACED_VERSION = "replaced_version"
+# The SHA-256 of the version's code file, recomputed from its files and checked against the released
+# ones by evaluate before it registers (steps.provenance); promote recomputes and compares it.
+VERSION_TAG_CODE_SHA256 = "code_sha256"
 # Set on a version that a rollback passed over: the rule never gives it prod again on its own.
 VERSION_TAG_BLOCKED = "prod_blocked"
 # Where a version's exports are (ONNX, LiteRT and their preprocessing spec): artifact URIs in its
@@ -141,6 +147,10 @@ def split_count_metric(split: str) -> str:
 # and why it was closed.
 TAG_PROCESS = "pipeline.process"
 TAG_REAPED = "pipeline.reaped"
+
+# A failed stage run's kind of failure (steps.errors: input, model, store, output, partial,
+# interrupted, bug): `mlflow run` exits 1 for every failure, the tag says which.
+TAG_FAILURE_KIND = "failure_kind"
 
 # What determines a stage run's result (steps/fingerprint.py), set by main on each stage run it
 # starts; and, on main's run, "<stage>_reused_from" for a stage it did not run again.

@@ -117,6 +117,16 @@ def stratified_split(strata: Sequence[Hashable], fraction: float, seed: int) -> 
     return sorted(keep), sorted(holdout)
 
 
+def check_every_class_in(parts: dict[str, Sequence[Sample]], classes: Sequence[str], hint: str) -> None:
+    """Refuse, before any work, parts of a split (``{"training": ..., "validation": ...}``) that
+    do not each hold every class, naming the counts; ``hint`` says what to change."""
+    counts = {name: {cls: sum(1 for s in part if s.cls == cls) for cls in classes} for name, part in parts.items()}
+    empty = [f"{name} has no {cls!r}" for name, by in counts.items() for cls, n in by.items() if n == 0]
+    if empty:
+        shown = "; ".join(f"{name} " + ", ".join(f"{cls} {n}" for cls, n in by.items()) for name, by in counts.items())
+        raise DataError(f"{', '.join(empty)} ({shown}): every class must be in each; {hint}")
+
+
 # --- Decoding ----------------------------------------------------------------------------
 
 
@@ -132,6 +142,9 @@ def load_images(
 
     ``cache``: keep the result in ``cache_dir()``, keyed by the files' contents (not their names or
     times), the size and the decoder; a rerun on the same files reads it back instead of decoding.
+    The cache's contract, whatever its format: an entry is used only when it holds one image per
+    file, of the key's size, shape and dtype, and when every file it lists as failed still fails
+    to decode (``cache_problem``); otherwise the files are decoded again and the entry replaced.
     """
     if not cache:
         return _decode_all(paths, image_size, progress)
@@ -140,11 +153,15 @@ def load_images(
     try:
         with np.load(path) as stored:
             images, failures = stored["images"], json.loads(str(stored["failures"]))
-        logger.info("read %d decoded images from the cache %s", len(images), path)
-        return images, {int(i): reason for i, reason in failures.items()}
+        failures = {int(i): str(reason) for i, reason in failures.items()}
+        problem = cache_problem(images, failures, paths, image_size)
+        if problem is None:
+            logger.info("read %d decoded images from the cache %s", len(images), path)
+            return images, failures
+        logger.warning("ignoring the cache file %s: %s; decoding again", path, problem)
     except FileNotFoundError:
         pass
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged: decode again
+    except (OSError, ValueError, KeyError, EOFError, AttributeError, zipfile.BadZipFile) as err:  # damaged
         logger.warning("ignoring the unreadable cache file %s: %s", path, err)
     images, failures = _decode_all(paths, image_size, progress)
     part = None
@@ -160,6 +177,24 @@ def load_images(
         if part is not None:
             part.unlink(missing_ok=True)
     return images, failures
+
+
+def cache_problem(images: np.ndarray, failures: dict[int, str], paths: Sequence[Path], size: int) -> str | None:
+    """Why a cache entry does not fit its key (None when it does): the count, shape and dtype of its
+    images, and its failures, each of which must be a file that still fails to decode."""
+    expected = (len(paths), size, size, 1)
+    if images.shape != expected or images.dtype != np.float32:
+        return f"it holds {images.dtype} images of shape {images.shape}, not float32 {expected}"
+    outside = [i for i in failures if not 0 <= i < len(paths)]
+    if outside:
+        return f"it lists failures for rows {outside[:5]} of {len(paths)} files"
+    for i in failures:  # few, and each decode is cheap next to trusting a forged reason
+        try:
+            decode_gray(paths[i])
+        except ImageError:
+            continue
+        return f"it lists {paths[i]} as failed, which decodes"
+    return None
 
 
 # Part of every cache key: bump it when decoding or resizing changes what they produce.

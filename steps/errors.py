@@ -1,9 +1,81 @@
-"""The pipeline's own error: a stage cannot go on, and the message says what to run or fix first.
+"""The pipeline's failures: each kind has one line, its own exit code and a run tag.
 
-``steps.cli`` prints it as one line and exits 2 (``exit_code`` may say otherwise). Bad configuration
-is ``steps.config.ConfigError`` and bad data ``steps.data.DataError``; they are printed alike.
+A stage that cannot go on raises a ``PipelineError`` (or the subclass of its kind) whose message says
+what to run or fix first. ``steps.cli`` prints it as one line and exits with the kind's code from
+``python -m steps.<stage>``; ``steps.runs`` records the kind on the failed run (tag
+``failure_kind``). ``mlflow run`` turns every non-zero exit into 1, so the tag is the portable signal.
+Bad configuration (``steps.config.ConfigError``) and bad data (``steps.data.DataError``) are of kind
+``input``; ``classify`` sorts any exception.
 """
+
+from __future__ import annotations
+
+import errno
+from typing import NamedTuple
+
+
+class Failure(NamedTuple):
+    kind: str
+    exit_code: int
+    meaning: str
+
+
+PARTIAL = Failure("partial", 1, "every row was written, but some images could not be read (infer)")
+INPUT = Failure("input", 2, "a parameter, the configuration or the data is wrong, or a run or model is missing")
+MODEL = Failure("model", 3, "the model cannot be used: not one train logged, refused by the check of its files")
+STORE = Failure("store", 4, "the tracking store did not answer: locked by another writer, unreachable, lost")
+OUTPUT = Failure("output", 5, "an output could not be written: disk full, read-only, no permission")
+INTERRUPTED = Failure("interrupted", 130, "stopped by Ctrl-C (130) or SIGTERM (143); its runs end KILLED")
+BUG = Failure("bug", 70, "anything else: a bug, printed with its traceback")
+FAILURES = (PARTIAL, INPUT, MODEL, STORE, OUTPUT, INTERRUPTED, BUG)
 
 
 class PipelineError(RuntimeError):
     """A stage cannot go on; the message says what to run or fix first."""
+
+    failure = INPUT
+
+    @property
+    def exit_code(self) -> int:
+        return self.failure.exit_code
+
+
+class ModelError(PipelineError):
+    """The model is not one this pipeline's ``train`` logged, or its files cannot be read."""
+
+    failure = MODEL
+
+
+class StoreError(PipelineError):
+    """The tracking store did not answer; nothing was changed that the message does not name."""
+
+    failure = STORE
+
+
+class OutputError(PipelineError):
+    """An output file could not be written; the previous one, if any, is untouched."""
+
+    failure = OUTPUT
+
+
+# A full, read-only or forbidden disk: the output's fault, not the code's.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def classify(err: BaseException) -> Failure:
+    """The kind of a failure (``BUG`` for anything the pipeline did not foresee)."""
+    from steps.config import ConfigError
+    from steps.data import DataError
+    from steps.tracking import store_failure
+
+    if isinstance(err, KeyboardInterrupt):
+        return INTERRUPTED
+    if isinstance(err, PipelineError):
+        return err.failure
+    if isinstance(err, ConfigError | DataError):
+        return INPUT
+    if store_failure(err) is not None:
+        return STORE
+    if isinstance(err, OSError) and err.errno in OUTPUT_ERRNOS:
+        return OUTPUT
+    return BUG

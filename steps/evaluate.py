@@ -51,7 +51,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from steps import accelerator, cli, contract, parameters, plots, registry, serving
+from steps import accelerator, cli, contract, parameters, plots, provenance, registry, serving
 from steps.config import Config, RegistryConfig
 from steps.data import (
     DataError,
@@ -66,7 +66,7 @@ from steps.data import (
     scan_split,
 )
 from steps.elpv import ensure_data
-from steps.errors import PipelineError
+from steps.errors import ModelError, PipelineError
 from steps.records import log_config, log_dataset, log_skipped
 from steps.registry import alias_version, load_keras, pipeline_model_problem
 from steps.runs import get_run, stage_run
@@ -136,7 +136,7 @@ def load_model_info(run_id: str):
         ) from None
     problem = pipeline_model_problem(info)
     if problem:
-        raise PipelineError(f"run {run_id}'s model is not one train logged: {problem}; it is not registered")
+        raise ModelError(f"run {run_id}'s model is not one train logged: {problem}; it is not registered")
     return info
 
 
@@ -161,7 +161,7 @@ def log_figures(
 
 
 def check_exports(
-    info, model_run_id: str, images: np.ndarray, prob: np.ndarray, cutoff: float, batch_size: int
+    info, model_uri: str, model_run_id: str, images: np.ndarray, prob: np.ndarray, cutoff: float, batch_size: int
 ) -> dict[str, str]:
     """Score the model's ONNX and LiteRT exports on the test images against its Keras ``prob``
     (``steps.exports.check_parity``: a mismatch fails the stage), log each one's largest difference,
@@ -175,7 +175,7 @@ def check_exports(
 
     started = time.perf_counter()
     paths = {
-        runtime: registry.model_artifact(info.model_uri, serving.EXPORT_ARTIFACTS[runtime], "", info.flavors)
+        runtime: registry.model_artifact(model_uri, serving.EXPORT_ARTIFACTS[runtime], "", info.flavors)
         for runtime in present
     }
     diffs = exports.check_parity(paths, images, prob, cutoff, batch_size)
@@ -231,33 +231,33 @@ class Outcome:
 def rescore(client: mlflow.MlflowClient, reg: RegistryConfig, test: TestSet, digest: str, version: str) -> float | None:
     """Score a production version on this test set and record it.
 
-    None (and a warning) when the version is no model of this pipeline (registered by hand): it can
-    never be scored, and counts as unscored. Any other failure (the store or its artifacts did not
-    answer) fails the stage with ``prod`` untouched: a champion must not lose ``prod`` to a
-    challenger because a download failed once.
+    None (and a warning) when the version was registered by hand (no ``eval_run_id``) or its
+    ``MLmodel`` does not have the pipeline's layout: it can never be scored, and counts as
+    unscored. A version whose files cannot be read (missing, no permission, the store or its
+    artifacts did not answer) fails the stage with ``prod`` untouched, naming the way out: a
+    champion must not lose ``prod`` because its files were moved or a download failed once.
     """
     uri = f"models:/{reg.production}/{version}"
     before = client.get_model_version(reg.production, version).tags
+    prod = f"{reg.production}@{reg.alias}"
+    way_out = (
+        f"{prod} left on version {version}; restore its files (or rerun when the store answers), or move "
+        f"{reg.alias} to another version: mlflow run . -e promote -P version=<N> -P reason=..."
+    )
     try:
+        if contract.VERSION_TAG_EVAL_RUN_ID not in before:  # registered by hand, not by evaluate
+            raise ModelError(f"registered by hand (no {contract.VERSION_TAG_EVAL_RUN_ID} tag)")
         info = mlflow.models.get_model_info(uri)
         problem = pipeline_model_problem(info)
-    except mlflow.exceptions.MlflowException as err:
-        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise PipelineError(
-                f"cannot read prod version {version} to score it on this test set ({type(err).__name__}: "
-                f"{first_line(err)}); {reg.production}@{reg.alias} left on version {version}; rerun"
-            ) from None
-        problem = f"it has no model ({first_line(err)})"  # the store answered: there is none
-    try:
         if problem is None:
             size = int((info.metadata or {})["image_size"])  # checked by pipeline_model_problem
             acc = score(test.y, test.predict(uri, size))[0][contract.METRIC_TEST_ACCURACY]
-    except PipelineError as err:  # refused by load_keras: it never will load
+    except ModelError as err:  # refused by load_keras: it never will load
         problem = str(err)
-    except Exception as err:  # noqa: BLE001 - a download or the store failed: not the version's fault
-        raise PipelineError(
-            f"cannot score prod version {version} on this test set ({type(err).__name__}: "
-            f"{first_line(err)}); {reg.production}@{reg.alias} left on version {version}; rerun"
+    except Exception as err:  # noqa: BLE001 - missing files, permissions, a store that did not answer
+        raise ModelError(
+            f"cannot read prod version {version} to score it on this test set ({type(err).__name__}: "
+            f"{first_line(err)}); {way_out}"
         ) from None
     if problem is not None:
         logger.warning(
@@ -284,9 +284,12 @@ def register_and_promote(
     *,
     eval_run_id: str | None = None,
     rescore: Callable[[str], float | None] | None = None,
+    verify: Callable[[str], object] | None = None,
     before_write: Callable[[], None] | None = None,
 ) -> Outcome:
-    """Register by the threshold, then settle ``prod`` by the promotion rule (steps.registry)."""
+    """Register by the threshold, then settle ``prod`` by the promotion rule (steps.registry);
+    ``verify`` checks the files of any other version before ``prod`` moves to it (this one's were
+    checked before it was registered)."""
     reg = config.registry
     name = choose_registry(accuracy, config.evaluate.threshold, reg)
     version_tags = {
@@ -311,6 +314,7 @@ def register_and_promote(
         config.evaluate.min_improvement,
         run_id=eval_run_id,
         rescore=rescore,
+        verify=None if verify is None else (lambda other: other == version or verify(other)),
         before_write=before_write,
     )
     scored = {v.version: v for v in settled.versions}
@@ -328,6 +332,12 @@ def evaluate(config: Config, run_id: str) -> str:
         raise PipelineError("evaluate needs -P run_id=<train run ID>; run `mlflow run . -e train` first")
     model_run_id = resolve_model_run(run_id)
     info = load_model_info(model_run_id)
+    # The run's own model, not the URI its MLmodel claims: its author wrote that file.
+    model_uri = f"runs:/{model_run_id}/{contract.MODEL_ARTIFACT}"
+    try:
+        code_digest = provenance.verify(model_uri)
+    except ModelError as err:
+        raise ModelError(f"run {model_run_id}'s model is refused, nothing was registered: {err}") from None
     logger.info("%s", accelerator.describe())
     metadata = info.metadata or {}
     image_size = int(metadata["image_size"])
@@ -354,27 +364,31 @@ def evaluate(config: Config, run_id: str) -> str:
         test_digest = log_dataset(manifest(test.samples, "test", data_dir), "test", data_dir, context="testing")
 
         logger.info("scoring run %s on %d test images (test set %s)", model_run_id, len(test.samples), test_digest)
-        prob = test.predict(info.model_uri, image_size)
+        prob = test.predict(model_uri, image_size)
         metrics, confusions = report(test.y, prob, cutoff)
         mlflow.log_metrics(metrics)
-        export_tags = check_exports(info, model_run_id, test.images(image_size), prob, cutoff, test.batch_size)
+        export_tags = check_exports(
+            info, model_uri, model_run_id, test.images(image_size), prob, cutoff, test.batch_size
+        )
         log_figures(test.images(image_size), test.y, prob, confusions, cutoff, classes)
         accuracy = metrics[contract.METRIC_TEST_ACCURACY]
 
         outcome = register_and_promote(
             client,
             config,
-            info.model_uri,
+            model_uri,
             accuracy,
             test_digest,
             {
                 contract.VERSION_TAG_SOURCE_RUN_ID: model_run_id,
                 contract.VERSION_TAG_EVAL_RUN_ID: eval_run_id,
                 contract.VERSION_TAG_DECISION_THRESHOLD: repr(cutoff),
+                contract.VERSION_TAG_CODE_SHA256: code_digest,
                 **export_tags,
             },
             eval_run_id=eval_run_id,
             rescore=functools.partial(rescore, client, reg, test, test_digest),
+            verify=functools.partial(provenance.check_version, client, reg.production),
         )
         mlflow.set_tags(
             {

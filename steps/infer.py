@@ -46,16 +46,17 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from steps import accelerator, cli, contract, parameters, plots, serving
+from steps import accelerator, cli, contract, errors, parameters, plots, serving
 from steps.config import Config
 from steps.data import is_image
-from steps.errors import PipelineError
+from steps.errors import ModelError, PipelineError
 from steps.outputs import Writer, error_row, row
 from steps.records import log_config
-from steps.registry import alias_version, load_keras, model_artifact
+from steps.registry import alias_version, load_keras, model_artifact, pipeline_model_problem
 from steps.runs import stage_run
 from steps.serving import DefectModel, ImageError
 from steps.spark import check_spark, score_spark, spark_rows
+from steps.tracking import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ NO_PIXEL_CAP = {"max_request_pixels": 0}
 class ImagesFailed(PipelineError):
     """Every row was written, but some images could not be read (exit 1 unless allow_errors)."""
 
-    exit_code = 1
+    failure = errors.PARTIAL
 
 
 def resolve_inputs(spec: str) -> tuple[list[Path], Path]:
@@ -126,13 +127,18 @@ def outside_input(path: Path, root: Path) -> str | None:
     return f"a symlink to {path.resolve()}, outside the input {root}: not read"
 
 
-def read_inside(path: Path, root: Path) -> bytes:
-    """The file's bytes, checked against the root at the moment it is read; ``ImageError`` says why not."""
+def read_inside(path: Path, root: Path, max_bytes: int) -> bytes:
+    """The file's bytes, checked against the root and its size against ``max_bytes`` (from its
+    size on disk, before a byte is read) at the moment it is read; ``ImageError`` says why not."""
     reason = outside_input(path, root)
     if reason is not None:
         raise ImageError(reason)
     try:
-        return path.read_bytes()
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise ImageError(f"{size:,} bytes, more than the limit of {max_bytes:,} (-P max_file_mb); not read")
+            return handle.read(max_bytes + 1)
     except OSError as err:
         raise ImageError(f"cannot read the file: {err.strerror or err}") from None
 
@@ -162,6 +168,9 @@ def load_production_model(
     uri, version = pinned_uri(model_uri)
     try:
         info = mlflow.models.get_model_info(uri)
+        problem = pipeline_model_problem(info)
+        if problem is not None:
+            raise ModelError(f"cannot load {model_uri}: it is not a model train logged ({problem})")
         if runtime == "keras":
             network: Any = load_keras(uri)
         else:
@@ -172,14 +181,16 @@ def load_production_model(
             path = model_artifact(uri, serving.EXPORT_ARTIFACTS[runtime], missing, info.flavors)
             network = serving.load_export(runtime, path)
     except mlflow.exceptions.MlflowException as err:
-        raise PipelineError(f"cannot load {model_uri}: {err.message}") from None
+        raise ModelError(f"cannot load {model_uri}: {first_line(err)}") from None
     config = serving.model_config(
         info.metadata or {}, batch_size, max_request_pixels=NO_PIXEL_CAP["max_request_pixels"], runtime=runtime
     )
     return DefectModel(network, config), uri, version
 
 
-def chunks(files: list[Path], root: Path) -> Iterator[tuple[list[Path], list[bytes | None], dict[int, str]]]:
+def chunks(
+    files: list[Path], root: Path, max_bytes: int
+) -> Iterator[tuple[list[Path], list[bytes | None], dict[int, str]]]:
     """``(paths, their bytes, {index: why not read})`` of at most ``CHUNK`` files or ``CHUNK_BYTES`` bytes."""
     paths: list[Path] = []
     sources: list[bytes | None] = []
@@ -187,7 +198,7 @@ def chunks(files: list[Path], root: Path) -> Iterator[tuple[list[Path], list[byt
     size = 0
     for path in files:
         try:
-            data = read_inside(path, root)
+            data = read_inside(path, root, max_bytes)
         except ImageError as err:
             refused[len(paths)] = str(err)
             data = None
@@ -201,15 +212,17 @@ def chunks(files: list[Path], root: Path) -> Iterator[tuple[list[Path], list[byt
         yield paths, sources, refused
 
 
-def score_local(model: DefectModel, files: list[Path], root: Path) -> Iterator[dict[str, Any]]:
+def score_local(model: DefectModel, files: list[Path], root: Path, max_bytes: int) -> Iterator[dict[str, Any]]:
     """Rows in file order, a chunk at a time; an unreadable file gets its reason, not a crash."""
-    for paths, sources, refused in chunks(files, root):
+    for paths, sources, refused in chunks(files, root, max_bytes):
         scored = model.predict(None, pd.DataFrame({"image": sources}), params={"on_error": "row"})
         for i, (path, scored_row) in enumerate(zip(paths, scored.to_dict("records"), strict=True)):
             yield error_row(path, refused[i]) if i in refused else row(path, scored_row)
 
 
-def log_gradcam(model: DefectModel, defects: list[tuple[float, str]], top: int, root: Path | None, uri: str) -> None:
+def log_gradcam(
+    model: DefectModel, defects: list[tuple[float, str]], top: int, root: Path | None, uri: str, max_bytes: int
+) -> None:
     """Grad-CAM of the ``top`` most confident defects, one PNG grid (``gradcam.png``).
 
     The files are read again, and checked against the input's ``root`` again as they are: one
@@ -221,7 +234,7 @@ def log_gradcam(model: DefectModel, defects: list[tuple[float, str]], top: int, 
     chosen = sorted(defects, key=lambda d: -d[0])[:top]
     if not chosen:
         return
-    sources = [_read(path, root) for _, path in chosen]
+    sources = [_read(path, root, max_bytes) for _, path in chosen]
     images, errors = model.preprocess(sources)
     keep = [i for i in range(len(chosen)) if i not in errors]  # a file changed or gone since scoring
     if not keep:
@@ -235,7 +248,7 @@ def log_gradcam(model: DefectModel, defects: list[tuple[float, str]], top: int, 
     plots.close(fig)
 
 
-def _read(path: str, root: Path | None) -> bytes | None:
+def _read(path: str, root: Path | None, max_bytes: int) -> bytes | None:
     """A scored file's bytes again, local (inside ``root``) or (from Spark) any URI Spark read it from."""
     try:
         if root is None:
@@ -244,7 +257,7 @@ def _read(path: str, root: Path | None) -> bytes | None:
             spark = SparkSession.getActiveSession()
             row = spark.read.format("binaryFile").load(path).first() if spark else None
             return bytes(row["content"]) if row else None
-        return read_inside(Path(path), root)
+        return read_inside(Path(path), root, max_bytes)
     except Exception:  # noqa: BLE001 - a heat map is a bonus; a file gone since scoring must not fail infer
         return None
 
@@ -262,6 +275,7 @@ def infer(config: Config) -> str:
     model, uri, version = load_production_model(config.infer_model_uri, ic.batch_size, ic.runtime)
     logger.info("%s", accelerator.describe())  # imports TensorFlow: after a missing model has been said
     model_config = {**NO_PIXEL_CAP, "runtime": ic.runtime}  # the Spark workers' copy of the model
+    max_bytes = ic.max_file_mb * 2**20
     good, defect = model.classes
 
     with stage_run(contract.STAGE_INFER, config.experiment) as run:
@@ -286,7 +300,7 @@ def infer(config: Config) -> str:
             refused = {p: reason for p in files if (reason := outside_input(p, root))}
             rows = spark_rows(uri, files, refused, spec, ic.spark_master, CHUNK, model_config)
         else:
-            rows = score_local(model, files, root)
+            rows = score_local(model, files, root, max_bytes)
         writer = Writer(output, defect)
         writer.write(rows, total=None if files is None else len(files))
         mlflow.log_metrics(
@@ -298,8 +312,9 @@ def infer(config: Config) -> str:
             }
         )
         mlflow.log_artifact(str(output))
+        mlflow.set_tags({contract.TAG_OUTPUT: str(output.resolve()), contract.TAG_OUTPUT_SHA256: writer.sha256})
         if ic.gradcam_top:
-            log_gradcam(model, writer.defects, ic.gradcam_top, root, uri)
+            log_gradcam(model, writer.defects, ic.gradcam_top, root, uri, max_bytes)
 
     n_errors = writer.n_errors
     print(

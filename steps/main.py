@@ -10,7 +10,8 @@ evaluate), ``threshold``, ``min_improvement`` (to evaluate),
 Reuse: each stage run is tagged ``pipeline.fingerprint`` (``steps/fingerprint.py``: entry point,
 parameters, code, data). Before a stage, main looks in its experiment for the newest FINISHED,
 never-reaped run with the same fingerprint whose outputs are still there (train: the best model
-loads; evaluate: its registered version exists) and takes it instead of running the stage; a
+loads; evaluate: its registered version exists; infer: its output file, with the digest it was
+written with) and takes it instead of running the stage; a
 reused evaluation registers nothing and leaves ``prod`` alone. Infer's input is usually new: it
 runs again unless ``reuse=all``.
 
@@ -28,6 +29,7 @@ Writes on its own run (meant for ``pipeline/<experiment>``: pass ``--experiment-
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -158,6 +160,18 @@ def version_exists(client: mlflow.MlflowClient) -> Callable[[Run], str | None]:
     return check
 
 
+def output_intact(run: Run) -> str | None:
+    """Why an infer run cannot be reused (its output gone or changed since it wrote it), or None."""
+    path, written = run.data.tags.get(contract.TAG_OUTPUT), run.data.tags.get(contract.TAG_OUTPUT_SHA256)
+    if not (path and written):
+        return f"it recorded no {contract.TAG_OUTPUT} and {contract.TAG_OUTPUT_SHA256}"
+    try:
+        now = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as err:
+        return f"its output {path} cannot be read ({err.strerror or err})"
+    return None if now == written else f"its output {path} has changed since it was written"
+
+
 def split_digest(config: Config, data_dir: Path, split: str) -> str:
     """What a split's images are, as train and evaluate record it (``steps.data.digest``): the files'
     contents and classes, whatever their names or folder."""
@@ -239,7 +253,7 @@ def main(config: Config, env_manager: str = "", reuse: str = "", rerun: str = ""
                 may_reuse.discard(contract.STAGE_INFER)
             # The input's content and the version the alias names now: what infer's result depends on.
             inputs = f"{fingerprint.tree_digest(source)}\0{config.registry.production}/{prod}"
-            infer_run = stage(contract.STAGE_INFER, params[contract.STAGE_INFER], inputs, lambda found: None)
+            infer_run = stage(contract.STAGE_INFER, params[contract.STAGE_INFER], inputs, output_intact)
             tags[contract.TAG_INFER_RUN_ID] = infer_run.info.run_id
         else:
             reason = f"no {config.registry.production}@{config.registry.alias} yet: no model has passed the threshold"

@@ -4,6 +4,7 @@ into place only when complete."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from steps import serving
+from steps.errors import OutputError
 from steps.progress import Progress
 
 COLUMNS = ("path", *serving.COLUMNS)
@@ -40,6 +42,7 @@ class Writer:
 
     def __init__(self, path: Path, defect_class: str) -> None:
         self.path, self.defect_class = path, defect_class
+        self.sha256 = ""  # of the file written
         self.n_images = self.n_scored = self.n_defect = self.n_errors = 0
         self.defects: list[tuple[float, str]] = []  # (probability, path) of every predicted defect
 
@@ -62,7 +65,13 @@ class Writer:
                     progress.step()
                 handle.flush()
                 os.fsync(handle.fileno())
+            self.sha256 = hashlib.sha256(part.read_bytes()).hexdigest()
             os.replace(part, self.path)
+        except OSError as err:  # a full or read-only disk: one line, and the previous file as it was
+            raise OutputError(
+                f"cannot write {self.path}: {err.strerror or err}; "
+                + ("the previous file is unchanged" if self.path.exists() else "nothing was written")
+            ) from None
         finally:
             part.unlink(missing_ok=True)
 

@@ -22,28 +22,21 @@ from PIL import Image
 from steps import contract, serving
 from steps.config import Config
 
-# The Metal plugin's environment marker: a model trained on a Mac must still install where it is
-# served (Linux, most often).
+# What a serving environment installs (these versions of what steps/serving.py imports); the Metal
+# plugin with its environment marker, so that a model trained on a Mac still installs where it is
+# served (Linux, most often). steps.provenance refuses a model whose environment holds anything else.
+PACKAGES = ("mlflow", "keras", "tensorflow", "tensorflow-metal", "pillow", "pandas", "onnxruntime", "ai-edge-litert")
 APPLE_SILICON = '; sys_platform == "darwin" and platform_machine == "arm64"'
 
 
 def model_requirements() -> list[str]:
-    """What a serving environment installs: these versions of what steps/serving.py imports."""
+    """``PACKAGES`` pinned at the versions installed here (tensorflow-metal exists on Apple silicon only)."""
     requirements = []
-    for name in (
-        "mlflow",
-        "keras",
-        "tensorflow",
-        "tensorflow-metal",
-        "pillow",
-        "pandas",
-        "onnxruntime",
-        "ai-edge-litert",
-    ):
+    for name in PACKAGES:
         try:
             requirements.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
-            pass  # tensorflow-metal exists on Apple silicon only
+            pass
     return [r + (APPLE_SILICON if r.startswith("tensorflow-metal==") else "") for r in requirements]
 
 

@@ -75,6 +75,7 @@ PARAMS: dict[str, tuple[Param, ...]] = {
         Param("allow_errors", "infer.allow_errors"),
         Param("gradcam_top", "infer.gradcam_top", "int"),
         Param("runtime", "infer.runtime"),
+        Param("max_file_mb", "infer.max_file_mb", "int"),
         Param("experiment", "experiment"),
     ),
 }

@@ -25,9 +25,9 @@ import sys
 
 import mlflow
 
-from steps import cli, contract, parameters, registry
+from steps import cli, contract, parameters, provenance, registry
 from steps.config import Config
-from steps.errors import PipelineError
+from steps.errors import ModelError, PipelineError
 from steps.records import log_config
 from steps.registry import alias_version
 from steps.runs import stage_run
@@ -70,6 +70,7 @@ def check_promotable(client: mlflow.MlflowClient, config: Config, version: str):
             f"{reg.production} version {version} has no test score ({contract.VERSION_TAG_ACC} and "
             f"{contract.VERSION_TAG_TEST_DIGEST}); register models with `mlflow run . -e evaluate`, which scores them"
         )
+    provenance.check_version(client, reg.production, version)  # its files, recomputed: never the tags alone
     return found
 
 
@@ -98,12 +99,7 @@ def promote(config: Config, version: str, reason: str) -> str | None:
         note = f"passed over by {who} in promote run {run.info.run_id}: {reason}"
         blocked = registry.pin(client, reg, version, digest, config.evaluate.min_improvement, note)
         registry.move_alias(client, reg, version, current, "promote", reason, run.info.run_id)
-        now = alias_version(reg.production, reg.alias)
-        if now != version:
-            raise PipelineError(
-                f"{prod} is on version {now}, not {version}: an evaluation moved it while this promote ran (see "
-                f"`make prod-history`); rerun promote if version {version} should still hold it"
-            )
+        blocked += keep_unblocked(client, config, version, digest, note)
         mlflow.set_tags(
             {
                 contract.TAG_PROMOTED_VERSION: version,
@@ -118,6 +114,66 @@ def promote(config: Config, version: str, reason: str) -> str | None:
     return run.info.run_id
 
 
+def keep_unblocked(client: mlflow.MlflowClient, config: Config, version: str, digest: str, note: str) -> list[str]:
+    """After the move: ``prod`` still on ``version`` and ``version`` not blocked, or a ``PipelineError``.
+
+    MLflow has no compare-and-set for aliases: another promote may have blocked ``version`` between
+    this one's checks and its move (a rollback to an older version blocks the better ones). This
+    move came last, so this choice stands: as any promote by hand, it unblocks its version and
+    blocks again what the rule would hand ``prod`` to instead. Returns the versions it blocked.
+    """
+    reg, prod = config.registry, f"{config.registry.production}@{config.registry.alias}"
+    blocked: list[str] = []
+    for _ in range(registry.MAX_ROUNDS):
+        now = alias_version(reg.production, reg.alias)
+        if now != version:
+            raise PipelineError(
+                f"{prod} is on version {now}, not {version}: an evaluation moved it while this promote ran (see "
+                f"`make prod-history`); rerun promote if version {version} should still hold it"
+            )
+        if contract.VERSION_TAG_BLOCKED not in client.get_model_version(reg.production, version).tags:
+            return blocked
+        logger.warning("another promote blocked version %s while this one moved %s to it: unblocking it", version, prod)
+        client.delete_model_version_tag(reg.production, version, contract.VERSION_TAG_BLOCKED)
+        blocked += registry.pin(client, reg, version, digest, config.evaluate.min_improvement, note)
+    raise PipelineError(
+        f"{prod} is on version {version}, which other promotes keep blocking; see `make prod-history` and "
+        "rerun one promote at a time"
+    )
+
+
+def verify_registered(config: Config) -> dict[str, str]:
+    """Check the files of every version of the production model and tag those that pass with their
+    code's digest (``code_sha256``), as evaluate tags new ones: for versions registered before
+    evaluate checked them, so that ``promote`` (a rollback) can still choose them. A version that
+    already has the tag is checked against it. Returns ``{version: digest or why refused}``."""
+    client = mlflow.MlflowClient()
+    name = config.registry.production
+    outcome: dict[str, str] = {}
+    refused = 0
+    for found in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
+        version = str(found.version)
+        try:
+            digest = provenance.verify(f"models:/{name}/{version}")
+            recorded = found.tags.get(contract.VERSION_TAG_CODE_SHA256)
+            if recorded not in (None, digest):
+                raise ModelError(f"its {contract.VERSION_TAG_CODE_SHA256} tag does not match its code; left as it is")
+        except ModelError as err:
+            refused += 1
+            outcome[version] = f"refused: {err}"
+            print(f"{name} version {version}: {outcome[version]}")
+            continue
+        if recorded is None:
+            client.set_model_version_tag(name, version, contract.VERSION_TAG_CODE_SHA256, digest)
+        outcome[version] = digest
+        print(f"{name} version {version}: verified, code sha256 {digest}")
+    if refused:
+        raise ModelError(
+            f"{refused} of {len(outcome)} versions of {name} are refused (above); promote cannot choose them"
+        )
+    return outcome
+
+
 def history(config: Config) -> list[dict]:
     """Print every recorded move of ``prod``, oldest first; return them."""
     events = registry.history(mlflow.MlflowClient(), config.registry)
@@ -130,6 +186,8 @@ OVERRIDES = parameters.overrides("promote")
 if __name__ == "__main__":
     if sys.argv[1:2] == ["history"]:
         cli.main(history, "Print every move of the prod alias, oldest first.", {}, argv=sys.argv[2:])
+    elif sys.argv[1:2] == ["verify"]:
+        cli.main(verify_registered, "Check and tag the files of every registered version.", {}, argv=sys.argv[2:])
     else:
         cli.main(
             promote,

@@ -32,6 +32,7 @@ after, so a process killed between the two leaves a record that says so, never a
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import logging
@@ -50,7 +51,7 @@ import mlflow
 
 from steps import contract
 from steps.config import RegistryConfig
-from steps.errors import PipelineError
+from steps.errors import ModelError, PipelineError, StoreError
 from steps.tracking import first_line
 
 logger = logging.getLogger(__name__)
@@ -259,7 +260,7 @@ def load_keras(model_uri: str):
         if "keras" in flavors:
             conf = flavors["keras"]
             if conf.get("save_exported_model"):
-                raise PipelineError(
+                raise ModelError(
                     f"refused to load {model_uri}: a Keras model saved as a TensorFlow SavedModel "
                     "(save_exported_model), which loads without Keras's safe_mode; register a .keras model"
                 )
@@ -272,7 +273,7 @@ def load_keras(model_uri: str):
     except ValueError as err:
         if "safe_mode" not in str(err):
             raise
-        raise PipelineError(
+        raise ModelError(
             f"refused to load {model_uri}: it needs code execution to load (Keras safe_mode); "
             "register models built from the pipeline's own layers"
         ) from None
@@ -286,11 +287,11 @@ def model_artifact(model_uri: str, key: str, missing: str, flavors: dict | None 
         flavors = mlflow.models.get_model_info(model_uri).flavors
     artifact = flavors.get("python_function", {}).get("artifacts", {}).get(key, {}).get("path")
     if not artifact:
-        raise PipelineError(f"{model_uri} {missing}")
+        raise ModelError(f"{model_uri} {missing}")
     _inside_model(model_uri, artifact)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri)).resolve()
     if not (local / artifact).resolve().is_relative_to(local):  # a link inside that leads out
-        raise PipelineError(f"refused to load {model_uri}: its file {artifact!r} leads outside the model")
+        raise ModelError(f"refused to load {model_uri}: its file {artifact!r} leads outside the model")
     return local / artifact
 
 
@@ -298,7 +299,7 @@ def _inside_model(model_uri: str, path: str) -> None:
     """Refuse an ``MLmodel`` path that is absolute or climbs out of the model's directory."""
     parts = PurePosixPath(path.replace("\\", "/"))
     if parts.is_absolute() or ".." in parts.parts or re.match(r"^[A-Za-z]:", path) or path.startswith("~"):
-        raise PipelineError(f"refused to load {model_uri}: its MLmodel names {path!r}, outside the model's directory")
+        raise ModelError(f"refused to load {model_uri}: its MLmodel names {path!r}, outside the model's directory")
 
 
 def pipeline_model_problem(info) -> str | None:
@@ -319,7 +320,7 @@ def pipeline_model_problem(info) -> str | None:
         return f"it holds no Keras network (artifact {KERAS_ARTIFACT})"
     try:
         _inside_model(info.model_uri, str(artifact))
-    except PipelineError as err:
+    except ModelError as err:
         return str(err).split(": ", 1)[1]
     metadata = info.metadata or {}
     missing = [key for key in ("image_size", "classes") if key not in metadata]
@@ -339,7 +340,7 @@ def alias_version(name: str, alias: str) -> str | None:
             err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(err)
         ):
             return None
-        raise PipelineError(
+        raise StoreError(
             f"cannot read {name}@{alias} ({first_line(err)}); nothing was changed, rerun when the store answers"
         ) from None
 
@@ -475,22 +476,30 @@ def settle(
     *,
     run_id: str | None = None,
     rescore: Callable[[str], float | None] | None = None,
+    verify: Callable[[str], object] | None = None,
     before_write: Callable[[], None] | None = None,
 ) -> Settled:
     """Move the alias until the rule keeps its holder.
 
     ``rescore(version)`` scores a holder that has no score on ``digest`` yet (and records it), or
-    returns None when it cannot; each version is tried once. ``before_write`` is a test hook: it
+    returns None when it cannot; each version is tried once. ``verify(version)`` recomputes the
+    check of a version's files (``steps.provenance.check_version``) before the alias moves to it: a
+    version it refuses is passed over, as a blocked one is. ``before_write`` is a test hook: it
     runs in the window that no check can close, between the last read and the write.
     """
     start: str | None = None
     tried: set[str] = set()
     wrote: set[str] = set()  # holders this call put on the alias itself
+    trusted: set[str] = set()
+    refused: set[str] = set()
     for round_no in range(MAX_ROUNDS):
         current = alias_version(registry.production, registry.alias)
         if round_no == 0:
             start = current
-        versions = read_versions(client, registry.production, digest, own_run=run_id)
+        versions = [
+            dataclasses.replace(v, blocked=True) if v.version in refused else v
+            for v in read_versions(client, registry.production, digest, own_run=run_id)
+        ]
         holder = next((v for v in versions if v.version == current), None)
         if rescore is not None and holder is not None and holder.acc is None and holder.version not in tried:
             tried.add(holder.version)
@@ -502,6 +511,14 @@ def settle(
             target, reason = better
         if target is None or target == current:
             return Settled(start, current, versions)
+        if verify is not None and target not in trusted:
+            try:
+                verify(target)
+                trusted.add(target)
+            except PipelineError as err:
+                logger.warning("passing over version %s for %s: %s", target, registry.alias, err)
+                refused.add(target)
+                continue
         if alias_version(registry.production, registry.alias) != current:
             continue  # moved by someone else while we read: decide again on fresh data
         if before_write is not None:

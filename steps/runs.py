@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +15,10 @@ import mlflow
 from mlflow.entities import Run, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from steps import contract, signals
+from steps import contract, errors, signals
 from steps.errors import PipelineError
 from steps.records import library_versions
-from steps.tracking import artifact_root, lost_server, redact
+from steps.tracking import artifact_root, redact
 
 logger = logging.getLogger(__name__)
 
@@ -90,23 +91,37 @@ def nested_run(name: str, experiment_id: str) -> Iterator[Run]:
 @contextlib.contextmanager
 def _closing() -> Iterator[None]:
     """How a stage's run ends when the stage does not finish: KILLED when it was told to stop,
-    even if the work under way swallowed the signal's exception or turned it into another error."""
+    even if the work under way swallowed the signal's exception or turned it into another error;
+    FAILED otherwise, with its kind (``steps.errors``) as the tag ``failure_kind``."""
     try:
         yield
         signals.check()
     except KeyboardInterrupt:
         # mlflow.start_run's own exit would say FAILED; an interrupted run was killed.
+        _record_failure(errors.INTERRUPTED)
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except Exception as err:
         if signals.received():
+            _record_failure(errors.INTERRUPTED)
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-            raise signals.Terminated() from err
-        if lost_server(err) is not None:
-            # The server is gone: closing the runs would only retry with backoff once per run
-            # before failing too. Fail those calls at once; a rerun marks these runs FAILED.
+            raise (signals.Terminated() if signals.received() == signal.SIGTERM else KeyboardInterrupt()) from err
+        failure = errors.classify(err)
+        if failure is errors.STORE:
+            # The store does not answer: closing the runs would only retry with backoff once per
+            # run before failing too. Fail those calls at once; a rerun marks these runs FAILED.
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        else:
+            _record_failure(failure)
         raise
+
+
+def _record_failure(failure: errors.Failure) -> None:
+    """Tag the active run with the kind of its failure; a store that fails this too only loses the tag."""
+    try:
+        mlflow.set_tag(contract.TAG_FAILURE_KIND, failure.kind)
+    except Exception as err:  # noqa: BLE001 - the run's status and the exit code still say it failed
+        logger.debug("could not record the failure kind: %s", err)
 
 
 def process_identity(pid: int | None = None) -> str:

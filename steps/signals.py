@@ -1,4 +1,4 @@
-"""Stop signals that are never lost: SIGTERM is recorded as well as raised.
+"""Stop signals that are never lost: SIGTERM and Ctrl-C are recorded as well as raised.
 
 SIGTERM (``kill``, a cancelled CI job, ``docker stop``) raises ``Terminated`` where the main thread
 is, as Ctrl-C raises ``KeyboardInterrupt``, so the stage stops at once. But the code under way may
@@ -6,6 +6,10 @@ swallow it: TensorFlow turns an exception raised during one of its ops into its 
 MLflow's input-example validation catches every ``Exception``. So the signal is also recorded, and
 ``check`` raises it again at each boundary (every training batch, every run's end, the stage's
 end): a stage that was told to stop never ends FINISHED or exits 0.
+
+The first signal is the one reported: Ctrl-C on ``mlflow run`` reaches the stage twice, as SIGINT
+from the terminal and then as the SIGTERM with which ``mlflow run`` cancels its child. The second
+is only recorded, so it neither renames the stop nor cuts short the writes that close the runs.
 """
 
 from __future__ import annotations
@@ -22,19 +26,17 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that runs end KILLED."""
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
+def _on_signal(signum: int, frame: object) -> None:
     global _received
-    first = _received is None
+    if _received is not None:
+        return  # a later signal while the first is being handled: raising again could cut the close short
     _received = signal.Signals(signum)
-    if first:
-        raise Terminated()
-    # A second SIGTERM while the first one is being handled is only recorded: raising again could
-    # cut short the writes that close the runs as KILLED.
+    raise Terminated() if _received == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextlib.contextmanager
 def installed() -> Iterator[None]:
-    """Handle SIGTERM while the block runs, then put back the handler the process had.
+    """Handle SIGTERM and SIGINT while the block runs, then put back the handlers the process had.
 
     Only for the block: a Python handler runs between bytecodes, so a process whose main thread is
     stuck in C code (a library's exit hook, say) would never act on SIGTERM. Once the stage is done,
@@ -46,11 +48,12 @@ def installed() -> Iterator[None]:
         yield
         return
     _received = None  # a signal that stopped an earlier stage in this process is not this one's
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def received() -> signal.Signals | None:
@@ -59,6 +62,6 @@ def received() -> signal.Signals | None:
 
 
 def check() -> None:
-    """Raise ``Terminated`` if a stop signal arrived: call at any point where stopping is safe."""
+    """Raise the stop if a signal arrived: call at any point where stopping is safe."""
     if _received is not None:
-        raise Terminated()
+        raise Terminated() if _received == signal.SIGTERM else KeyboardInterrupt()

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import mlflow
 
-from steps.errors import PipelineError
+from steps.errors import PipelineError, StoreError
 
 try:
     import fcntl
@@ -33,7 +33,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 # ``scheme://user:token@host``: the user-info of any URI in a text.
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:
@@ -105,17 +105,30 @@ def create_sqlite_store(uri: str) -> None:
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 
-def lost_server(err: BaseException) -> PipelineError | None:
-    """A one-line error when ``err`` means the tracking server went away mid-run, else None."""
+# What MLflow's client says when the store did not answer; MLflow gives these no error code of their
+# own (a lost server surfaces as requests' errors; SQLite's lock as an OperationalError's text).
+_LOST_SERVER = ("Max retries exceeded", "Connection refused", "ConnectionError", "Read timed out", "RemoteDisconnected")
+_LOCKED = "database is locked"
+
+
+def store_failure(err: BaseException) -> StoreError | None:
+    """A one-line error when ``err`` means the store did not answer (a lost server, a SQLite store
+    locked by another writer for longer than its timeout), else None."""
     uri = mlflow.get_tracking_uri()
     text = str(err)
-    signs = ("Max retries exceeded", "Connection refused", "ConnectionError", "Read timed out", "RemoteDisconnected")
-    if urlparse(uri).scheme not in ("http", "https") or not any(sign in text for sign in signs):
-        return None
-    return PipelineError(
-        f"lost the tracking server at {redact(uri)} during the run ({redact(text.splitlines()[0][:200])}); the "
-        "run could not be closed there. Rerun when the server is back: the rerun marks the lost run FAILED"
-    )
+    first = redact((text.splitlines() or [type(err).__name__])[0][:200])
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https") and any(sign in text for sign in _LOST_SERVER):
+        return StoreError(
+            f"lost the tracking server at {redact(uri)} during the run ({first}); the run could not be closed "
+            "there. Rerun when the server is back: the rerun marks the lost run FAILED"
+        )
+    if scheme == "sqlite" and _LOCKED in text:
+        return StoreError(
+            f"the store {redact(uri)} stayed locked by another process's write ({_LOCKED}); rerun when it has "
+            "finished, or use a tracking server (make server) for many writers at once"
+        )
+    return None
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:

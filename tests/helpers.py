@@ -347,7 +347,7 @@ def in_process_stages(monkeypatch, calls: list | None = None) -> None:
     def run_stage(stage, parameters, config, env_manager, fingerprint):
         if calls is not None:
             calls.append((stage, dict(parameters), env_manager))
-        argv = [part for name, value in parameters.items() for part in (f"--{name}", value)]
+        argv = [f"--{name}={value}" for name, value in parameters.items()]
         name, result = main.ENTRY_POINTS[stage], {}
         module = importlib.import_module(f"steps.{name}")  # entry point, module and function share a name
         step = getattr(module, name)

@@ -33,7 +33,9 @@ ROUNDS = 6
 DIGEST = "cccccccccccccccc"
 
 
-def single_pass_settle(client, reg, digest, min_improvement, *, run_id=None, rescore=None, before_write=None):
+def single_pass_settle(
+    client, reg, digest, min_improvement, *, run_id=None, rescore=None, verify=None, before_write=None
+):
     """What settle would be without its re-read and pre-write check: read, decide, write once."""
     current = alias_version(reg.production, reg.alias)
     versions = registry.read_versions(client, reg.production, digest)

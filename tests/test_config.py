@@ -147,7 +147,7 @@ def test_cli_handles_sigterm_only_while_its_stage_runs(tmp_path, monkeypatch, ca
     assert (
         cli.main(lambda config: seen.append(signal.getsignal(signal.SIGTERM)) or "done", "test", {}, argv=[]) == "done"
     )
-    assert seen == [signals._on_sigterm]
+    assert seen == [signals._on_signal]
     assert signal.getsignal(signal.SIGTERM) is before
 
     def stopped(config):
@@ -201,7 +201,7 @@ def test_mlproject_declares_exactly_the_parameter_table():
                 assert spec["default"] == ("local" if p.name == "env_manager" else ""), (entry, p.name)
         command = " ".join(project[entry]["command"].split())
         assert command.startswith(f"python -m steps.{entry} ")
-        assert re.findall(r"--(\w+) \{(\w+)\}", command) == [(p.name, p.name) for p in params], entry
+        assert re.findall(r"--(\w+)=\{(\w+)\}", command) == [(p.name, p.name) for p in params], entry
 
 
 def test_main_passes_each_stage_every_value_it_resolved():

@@ -178,6 +178,7 @@ def test_a_margin_still_keeps_a_holder_found_in_place(store):
     assert not register(0.90, strict).promoted and holder() == first.version
 
 
+@pytest.mark.usefixtures("unchecked_files")
 def test_a_rollback_sticks_when_an_evaluation_settles_around_its_move(store, capsys):
     v1, v2 = (register(acc).version for acc in (0.70, 0.90))
     real_move = registry.move_alias
@@ -201,6 +202,7 @@ def test_a_rollback_sticks_when_an_evaluation_settles_around_its_move(store, cap
     assert capsys.readouterr().out.strip().endswith(f"blocked from automatic promotion: {v2}")
 
 
+@pytest.mark.usefixtures("unchecked_files")
 def test_promote_reports_failure_when_prod_is_moved_away_after_its_move(store, capsys):
     v1, _ = (register(acc).version for acc in (0.70, 0.80))
     real_move = registry.move_alias
@@ -236,7 +238,9 @@ def test_an_error_reading_the_alias_fails_and_leaves_prod_alone(store, monkeypat
 
 
 def test_a_transient_error_rescoring_the_champion_fails_and_leaves_prod_alone(store, monkeypatch):
-    champion = register(0.90)
+    with mlflow.start_run() as its_evaluation:
+        pass
+    champion = register(0.90, tags={"eval_run_id": its_evaluation.info.run_id})  # registered by evaluate
     client = mlflow.MlflowClient()
     test = SimpleNamespace(y=np.array([0, 1]))
 
@@ -250,7 +254,8 @@ def test_a_transient_error_rescoring_the_champion_fails_and_leaves_prod_alone(st
     with pytest.raises(PipelineError) as err:
         register_and_promote(client, CONFIG, "file:///nowhere", 0.75, "c" * 16, {}, rescore=rescore)
     assert str(err.value).startswith(f"cannot read prod version {champion.version} to score it on this test set")
-    assert str(err.value).endswith(f"Production_Reg@prod left on version {champion.version}; rerun")
+    assert f"Production_Reg@prod left on version {champion.version}; restore its files" in str(err.value)
+    assert str(err.value).endswith("mlflow run . -e promote -P version=<N> -P reason=...")
     assert "\n" not in str(err.value)
     assert holder() == champion.version
 
@@ -350,7 +355,7 @@ def test_every_input_form_refuses_links_out_of_its_root(tmp_path):
     # Grad-CAM reads a file again: a file swapped for a link since scoring is not followed.
     (incoming / "a" / "mine.png").unlink()
     (incoming / "a" / "mine.png").symlink_to(elsewhere / "private.png")
-    assert infer._read(str(incoming / "a" / "mine.png"), incoming) is None
+    assert infer._read(str(incoming / "a" / "mine.png"), incoming, 2**20) is None
 
 
 # --- Data: all or nothing -----------------------------------------------------------------------

@@ -17,7 +17,7 @@ from steps.evaluate import Outcome, choose_registry, register_and_promote
 from steps.promote import history, promote
 from steps.registry import Scored, decide, judge, score_on
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("unchecked_files")]  # versions without files
 CONFIG = load_config({"experiment": "test"})
 REGISTRY = CONFIG.registry
 D1, D2 = "aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"

@@ -86,6 +86,16 @@ def test_reuse_all_reuses_an_identical_infer_too(first, again):
     assert ran == [] and contract.reused_from_tag(INFER) in tags
 
 
+def test_reuse_all_runs_infer_again_when_its_output_is_gone_or_changed(again, tmp_path):
+    assert again()[1] == [INFER]
+    output = tmp_path / "p.csv"
+    output.unlink()
+    assert again(reuse="all")[1] == [INFER] and output.is_file()  # not "reusing infer run ..." with no file
+    output.write_text(output.read_text() + "edited by hand\n")
+    assert again(reuse="all")[1] == [INFER]
+    assert again(reuse="all")[1] == []  # intact: reused
+
+
 def test_another_epoch_count_reruns_train_and_what_follows(again):
     tags, ran = again(**{"train.epochs": "2"})
     assert ran == [TRAIN, EVAL, INFER] and versions() == ["1", "2"]

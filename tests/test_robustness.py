@@ -370,7 +370,7 @@ def test_a_model_that_needs_code_to_load_is_refused(flavor, store_copy, data, tm
             )
     before = snapshot(client)
     refused = (
-        r"refused to load models:/m-\w+: it needs code execution to load \(Keras safe_mode\)"
+        r"refused to load runs:/\w+/model: it needs code execution to load \(Keras safe_mode\)"
         if flavor == "served"  # a Keras-flavour model is refused before loading: not the layout train logs
         else r"model is not one train logged: its flavors are \['keras', 'python_function'\]"
     )
@@ -378,7 +378,8 @@ def test_a_model_that_needs_code_to_load_is_refused(flavor, store_copy, data, tm
         evaluate.evaluate(config_for(data, tmp_path), run.info.run_id)
     assert snapshot(client)[1] == before[1]  # nothing registered
     runs_uri = f"runs:/{run.info.run_id}/model"
-    with pytest.raises(PipelineError, match=f"refused to load {runs_uri}"):
+    loads = f"refused to load {runs_uri}" if flavor == "served" else f"cannot load {runs_uri}: it is not a model train"
+    with pytest.raises(PipelineError, match=loads):
         infer.infer(config_for(data, tmp_path, **{"infer.model_uri": runs_uri}))
     if flavor == "served":  # and the served model's own loader, as mlflow models serve runs it
         with pytest.raises(ValueError, match="safe_mode=False"):  # Keras refuses the Lambda

@@ -494,7 +494,7 @@ def test_gradcam_grid_shows_the_most_confident_defects(store_copy, tiny_data, tm
     prob = model.predict(None, [p.read_bytes() for p in files])["defect_probability"].tolist()
     defects = list(zip(prob, map(str, files), strict=True))
     with mlflow.start_run() as run:
-        infer.log_gradcam(model, defects, top=5, root=tiny_data / "test", uri=MODEL)
+        infer.log_gradcam(model, defects, top=5, root=tiny_data / "test", uri=MODEL, max_bytes=2**24)
     local = mlflow.artifacts.download_artifacts(
         f"runs:/{run.info.run_id}/{contract.GRADCAM_ARTIFACT}", dst_path=str(tmp_path)
     )

@@ -152,7 +152,7 @@ def test_a_hand_registered_prod_that_cannot_be_scored_is_replaced_without_a_cras
     client.set_registered_model_alias("Production_Reg", "prod", "1")
     run = mlflow.get_run(evaluate.evaluate(tiny(tiny_data, **{"evaluate.threshold": "0.0"}), trained_store))
     assert run.data.tags["champion_rescored"] == (
-        "version 1: not a model of this pipeline (it has no model (No such artifact: 'MLmodel'))"
+        "version 1: not a model of this pipeline (registered by hand (no eval_run_id tag))"
     )
     assert run.data.tags["promoted"] == "true" and "prod version 1 has no score" in run.data.tags["promotion_reason"]
     assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == "2"

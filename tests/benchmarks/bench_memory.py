@@ -59,7 +59,7 @@ ready = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model.predict(None, [files[0].read_bytes()])  # TensorFlow, the network and the resize warmed up on one frame
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if mode == "infer":
-    rows = list(infer.score_local(model, files, folder))
+    rows = list(infer.score_local(model, files, folder, 2**30))
     scored = sum(1 for r in rows if not r["error"])
 else:  # the old preprocessing: the whole batch decoded, stacked and made float32 before resizing
     images = np.stack([serving.decode_gray(p.read_bytes()) for p in files])
