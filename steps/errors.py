@@ -58,8 +58,9 @@ class OutputError(PipelineError):
     failure = OUTPUT
 
 
-# A full, read-only or forbidden disk: the output's fault, not the code's.
-OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+# Errors only a write gives (a full or read-only disk, a file over its size limit): the output's
+# fault, not the code's. A denied permission can be a read too, so it is left to the code that knows.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 def classify(err: BaseException) -> Failure:

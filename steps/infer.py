@@ -46,10 +46,10 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from steps import accelerator, cli, contract, errors, parameters, plots, serving
+from steps import accelerator, cli, contract, parameters, plots, serving
 from steps.config import Config
 from steps.data import is_image
-from steps.errors import ModelError, PipelineError
+from steps.errors import PARTIAL, ModelError, PipelineError
 from steps.outputs import Writer, error_row, row
 from steps.records import log_config
 from steps.registry import alias_version, load_keras, model_artifact, pipeline_model_problem
@@ -72,7 +72,7 @@ NO_PIXEL_CAP = {"max_request_pixels": 0}
 class ImagesFailed(PipelineError):
     """Every row was written, but some images could not be read (exit 1 unless allow_errors)."""
 
-    failure = errors.PARTIAL
+    failure = PARTIAL
 
 
 def resolve_inputs(spec: str) -> tuple[list[Path], Path]:

@@ -72,6 +72,14 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def flavor_problem(flavors: Mapping[str, Any]) -> str | None:
+    """Why a model's flavors are not the served model ``train`` logs (python_function, from code)."""
+    pyfunc = flavors.get("python_function") or {}
+    if set(flavors) != {"python_function"} or pyfunc.get("loader_module") != "mlflow.pyfunc.loaders.code_model":
+        return f"its flavors are {sorted(flavors)}, not the served model train logs (python_function, from code)"
+    return None
+
+
 def check_files(mlmodel: Mapping[str, Any], files: Mapping[str, bytes], releases: set[str]) -> str:
     """The digest of a model's code, or ``ModelError`` saying what in its files ``train`` never wrote.
 
@@ -83,10 +91,9 @@ def check_files(mlmodel: Mapping[str, Any], files: Mapping[str, bytes], releases
         raise ModelError(f"holds files train never writes: {', '.join(extra)}")
     flavors = mlmodel.get("flavors") or {}
     pyfunc = flavors.get("python_function") or {}
-    if set(flavors) != {"python_function"} or pyfunc.get("loader_module") != "mlflow.pyfunc.loaders.code_model":
-        raise ModelError(
-            f"its flavors are {sorted(flavors)}, not the served model train logs (python_function, from code)"
-        )
+    wrong = flavor_problem(flavors)
+    if wrong:
+        raise ModelError(wrong)
     if pyfunc.get("code"):
         raise ModelError(f"its MLmodel names a code folder ({pyfunc['code']!r}), which MLflow puts first on sys.path")
     if PurePosixPath(str(pyfunc.get("model_code_path", ""))).name != CODE_FILE or CODE_FILE not in files:

@@ -52,6 +52,7 @@ import mlflow
 from steps import contract
 from steps.config import RegistryConfig
 from steps.errors import ModelError, PipelineError, StoreError
+from steps.provenance import flavor_problem
 from steps.tracking import first_line
 
 logger = logging.getLogger(__name__)
@@ -309,12 +310,9 @@ def pipeline_model_problem(info) -> str | None:
     from steps.serving import KERAS_ARTIFACT
 
     pyfunc = (info.flavors or {}).get("python_function", {})
-    if (
-        set(info.flavors or {}) != {"python_function"}
-        or pyfunc.get("loader_module") != "mlflow.pyfunc.loaders.code_model"
-    ):
-        flavors = sorted(info.flavors or {})
-        return f"its flavors are {flavors}, not the served model train logs (python_function, from code)"
+    wrong = flavor_problem(info.flavors or {})
+    if wrong:
+        return wrong
     artifact = pyfunc.get("artifacts", {}).get(KERAS_ARTIFACT, {}).get("path")
     if not artifact:
         return f"it holds no Keras network (artifact {KERAS_ARTIFACT})"
