@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -95,6 +96,7 @@ def run_stage(stage: str, parameters: dict[str, str], config: Config, env_manage
         succeeded = submitted.wait()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the stage too, as a synchronous mlflow.run does
         submitted.cancel()
+        _wait_closed(client, submitted.run_id)
         _close(client, submitted.run_id, "KILLED")
         raise
     if not succeeded:
@@ -102,6 +104,18 @@ def run_stage(stage: str, parameters: dict[str, str], config: Config, env_manage
         raise PipelineError(f"the {ENTRY_POINTS[stage]} stage failed (run {submitted.run_id}); its output is above")
     _close(client, submitted.run_id, "FINISHED")
     return submitted.run_id
+
+
+# How long main waits, once stopped, for a cancelled stage to close its runs itself.
+STAGE_CLOSE_SECONDS = 60
+
+
+def _wait_closed(client: mlflow.MlflowClient, run_id: str) -> None:
+    """Wait until the stage's run has ended: ``cancel`` waits only for the stage's `mlflow run`
+    command, which SIGTERM ends at once, while the stage itself is still closing its runs."""
+    deadline = time.monotonic() + STAGE_CLOSE_SECONDS
+    while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _close(client: mlflow.MlflowClient, run_id: str, status: str) -> None:

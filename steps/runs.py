@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,7 +55,7 @@ def stage_run(stage: str, experiment: str) -> Iterator[Run]:
     """
     wanted = contract.experiment_name(stage, experiment)
     if os.environ.get("MLFLOW_RUN_ID"):
-        with mlflow.start_run() as run, _closing():
+        with mlflow.start_run() as run, _closing(under_mlflow_run=True):
             mlflow.set_tags({contract.TAG_PROCESS: process_identity(), **library_versions()})
             actual = mlflow.MlflowClient().get_experiment(run.info.experiment_id).name
             if actual != wanted:
@@ -89,22 +91,21 @@ def nested_run(name: str, experiment_id: str) -> Iterator[Run]:
 
 
 @contextlib.contextmanager
-def _closing() -> Iterator[None]:
+def _closing(under_mlflow_run: bool = False) -> Iterator[None]:
     """How a stage's run ends when the stage does not finish: KILLED when it was told to stop,
     even if the work under way swallowed the signal's exception or turned it into another error;
-    FAILED otherwise, with its kind (``steps.errors``) as the tag ``failure_kind``."""
+    FAILED otherwise, with its kind (``steps.errors``) as the tag ``failure_kind``.
+    ``under_mlflow_run``: the run was created by the `mlflow run` command that started this process."""
     try:
         yield
         signals.check()
     except KeyboardInterrupt:
         # mlflow.start_run's own exit would say FAILED; an interrupted run was killed.
-        _record_failure(errors.INTERRUPTED)
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        _killed(under_mlflow_run)
         raise
     except Exception as err:
         if signals.received():
-            _record_failure(errors.INTERRUPTED)
-            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            _killed(under_mlflow_run)
             raise (signals.Terminated() if signals.received() == signal.SIGTERM else KeyboardInterrupt()) from err
         failure = errors.classify(err)
         if failure is errors.STORE:
@@ -114,6 +115,41 @@ def _closing() -> Iterator[None]:
         else:
             _record_failure(failure)
         raise
+
+
+# `mlflow run` (MLflow 3.17, projects._maybe_set_run_terminated) marks its run FAILED once its
+# command has exited non-zero, unless the run is already terminated; but it compares the status
+# string with RunStatus's integer codes, so it always writes FAILED over the KILLED its stage wrote.
+# A small process outlives the stage, waits until that `mlflow run` has exited, and puts KILLED back.
+_KEEP_KILLED = """
+import os, sys, time
+parent, run_id = int(sys.argv[1]), sys.argv[2]
+deadline = time.monotonic() + 600
+while time.monotonic() < deadline:
+    try:
+        os.kill(parent, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(0.1)
+from mlflow import MlflowClient
+client = MlflowClient()
+run = client.get_run(run_id)
+if run.info.status == "FAILED" and run.data.tags.get(sys.argv[3]) == sys.argv[4]:
+    client.set_terminated(run_id, "KILLED")
+"""
+
+
+def _killed(under_mlflow_run: bool) -> None:
+    """End the active run KILLED, tagged ``interrupted``; under `mlflow run`, keep it KILLED after."""
+    run = mlflow.active_run()
+    _record_failure(errors.INTERRUPTED)
+    mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+    if under_mlflow_run and run is not None:
+        args = [str(os.getppid()), run.info.run_id, contract.TAG_FAILURE_KIND, errors.INTERRUPTED.kind]
+        subprocess.Popen(
+            [sys.executable, "-c", _KEEP_KILLED, *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
 
 
 def _record_failure(failure: errors.Failure) -> None:
