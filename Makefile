@@ -20,7 +20,7 @@ ifneq ($(findstring @,$(MLFLOW_TRACKING_URI)),)
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
 endif
 
-.PHONY: venv run test test-fast lint bench bench-pipeline bench-accuracy bench-pretrained bench-serving bench-memory bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
+.PHONY: venv run test test-fast lint bench bench-pipeline bench-accuracy bench-pretrained bench-serving bench-memory bench-front bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +88,11 @@ bench-serving: venv
 bench-memory: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_memory.py --write $(ARGS)
 
+## The scoring front: its peak memory under each attack the review posted, and its images/s and
+## latency against bare `mlflow models serve`, side by side; results go to BENCHMARKS.md. ARGS=--quick
+bench-front: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_front.py --write $(ARGS)
+
 ## Building a set's network and its first epoch, the optimizer's variables made by make_model
 ## against left to Keras's first trace, side by side; results go to BENCHMARKS.md. One round: ARGS=--quick
 bench-first-epoch: venv
@@ -111,11 +116,11 @@ server: venv
 	$(BIN)/mlflow server --backend-store-uri sqlite:///server.db --artifacts-destination ./mlartifacts \
 		--host 127.0.0.1 --port $(PORT)
 
-## Production_Reg@prod over REST on loopback (MLflow's scoring server); the request is in the README.
+## Production_Reg@prod over REST on loopback: the scoring front (steps/front.py), MLflow's scoring
+## protocol within bounds, following the alias (docs/serving.md). Set DEFECT_SERVE_TOKEN to require a token.
 SERVE_PORT ?= 5001
 serve: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow models serve -m models:/Production_Reg@prod --env-manager local \
-		--host 127.0.0.1 --port $(SERVE_PORT)
+	$(BIN)/python -m steps.front --port=$(SERVE_PORT)
 
 ## The MLflow UI on the store, at http://127.0.0.1:5000
 ui: venv

@@ -7,14 +7,16 @@ stage's work and a thin command line (``steps.cli``); they import library module
 Library modules, by job:
 
 - configuration and contract: ``config`` (conf/*.yaml as typed dataclasses), ``parameters`` (every
-  entry point's parameters), ``contract`` (every name MLflow sees), ``errors``;
+  entry point's parameters), ``contract`` (every name MLflow sees), ``errors`` (failure kinds and
+  their exit codes);
 - data: ``data`` (folder layout, splits, manifests, the decoded-image cache), ``elpv`` (the default
   data set and ``ensure_data``), ``batches`` (the tf.data training input);
 - model: ``model`` (``make_model``), ``pretrained`` (ImageNet weights), ``scoring``, ``explain``,
   ``plots``, ``accelerator`` (TensorFlow's devices and plugins);
 - the served model: ``serving`` (the registered model's own code: decoding, config, signature,
   the exports' runtimes and preprocessing spec), ``packaging`` (logging it), ``exports`` (the ONNX
-  and LiteRT exports and their parity check);
+  and LiteRT exports and their parity check), ``provenance`` (what a registered model's files may
+  hold), ``front`` (the REST front ``make serve`` runs: bounds, a token, following ``prod``);
 - MLflow: ``tracking`` (the store), ``runs`` (stage runs, reaping), ``records`` (what a run logs),
   ``registry`` (versions, the ``prod`` alias and its rule, loading a registered model);
 - infer's parts: ``outputs`` (the predictions file), ``spark`` (the Spark engine), ``progress``;

@@ -237,6 +237,32 @@ class InferConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """The scoring front (``steps.front``): where it listens and the bounds it puts on every request."""
+
+    host: str = "127.0.0.1"
+    port: int = 5001
+    max_body_mb: int = 64
+    max_images: int = 64
+    max_json_depth: int = 16
+    max_concurrent: int = 2
+    max_admitted: int = 8
+    poll_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.port <= 65535, "serve.port", "a port number in [1, 65535]", self.port)
+        for key in ("max_body_mb", "max_images", "max_json_depth", "max_concurrent"):
+            _check(getattr(self, key) >= 1, f"serve.{key}", "an integer >= 1", getattr(self, key))
+        _check(
+            self.max_admitted >= self.max_concurrent,
+            "serve.max_admitted",
+            f"an integer >= serve.max_concurrent ({self.max_concurrent})",
+            self.max_admitted,
+        )
+        _check(self.poll_seconds > 0, "serve.poll_seconds", "a number of seconds > 0", self.poll_seconds)
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     production: str
     testing: str
@@ -257,6 +283,7 @@ class Config:
     evaluate: EvaluateConfig
     infer: InferConfig
     registry: RegistryConfig
+    serve: ServeConfig = field(default_factory=ServeConfig)
     hparam_sets: Mapping[str, HParams] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -87,6 +87,8 @@ class ImageError(ValueError):
 # An 8k x 8k line-scan frame (64 MP) fits; a decompression bomb does not. Checked from the header,
 # before any pixel is decoded, and below Pillow's own limit (about 89 MP), which stays on as well.
 MAX_PIXELS = 8192 * 8192
+# Each side too: a 67,000,000 x 1 image is under the pixel cap, yet its resize took 15 GB.
+MAX_SIDE = 16384
 # Per call: sixteen 4k or four 8k frames. Each image is resized as soon as it is decoded, so memory
 # does not grow with this; decoding time does, and a server keeps decoding after its own timeout.
 MAX_REQUEST_PIXELS = 16 * 4096 * 4096
@@ -123,6 +125,11 @@ def decode_gray(source: Path | str | bytes, max_pixels: int = MAX_PIXELS) -> np.
                 width, height = opened.size
                 if width * height > max_pixels:
                     raise ImageError(_too_large(width, height, max_pixels))
+                if max(width, height) > MAX_SIDE:
+                    raise ImageError(
+                        f"{width}x{height} has a side over {MAX_SIDE:,} pixels (a decompression bomb, or an image "
+                        "to downscale first)"
+                    )
                 if opened.mode == "F":
                     raise ImageError("32-bit float pixels have no fixed range; save the image as 8- or 16-bit")
                 image = ImageOps.exif_transpose(opened)
@@ -178,6 +185,19 @@ def _too_large(width: int, height: int, max_pixels: int) -> str:
 
 # One resize for the training loader, this model and the network's own Resizing layer.
 RESIZE = {"interpolation": "bilinear", "antialias": True}
+# A side more than this many times the network's input is first shrunk by Pillow's box reduction, by
+# a whole factor, to between REDUCE_ABOVE and twice that: the antialiased resize of a full 64 MP
+# frame held a float copy and intermediates of 0.8 GB, and 2.6 GB for a 4,000,000 x 1 line. Smaller
+# images (every ELPV cell, at every trained size) are resized exactly as before.
+REDUCE_ABOVE = 4
+
+
+def shrink(gray: np.ndarray, image_size: int) -> np.ndarray:
+    """A ``(h, w, 1)`` uint8 image whose sides are at most about ``2 * REDUCE_ABOVE * image_size``."""
+    factors = [max(1, side // (REDUCE_ABOVE * image_size)) for side in (gray.shape[1], gray.shape[0])]
+    if factors == [1, 1] or gray.dtype != np.uint8:
+        return gray
+    return np.asarray(Image.fromarray(gray[:, :, 0]).reduce(tuple(factors)))[:, :, None]
 
 
 def resize_pil(gray: np.ndarray, image_size: int) -> np.ndarray:
@@ -186,6 +206,7 @@ def resize_pil(gray: np.ndarray, image_size: int) -> np.ndarray:
     Pillow's bilinear filter widens with the scale when it shrinks, as the antialiased Keras resize
     does: on ELPV cells, 300 px to 32-224 px, the two differ by at most 0.002 gray levels of 255.
     """
+    gray = shrink(gray, image_size)
     if gray.shape[0] == image_size and gray.shape[1] == image_size:
         return np.asarray(gray, dtype=np.float32)
     image = Image.fromarray(np.asarray(gray[:, :, 0], dtype=np.float32), mode="F")
@@ -196,8 +217,11 @@ def resize(images: np.ndarray, image_size: int) -> np.ndarray:
     """Resize ``(h, w, c)`` or ``(n, h, w, c)`` images as the network's first layer does; float32.
 
     Not rounded back to uint8, so a training image resized here and a raw image resized inside
-    the served model reach the convolutions as the same numbers.
+    the served model reach the convolutions as the same numbers. One decoded image far larger than
+    the input is ``shrink``-ed first.
     """
+    if images.ndim == 3:
+        images = shrink(images, image_size)
     images = np.asarray(images, dtype=np.float32)
     if images.shape[-3] == image_size and images.shape[-2] == image_size:
         return images

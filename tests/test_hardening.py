@@ -503,3 +503,39 @@ def test_dependency_floors_hold_on_every_platform():
     pins = {re.split(r"[<>=!;\s]", line, maxsplit=1)[0]: line for line in lines if line}
     assert pins["keras"] == "keras>=3.12,<4" and pins["pillow"] == "pillow>=10.3"  # no platform marker
     assert pins["mlflow"] == "mlflow>=3.17,<4"
+
+
+# --- The decoder's bounds --------------------------------------------------------------------
+
+
+def test_a_very_wide_image_is_refused_from_its_header():
+    wide = encode(Image.new("L", (67_000_000, 1)), "PNG", optimize=True)  # 65 KB, under the pixel cap
+    with pytest.raises(ImageError, match=r"^67000000x1 has a side over 16,384 pixels"):
+        decode_gray(wide)
+
+
+@pytest.mark.slow
+def test_the_test_images_resize_exactly_as_before_the_shrink_at_every_trained_size():
+    """Every ELPV test cell, at every size a set trains at: ``resize`` equals the antialiased Keras
+    resize of the decoded image, which is all it did before large frames were shrunk first."""
+    import keras
+
+    plan = elpv.elpv_split(elpv.elpv_labels(), CLASSES)
+    sizes = sorted({hp.image_size for hp in load_config().hparam_sets.values()})
+    for source in plan[plan["split"] == "test"]["source"]:
+        gray = decode_gray(Path(source))
+        for size in sizes:
+            before = keras.ops.convert_to_numpy(
+                keras.ops.image.resize(gray.astype("float32"), (size, size), **serving.RESIZE)
+            )
+            assert np.array_equal(serving.resize(gray, size), before), (source, size)
+
+
+def test_a_frame_far_larger_than_the_input_is_shrunk_before_the_resize():
+    frame = np.random.default_rng(0).integers(0, 256, (8192, 4096, 1), dtype=np.uint8)
+    shrunk = serving.shrink(frame, 160)
+    assert shrunk.shape == (-(-8192 // 12), -(-4096 // 6), 1)  # whole factors (12, 6): 4x to 8x the input
+    small = frame[:600, :600]  # under 4x the input: left as it is
+    assert serving.shrink(small, 160) is small
+    out = serving.resize(frame, 160)
+    assert out.shape == (160, 160, 1) and abs(float(out.mean()) - float(frame.mean())) < 1.0
