@@ -209,3 +209,19 @@ def test_a_promotion_reaches_a_scoring_client_within_the_polling_interval(world)
     assert all(v == str(again.version) for t, _, v in answers if t > switched[0])  # no flapping back
     with urllib.request.urlopen(urllib.request.Request(f"{url}/version", headers=AUTH)) as answer:
         assert json.loads(answer.read())["version"] == str(again.version)
+
+
+def test_the_pure_checks_measure_depth_count_rows_and_keep_one_line():
+    assert front.json_depth(b'["a\\"[b", {"c": [[1]]}]') == 4  # brackets inside strings do not count
+    assert front.json_depth(b"[" * 100_000 + b"]" * 100_000) == 100_000
+    assert front.count_rows({"dataframe_records": [{"image": "x"}] * 3}, 64) == 3
+    with pytest.raises(front.Refused, match="expected exactly one of dataframe_split or dataframe_records"):
+        front.count_rows({"dataframe_split": {"data": []}, "dataframe_records": []}, 64)
+    upload = "iVBORw0KGgoAAAANSUhEUgAA"  # what MLflow quotes back
+    assert front.one_line(f"Failed to predict data '{upload}'. \nError: row 0 of 1 cannot be used: x") == (
+        "row 0 of 1 cannot be used: x"
+    )
+    assert front.one_line(f"Failed to predict data '{upload}'.") == "the model could not score this request"
+    assert front.one_line(f"Ensure that input is a valid JSON formatted string. Error: 'E'\nInput: \n{upload}") == (
+        "Ensure that input is a valid JSON formatted string. Error: 'E'"
+    )
