@@ -190,6 +190,8 @@ class EvaluateConfig:
     batch_size: int
     # A challenger takes prod only if it beats the champion's accuracy (same test set) by this much.
     min_improvement: float = 0.0
+    # false: register and score, but never move prod; the version is marked ineligible for it.
+    promote: bool = True
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.threshold <= 1.0, "evaluate.threshold", "a number in [0, 1]", self.threshold)

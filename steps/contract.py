@@ -67,6 +67,9 @@ VERSION_TAG_REPLACED_VERSION = "replaced_version"
 # The SHA-256 of the version's code file, recomputed from its files and checked against the released
 # ones by evaluate before it registers (steps.provenance); promote recomputes and compares it.
 VERSION_TAG_CODE_SHA256 = "code_sha256"
+# Set on a version registered by an evaluation that was not to promote (evaluate.promote false, CI on
+# a branch): the rule never gives it prod; promote can, on the record, which removes the tag.
+VERSION_TAG_INELIGIBLE = "prod_ineligible"
 # Set on a version that a rollback passed over: the rule never gives it prod again on its own.
 VERSION_TAG_BLOCKED = "prod_blocked"
 # Where a version's exports are (ONNX, LiteRT and their preprocessing spec): artifact URIs in its

@@ -287,7 +287,8 @@ def register_and_promote(
     verify: Callable[[str], object] | None = None,
     before_write: Callable[[], None] | None = None,
 ) -> Outcome:
-    """Register by the threshold, then settle ``prod`` by the promotion rule (steps.registry);
+    """Register by the threshold, then settle ``prod`` by the promotion rule (steps.registry), unless
+    ``evaluate.promote`` is false: then the version is tagged ``prod_ineligible`` and ``prod`` stays;
     ``verify`` checks the files of any other version before ``prod`` moves to it (this one's were
     checked before it was registered)."""
     reg = config.registry
@@ -298,7 +299,18 @@ def register_and_promote(
         registry.score_tag(digest): repr(accuracy),
         **tags,
     }
+    if not config.evaluate.promote:
+        version_tags[contract.VERSION_TAG_INELIGIBLE] = (
+            f"registered by eval run {eval_run_id} with evaluate.promote false"
+        )
     version = str(mlflow.register_model(model_uri, name, tags=version_tags).version)
+    if name == reg.production and not config.evaluate.promote:
+        holder = alias_version(reg.production, reg.alias)
+        reason = (
+            f"evaluate.promote is false: version {version} (acc {accuracy:.4f}) is registered and marked "
+            f"{contract.VERSION_TAG_INELIGIBLE}; {reg.alias} is left {f'on version {holder}' if holder else 'unset'}"
+        )
+        return Outcome(name, version, False, reason, holder, None)
     if name != reg.production:
         # Version numbers restart per registered model: Testing_Reg v1 is not Production_Reg v1.
         reason = (

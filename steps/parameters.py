@@ -34,6 +34,7 @@ TRAINING = (
 PROMOTION = (
     Param("threshold", "evaluate.threshold", "float"),
     Param("min_improvement", "evaluate.min_improvement", "float"),
+    Param("promote", "evaluate.promote"),
 )
 
 PARAMS: dict[str, tuple[Param, ...]] = {

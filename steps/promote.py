@@ -12,7 +12,8 @@ Writes, in experiment ``promote/<experiment>``, one run with tags ``promoted_ver
 registry: the alias move, recorded like every move (see ``steps.registry``) with action
 ``promote``, who asked and why. So that the choice sticks, every version the promotion rule would
 otherwise hand ``prod`` back to at the next evaluation gets the version tag ``prod_blocked``
-(blocked versions never take ``prod`` on their own again; promoting one by hand unblocks it). A
+(blocked versions never take ``prod`` on their own again; promoting one by hand unblocks it, and
+removes the ``prod_ineligible`` mark of a version a branch's evaluation registered). A
 newly evaluated model that beats the chosen version still takes ``prod`` as usual.
 
 ``python -m steps.promote history`` (``make prod-history``) prints every move of ``prod``, oldest first.
@@ -92,8 +93,10 @@ def promote(config: Config, version: str, reason: str) -> str | None:
     who = registry.requested_by()
     with stage_run(contract.STAGE_PROMOTE, config.experiment) as run:
         log_config(config)
-        if contract.VERSION_TAG_BLOCKED in target.tags:
-            client.delete_model_version_tag(reg.production, version, contract.VERSION_TAG_BLOCKED)
+        # Chosen by hand, on the record: neither a block nor a branch's mark keeps it from prod now.
+        for mark in (contract.VERSION_TAG_BLOCKED, contract.VERSION_TAG_INELIGIBLE):
+            if mark in target.tags:
+                client.delete_model_version_tag(reg.production, version, mark)
         # Block first, then move: an evaluation settling in between then finds nothing to hand
         # prod back to. Then read the alias again: a newer, better model may still take it.
         note = f"passed over by {who} in promote run {run.info.run_id}: {reason}"

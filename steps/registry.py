@@ -24,10 +24,12 @@ writer saw, and the next event puts the alias right. A holder ``settle`` wrote i
 to defend: it may have replaced a better version unseen, so the best version takes ``prod`` back
 from it by any gain (``min_improvement`` protects only a holder the process found in place).
 
-Only finished evaluations count: a version whose ``eval_run_id`` run is not FINISHED (killed,
-failed, or still running in another process, which settles it itself) never takes ``prod`` from
-``settle``. Each move is recorded before it is made (``state`` ``intended``) and marked ``done``
-after, so a process killed between the two leaves a record that says so, never a silent move.
+A version registered by an evaluation that was not to promote (``evaluate.promote`` false: CI on
+a branch) carries ``prod_ineligible`` and is never chosen either. Only finished evaluations count:
+a version whose ``eval_run_id`` run is not FINISHED (killed, failed, or still running in another
+process, which settles it itself) never takes ``prod`` from ``settle``. Each move is recorded
+before it is made (``state`` ``intended``) and marked ``done`` after, so a process killed between
+the two leaves a record that says so, never a silent move.
 """
 
 from __future__ import annotations
@@ -75,10 +77,11 @@ class Scored:
     acc: float | None
     blocked: bool = False
     unfinished: bool = False  # its evaluation run did not finish
+    ineligible: bool = False  # registered by an evaluation that was not to promote (evaluate.promote false)
 
     @property
     def eligible(self) -> bool:
-        return self.acc is not None and not self.blocked and not self.unfinished
+        return self.acc is not None and not self.blocked and not self.unfinished and not self.ineligible
 
 
 def parse_acc(value: str | None) -> float | None:
@@ -112,6 +115,8 @@ def judge(challenger: Scored, champion: Scored | None, min_improvement: float) -
         return False, f"version {challenger.version} was rolled back and is blocked from automatic promotion"
     if challenger.unfinished:
         return False, f"version {challenger.version}'s evaluation run did not finish"
+    if challenger.ineligible:
+        return False, f"version {challenger.version} was registered without promotion (evaluate.promote false)"
     if champion is None:
         return True, f"version {challenger.version} (acc {challenger.acc:.4f}) is the first to hold prod"
     if champion.version == challenger.version:
@@ -122,6 +127,8 @@ def judge(challenger: Scored, champion: Scored | None, min_improvement: float) -
             if champion.acc is None
             else "is blocked"
             if champion.blocked
+            else "was registered without promotion"
+            if champion.ineligible
             else "has an evaluation run that did not finish"
         )
         return True, f"prod version {champion.version} {why}; version {challenger.version} (acc {challenger.acc:.4f})"
@@ -376,7 +383,8 @@ def read_versions(client: mlflow.MlflowClient, name: str, digest: str, own_run: 
             eval_run = v.tags.get(contract.VERSION_TAG_EVAL_RUN_ID) or ""
             unfinished = bool(eval_run) and eval_run != own_run and _run_status(client, eval_run) != "FINISHED"
             blocked = contract.VERSION_TAG_BLOCKED in v.tags
-            found.append(Scored(str(v.version), score_on(v.tags, digest), blocked, unfinished))
+            ineligible = contract.VERSION_TAG_INELIGIBLE in v.tags
+            found.append(Scored(str(v.version), score_on(v.tags, digest), blocked, unfinished, ineligible))
         token = page.token
         if not token:
             return found

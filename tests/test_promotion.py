@@ -320,3 +320,21 @@ def test_promote_refuses_an_unscored_version_and_an_empty_reason(store):
     with pytest.raises(PipelineError, match="reason: say why"):
         promote(CONFIG, "1", "  ")
     assert holder() == "1"
+
+
+def test_a_non_promoting_evaluation_registers_a_winner_and_no_later_evaluation_hands_it_prod(store):
+    """CI on a branch: the version and its scores are on record, prod stays; a later, weaker,
+    promoting evaluation passes it over; promote can still choose it, on the record."""
+    client = mlflow.MlflowClient()
+    champion = register(0.70)
+    branch = register(0.95, cfg=config(**{"evaluate.promote": "false"}))
+    assert not branch.promoted and holder() == champion.version
+    assert branch.reason.startswith(f"evaluate.promote is false: version {branch.version} (acc 0.9500) is registered")
+    tags = client.get_model_version(REGISTRY.production, branch.version).tags
+    assert tags["acc"] == "0.95" and "prod_ineligible" in tags
+    weaker = register(0.80)
+    assert weaker.promoted and holder() == weaker.version  # not the 0.95 of the branch
+    promote(CONFIG, branch.version, "reviewed: the branch's model goes to the line")
+    assert holder() == branch.version
+    assert "prod_ineligible" not in client.get_model_version(REGISTRY.production, branch.version).tags
+    assert not register(0.90).promoted  # prod now holds it by the rule too

@@ -96,6 +96,22 @@ def test_reuse_all_runs_infer_again_when_its_output_is_gone_or_changed(again, tm
     assert again(reuse="all")[1] == []  # intact: reused
 
 
+def test_after_a_branch_evaluated_without_promoting_the_merged_main_evaluates_and_promotes(again):
+    client = mlflow.MlflowClient()
+    tags, ran = again(**{"train.epochs": "2", "evaluate.promote": "false"})  # the branch's main
+    branch = mlflow.get_run(tags[contract.TAG_EVAL_RUN_ID]).data.tags
+    assert ran == [TRAIN, EVAL, INFER] and branch["promoted"] == "false"
+    assert branch["promotion_reason"].startswith("evaluate.promote is false")
+    assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == "1"
+    tags, ran = again(**{"train.epochs": "2"})  # the default branch after the merge: same code and data
+    assert ran == [EVAL, INFER]  # train reused; evaluate not, since its promote parameter differs
+    merged = mlflow.get_run(tags[contract.TAG_EVAL_RUN_ID]).data.tags
+    version = client.get_model_version("Production_Reg", merged["registered_version"]).tags
+    champion = client.get_model_version("Production_Reg", "1").tags
+    assert "prod_ineligible" not in version  # the rule decided, by the numbers
+    assert merged["promoted"] == str(float(version["acc"]) > float(champion["acc"])).lower(), merged["promotion_reason"]
+
+
 def test_another_epoch_count_reruns_train_and_what_follows(again):
     tags, ran = again(**{"train.epochs": "2"})
     assert ran == [TRAIN, EVAL, INFER] and versions() == ["1", "2"]

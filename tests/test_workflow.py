@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from steps.config import PROJECT_DIR
 
@@ -28,3 +29,12 @@ def actionlint(path) -> subprocess.CompletedProcess:
 def test_the_workflow_passes_actionlint():
     done = actionlint(PROJECT_DIR / ".github" / "workflows" / "mlops.yml")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_only_the_default_branch_runs_the_pipeline_with_promotion():
+    workflow = yaml.safe_load((PROJECT_DIR / ".github" / "workflows" / "mlops.yml").read_text())
+    assert workflow["env"]["PROMOTE"] == "${{ github.ref_name == github.event.repository.default_branch }}"
+    runs = [
+        step["run"] for job in workflow["jobs"].values() for step in job["steps"] if "make run" in step.get("run", "")
+    ]
+    assert len(runs) == 2 and all("-P promote=$PROMOTE" in run for run in runs), runs
