@@ -90,6 +90,7 @@ def test_a_full_disk_exits_5_in_one_line_keeps_the_old_predictions_and_tags_the_
 
 
 @pytest.mark.model
+@pytest.mark.slow  # logs a Keras model of its own
 def test_a_plain_keras_model_is_refused_in_one_line_with_exit_3(prod_world, tmp_path, monkeypatch, capsys):
     import keras
 
@@ -165,6 +166,7 @@ def test_two_promotes_at_once_never_leave_prod_on_a_blocked_version(store, capsy
 
 
 @pytest.mark.model
+@pytest.mark.slow  # decodes a test set and loads the model
 def test_a_champion_whose_files_cannot_be_read_keeps_prod_and_fails_naming_the_way_out(
     prod_world, tmp_path, monkeypatch, capsys
 ):
@@ -265,6 +267,7 @@ def test_a_password_with_a_raw_at_sign_is_redacted_whole():
 
 
 @pytest.mark.unit
+@pytest.mark.slow  # a Python of its own importing TensorFlow: 5 s
 def test_importing_tensorflow_in_a_stage_prints_nothing():
     done = subprocess.run(
         [sys.executable, "-c", "import steps, tensorflow, keras"], cwd=PROJECT_DIR, capture_output=True, text=True

@@ -214,7 +214,7 @@ def every_layer(model):
             yield from every_layer(layer)
 
 
-@pytest.mark.parametrize("name", ["small", "lite160"])
+@pytest.mark.parametrize("name", ["small", pytest.param("lite160", marks=pytest.mark.slow)])
 def test_a_network_trained_in_mixed_precision_is_scored_logged_and_exported_in_float32(name):
     """On a CPU with AMX, precision auto trains in mixed_bfloat16; the ONNX converter refuses a
     bfloat16 graph, and a bfloat16 Keras model would not score as its float32 exports do."""
