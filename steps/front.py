@@ -109,6 +109,19 @@ def count_rows(payload: Any, max_images: int) -> int:
     return len(rows)
 
 
+def check_body(body: bytes, limits: ServeConfig) -> None:
+    """Depth before parsing (no recursion on a hostile nesting), then the request's form and rows;
+    MLflow parses the body again, its own way, once it passes."""
+    depth = json_depth(body)
+    if depth > limits.max_json_depth:
+        raise Refused(400, f"JSON nested {depth} deep, more than {limits.max_json_depth} (serve.max_json_depth)")
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as err:
+        raise Refused(400, f"not valid JSON ({str(err).splitlines()[0][:120]})") from None
+    count_rows(payload, limits.max_images)
+
+
 def one_line(message: str, limit: int = 300) -> str:
     """An error's reason, never the upload: MLflow's own messages quote the request ("Failed to predict
     data '<body>'. Error: <reason>", "<reason> Input: <body>"); only the reason's first line is kept."""
@@ -227,17 +240,7 @@ class Front:
         try:
             check_content_type(headers.get("content-type"), headers.get("content-encoding"))
             body = await read_body(receive, headers.get("content-length"), limits.max_body_mb * 2**20)
-            depth = json_depth(body)
-            if depth > limits.max_json_depth:
-                raise Refused(
-                    400, f"JSON nested {depth} deep, more than {limits.max_json_depth} (serve.max_json_depth)"
-                )
-            try:
-                payload = json.loads(body)
-            except (ValueError, RecursionError) as err:
-                raise Refused(400, f"not valid JSON ({str(err).splitlines()[0][:120]})") from None
-            count_rows(payload, limits.max_images)
-            del payload  # MLflow parses the body again, its own way
+            await asyncio.to_thread(check_body, body, limits)  # off the event loop: a 64 MB body takes a while
             async with self.scoring:
                 return await asyncio.to_thread(score, served, body)
         finally:
