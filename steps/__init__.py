@@ -17,7 +17,8 @@ Library modules, by job:
   the exports' runtimes and preprocessing spec), ``packaging`` (logging it), ``exports`` (the ONNX
   and LiteRT exports and their parity check), ``provenance`` (what a registered model's files may
   hold), ``front`` (the REST front ``make serve`` runs: bounds, a token, following ``prod``);
-- MLflow: ``tracking`` (the store), ``runs`` (stage runs, reaping), ``records`` (what a run logs),
+- MLflow: ``tracking`` (the store), ``store`` (a store kept between CI runs: backups, schema
+  upgrade, retention), ``runs`` (stage runs, reaping), ``records`` (what a run logs),
   ``registry`` (versions, the ``prod`` alias and its rule, loading a registered model);
 - infer's parts: ``outputs`` (the predictions file), ``spark`` (the Spark engine), ``progress``;
 - ``signals`` (a SIGTERM is never lost).

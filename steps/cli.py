@@ -53,8 +53,10 @@ def main(
     overrides: Mapping[str, str],
     argv: Sequence[str] | None = None,
     own: Sequence[str] = (),
+    store: bool = True,
 ) -> Any:
-    """Parse and validate, set up logging and the store, then run ``step(config, **own_args)``.
+    """Parse and validate, set up logging and the store (unless ``store`` is false: the step sets it
+    up itself), then run ``step(config, **own_args)``.
 
     Every failure the pipeline foresees prints one line and exits with its kind's code
     (``steps.errors``: 2 bad input, 3 model, 4 store, 5 output, 1 partial); anything else keeps its
@@ -66,7 +68,7 @@ def main(
         logging.getLogger("tensorflow").setLevel(logging.ERROR)  # "tf.function retracing" notes and the like
     try:
         with signals.installed():
-            return _run(step, description, overrides, argv, own)
+            return _run(step, description, overrides, argv, own, store)
     except signals.Terminated:  # arrived after _run had returned, before the handler was removed
         _stopped(signal.SIGTERM)
 
@@ -77,10 +79,12 @@ def _run(
     overrides: Mapping[str, str],
     argv: Sequence[str] | None,
     own: Sequence[str],
+    store: bool = True,
 ) -> Any:
     try:
         config, own_args = parse(description, overrides, argv, own)
-        configure()
+        if store:
+            configure()
         result = step(config, **own_args)
         signals.check()  # a signal swallowed after the last run had closed still stops the stage
         return result

@@ -265,6 +265,18 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """A store kept between runs (``steps.store``: CI's self-hosted runner): its retention rule and backups."""
+
+    keep_versions: int = 10
+    keep_backups: int = 5
+
+    def __post_init__(self) -> None:
+        for key in ("keep_versions", "keep_backups"):
+            _check(getattr(self, key) >= 1, f"store.{key}", "an integer >= 1", getattr(self, key))
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     production: str
     testing: str
@@ -286,6 +298,7 @@ class Config:
     infer: InferConfig
     registry: RegistryConfig
     serve: ServeConfig = field(default_factory=ServeConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     hparam_sets: Mapping[str, HParams] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

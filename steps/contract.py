@@ -72,6 +72,9 @@ VERSION_TAG_CODE_SHA256 = "code_sha256"
 VERSION_TAG_INELIGIBLE = "prod_ineligible"
 # Set on a version that a rollback passed over: the rule never gives it prod again on its own.
 VERSION_TAG_BLOCKED = "prod_blocked"
+# Set on a version whose files a store's retention rule deleted (steps.store): its entry and scores
+# stay; neither the rule nor promote can give it prod.
+VERSION_TAG_PRUNED = "artifacts_pruned"
 # Where a version's exports are (ONNX, LiteRT and their preprocessing spec): artifact URIs in its
 # train run, "runs:/<run id>/exports/<file>", by runtime ("export_onnx", "export_litert") and "export_spec".
 VERSION_TAG_EXPORT_PREFIX = "export_"

@@ -5,7 +5,7 @@ why, kept in the history), ``experiment``.
 
 Refused with a one-line error, ``prod`` unchanged: a version that does not exist, a version of
 ``Testing_Reg`` (it scored below the threshold), a version without ``acc`` and ``test_digest``
-(registered by hand, never scored).
+(registered by hand, never scored), a version whose files a store's retention rule pruned.
 
 Writes, in experiment ``promote/<experiment>``, one run with tags ``promoted_version``,
 ``replaced_version``, ``requested_by``, ``promotion_reason`` and ``blocked_versions``. In the
@@ -70,6 +70,11 @@ def check_promotable(client: mlflow.MlflowClient, config: Config, version: str):
         raise PipelineError(
             f"{reg.production} version {version} has no test score ({contract.VERSION_TAG_ACC} and "
             f"{contract.VERSION_TAG_TEST_DIGEST}); register models with `mlflow run . -e evaluate`, which scores them"
+        )
+    if pruned := tags.get(contract.VERSION_TAG_PRUNED):
+        raise ModelError(
+            f"{reg.production} version {version}'s files were pruned by the store's retention rule ({pruned}); "
+            "its entry and scores are kept, but it cannot be served: choose another version"
         )
     provenance.check_version(client, reg.production, version)  # its files, recomputed: never the tags alone
     return found

@@ -78,10 +78,17 @@ class Scored:
     blocked: bool = False
     unfinished: bool = False  # its evaluation run did not finish
     ineligible: bool = False  # registered by an evaluation that was not to promote (evaluate.promote false)
+    pruned: bool = False  # its files were deleted by a store's retention rule (steps.store)
 
     @property
     def eligible(self) -> bool:
-        return self.acc is not None and not self.blocked and not self.unfinished and not self.ineligible
+        return (
+            self.acc is not None
+            and not self.blocked
+            and not self.unfinished
+            and not self.ineligible
+            and not self.pruned
+        )
 
 
 def parse_acc(value: str | None) -> float | None:
@@ -117,6 +124,8 @@ def judge(challenger: Scored, champion: Scored | None, min_improvement: float) -
         return False, f"version {challenger.version}'s evaluation run did not finish"
     if challenger.ineligible:
         return False, f"version {challenger.version} was registered without promotion (evaluate.promote false)"
+    if challenger.pruned:
+        return False, f"version {challenger.version}'s files were pruned by the store's retention rule"
     if champion is None:
         return True, f"version {challenger.version} (acc {challenger.acc:.4f}) is the first to hold prod"
     if champion.version == challenger.version:
@@ -129,6 +138,8 @@ def judge(challenger: Scored, champion: Scored | None, min_improvement: float) -
             if champion.blocked
             else "was registered without promotion"
             if champion.ineligible
+            else "has had its files pruned"
+            if champion.pruned
             else "has an evaluation run that did not finish"
         )
         return True, f"prod version {champion.version} {why}; version {challenger.version} (acc {challenger.acc:.4f})"
@@ -384,7 +395,8 @@ def read_versions(client: mlflow.MlflowClient, name: str, digest: str, own_run: 
             unfinished = bool(eval_run) and eval_run != own_run and _run_status(client, eval_run) != "FINISHED"
             blocked = contract.VERSION_TAG_BLOCKED in v.tags
             ineligible = contract.VERSION_TAG_INELIGIBLE in v.tags
-            found.append(Scored(str(v.version), score_on(v.tags, digest), blocked, unfinished, ineligible))
+            pruned = contract.VERSION_TAG_PRUNED in v.tags
+            found.append(Scored(str(v.version), score_on(v.tags, digest), blocked, unfinished, ineligible, pruned))
         token = page.token
         if not token:
             return found

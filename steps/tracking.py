@@ -102,6 +102,12 @@ def create_sqlite_store(uri: str) -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we die
+        if not db.exists():
+            # MLflow's client would make the Default experiment's artifact folder ./mlruns/0 of
+            # whatever directory this runs in; beside the database, the store is one folder.
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            SqlAlchemyStore(uri, artifact_root(uri)).engine.dispose()
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 

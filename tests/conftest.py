@@ -54,9 +54,9 @@ def pytest_report_header(config) -> list[str]:
 # hands whole files to two workers in this order (--no-loadscope-reorder: pytest-xdist would
 # otherwise order files by how many tests they hold), so both stay busy to the end instead of one
 # finishing a long file alone. A file not listed runs after them, in name order.
-LONGEST_FIRST = ("test_e2e", "test_server", "test_serving", "test_reuse", "test_pretrained", "test_robustness",
-                 "test_concurrency", "test_model", "test_steps", "test_env_managers", "test_signals", "test_bench",
-                 "test_accelerator")  # fmt: skip
+LONGEST_FIRST = ("test_e2e", "test_server", "test_serving", "test_reuse", "test_store", "test_pretrained",
+                 "test_robustness", "test_concurrency", "test_model", "test_steps", "test_env_managers", "test_signals",
+                 "test_bench", "test_accelerator")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items) -> None:

