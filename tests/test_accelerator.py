@@ -79,10 +79,12 @@ def test_the_self_hosted_job_caches_tests_then_runs_and_takes_the_tracking_uri()
     assert "cache miss" in cache and 'make venv PYTHON=python3 VENV="$VENV"' in cache
     assert first("VENV=") < first("cache hit") < first("make test")
     assert all('VENV="$VENV"' in run for run in runs if run.startswith("make "))  # every make uses it
-    # The tracking URI from the repository's settings, written to .env, else the SQLite default.
+    # The tracking URI from the repository's secret, written to .env, else the store kept on the runner
+    # (tests/test_store.py runs that step).
     uri = steps[first(".env")]
     assert uri["env"] == {"TRACKING_URI": "${{ secrets.MLFLOW_TRACKING_URI }}"}
-    assert 'echo "MLFLOW_TRACKING_URI=$TRACKING_URI" > .env' in uri["run"] and "rm -f .env" in uri["run"]
+    assert 'echo "MLFLOW_TRACKING_URI=$TRACKING_URI" > .env' in uri["run"]
+    assert "-m steps.store --dir=" in uri["run"] and "--env_file=.env" in uri["run"]
     # Tests before the pipeline, the pipeline before the upload.
     assert (
         first("make test")
