@@ -14,13 +14,13 @@ MLFLOW_TRACKING_URI := $(shell sed -n 's/^\(export \)\{0,1\}MLFLOW_TRACKING_URI=
 endif
 MLFLOW_TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 export MLFLOW_TRACKING_URI
-# A URI with user:token@ in it: the stages strip it (steps.tracking.credentials_from_uri), but
+# A URI with user:token@ in it: the stages strip it (steps.mlflow_io.tracking.credentials_from_uri), but
 # `mlflow run` itself prints each run's URL with the URI as given; keep the token out of logs.
 ifneq ($(findstring @,$(MLFLOW_TRACKING_URI)),)
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
 endif
 
-.PHONY: venv run test test-fast lint bench bench-pipeline bench-accuracy bench-pretrained bench-serving bench-memory bench-front bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
+.PHONY: venv run test test-fast lint mlproject bench bench-pipeline bench-accuracy bench-pretrained bench-serving bench-memory bench-front bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ venv: $(BIN)/.installed
 
 ## The whole pipeline on the default data (ELPV, fetched from the installed package on first run).
 run: venv
-	$(BIN)/python -m steps.tracking
+	$(BIN)/python -m steps.mlflow_io.tracking
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e main --env-manager local \
 		--experiment-name pipeline/$(EXPERIMENT) -P experiment=$(EXPERIMENT) $(ARGS)
 
@@ -44,13 +44,18 @@ XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(XDIST)
 
-## Style (ruff) over steps/ and tests/, types (mypy) over steps/, and that requirements.txt
+## MLproject as steps/core/parameters.py writes it, style (ruff) over steps/ and tests/, types (mypy) over steps/, and that requirements.txt
 ## resolves for Apple silicon (one TensorFlow with Linux, the Metal plugin; needs the package index).
 lint: venv
+	$(BIN)/python -m steps.core.parameters --check
 	$(BIN)/ruff check steps tests
 	$(BIN)/ruff format --check steps tests
 	$(BIN)/mypy
 	$(BIN)/python tests/mac_requirements.py
+
+## MLproject, written from the parameter table (steps/core/parameters.py); make lint fails when they differ.
+mlproject: venv
+	$(BIN)/python -m steps.core.parameters
 
 ## The quick tiers: everything but the end-to-end `mlflow run` tests and those marked slow.
 test-fast: venv
@@ -116,11 +121,11 @@ server: venv
 	$(BIN)/mlflow server --backend-store-uri sqlite:///server.db --artifacts-destination ./mlartifacts \
 		--host 127.0.0.1 --port $(PORT)
 
-## Production_Reg@prod over REST on loopback: the scoring front (steps/front.py), MLflow's scoring
+## Production_Reg@prod over REST on loopback: the scoring front (steps/served/front.py), MLflow's scoring
 ## protocol within bounds, following the alias (docs/serving.md). Set DEFECT_SERVE_TOKEN to require a token.
 SERVE_PORT ?= 5001
 serve: venv
-	$(BIN)/python -m steps.front --port=$(SERVE_PORT)
+	$(BIN)/python -m steps.served.front --port=$(SERVE_PORT)
 
 ## The MLflow UI on the store, at http://127.0.0.1:5000
 ui: venv

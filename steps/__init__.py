@@ -1,38 +1,19 @@
-"""The defect-detection pipeline.
+"""The defect-detection pipeline: the entry points of ``MLproject`` on top, the library in packages below.
 
 Entry points, one module each, named as in ``MLproject`` (``python -m steps.<name>``): ``main``,
-``prepare``, ``train``, ``evaluate``, ``promote``, ``infer``. Each holds the function that does the
-stage's work and a thin command line (``steps.cli``); they import library modules, never each other.
-
-Library modules, by job:
-
-- configuration and contract: ``config`` (conf/*.yaml as typed dataclasses), ``parameters`` (every
-  entry point's parameters), ``contract`` (every name MLflow sees), ``errors`` (failure kinds and
-  their exit codes);
-- data: ``data`` (folder layout, splits, manifests, the decoded-image cache), ``elpv`` (the default
-  data set and ``ensure_data``), ``batches`` (the tf.data training input);
-- model: ``model`` (``make_model``), ``pretrained`` (ImageNet weights), ``scoring``, ``explain``,
-  ``plots``, ``accelerator`` (TensorFlow's devices and plugins);
-- the served model: ``serving`` (the registered model's own code: decoding, config, signature,
-  the exports' runtimes and preprocessing spec), ``packaging`` (logging it), ``exports`` (the ONNX
-  and LiteRT exports and their parity check), ``provenance`` (what a registered model's files may
-  hold), ``front`` (the REST front ``make serve`` runs: bounds, a token, following ``prod``);
-- MLflow: ``tracking`` (the store), ``store`` (a store kept between CI runs: backups, schema
-  upgrade, retention), ``runs`` (stage runs, reaping), ``records`` (what a run logs),
-  ``registry`` (versions, the ``prod`` alias and its rule, loading a registered model);
-- infer's parts: ``outputs`` (the predictions file), ``spark`` (the Spark engine), ``progress``;
-- ``signals`` (a SIGTERM is never lost).
-
-They stay in this package rather than a subpackage: the entry points' ``python -m steps.<name>``
-commands and the registered model's code (``steps/serving.py``, logged as a file) keep their
-paths, and this list says which module is which.
+``prepare``, ``train``, ``evaluate``, ``promote``, ``infer``. They import the library, never each
+other. The library, by concern (each package's ``__init__`` says what lives there): ``core``
+(configuration, parameters, names MLflow sees, errors, the command line), ``datasets`` (images on
+disk), ``network`` (the Keras network, scoring, exports), ``served`` (the registered model's own
+code and the REST front), ``mlflow_io`` (the store, runs, the registry and its rule) and
+``inference`` (infer's outputs and Spark engine).
 """
 
 import gc
 import os
 import sys
 
-from steps import accelerator
+from steps.network import accelerator
 
 # The collector's thresholds in an entry point's process. It imports TensorFlow, Keras and MLflow:
 # millions of objects that live as long as the process, which Python's default thresholds

@@ -31,7 +31,7 @@ In the registry: a new version of ``Production_Reg`` when test accuracy >= ``thr
 ``acc.<test_digest>``, ``decision_threshold``, ``source_run_id``, ``eval_run_id`` and, where
 the run has them, ``export_onnx``, ``export_litert`` and ``export_spec`` (``runs:/`` URIs of the
 exports and their preprocessing spec). Then, in
-``Production_Reg`` only, ``steps.registry.settle`` applies the promotion rule: scores are compared
+``Production_Reg`` only, ``steps.mlflow_io.registry.settle`` applies the promotion rule: scores are compared
 on this test set only (a champion scored on another one is scored on this one first), a tie keeps
 the champion, a challenger must gain at least ``min_improvement``; the alias is re-read and
 re-decided until stable, and every move is recorded in the registry's history.
@@ -51,9 +51,10 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from steps import accelerator, cli, contract, parameters, plots, provenance, registry, serving
-from steps.config import Config, RegistryConfig
-from steps.data import (
+from steps.core import cli, contract, parameters
+from steps.core.config import Config, RegistryConfig
+from steps.core.errors import ModelError, PipelineError
+from steps.datasets.data import (
     DataError,
     Sample,
     check_not_shared,
@@ -65,13 +66,15 @@ from steps.data import (
     other_split,
     scan_split,
 )
-from steps.elpv import ensure_data
-from steps.errors import ModelError, PipelineError
-from steps.records import log_config, log_dataset, log_skipped
-from steps.registry import alias_version, load_keras, pipeline_model_problem
-from steps.runs import get_run, stage_run
-from steps.scoring import score
-from steps.tracking import first_line
+from steps.datasets.elpv import ensure_data
+from steps.mlflow_io import registry
+from steps.mlflow_io.records import log_config, log_dataset, log_skipped
+from steps.mlflow_io.registry import alias_version, load_keras, pipeline_model_problem
+from steps.mlflow_io.runs import get_run, stage_run
+from steps.mlflow_io.tracking import first_line
+from steps.network import accelerator, plots
+from steps.network.scoring import score
+from steps.served import provenance, serving
 
 logger = logging.getLogger(__name__)
 
@@ -164,14 +167,14 @@ def check_exports(
     info, model_uri: str, model_run_id: str, images: np.ndarray, prob: np.ndarray, cutoff: float, batch_size: int
 ) -> dict[str, str]:
     """Score the model's ONNX and LiteRT exports on the test images against its Keras ``prob``
-    (``steps.exports.check_parity``: a mismatch fails the stage), log each one's largest difference,
+    (``steps.network.exports.check_parity``: a mismatch fails the stage), log each one's largest difference,
     and return the version tags that say where the exports are; none for a model logged without them."""
     artifacts = (info.flavors or {}).get("python_function", {}).get("artifacts", {})
     present = [runtime for runtime, key in serving.EXPORT_ARTIFACTS.items() if key in artifacts]
     if not present:
         logger.info("run %s's model has no ONNX or LiteRT export (train.exports none, or logged before)", model_run_id)
         return {}
-    from steps import exports  # Keras and the converters: only a model with exports needs them
+    from steps.network import exports  # Keras and the converters: only a model with exports needs them
 
     started = time.perf_counter()
     paths = {
@@ -287,7 +290,7 @@ def register_and_promote(
     verify: Callable[[str], object] | None = None,
     before_write: Callable[[], None] | None = None,
 ) -> Outcome:
-    """Register by the threshold, then settle ``prod`` by the promotion rule (steps.registry), unless
+    """Register by the threshold, then settle ``prod`` by the promotion rule (steps.mlflow_io.registry), unless
     ``evaluate.promote`` is false: then the version is tagged ``prod_ineligible`` and ``prod`` stays;
     ``verify`` checks the files of any other version before ``prod`` moves to it (this one's were
     checked before it was registered)."""

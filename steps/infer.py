@@ -27,7 +27,7 @@ experiment ``infer/<experiment>`` one run with tags ``model_uri``, ``model_versi
 image is predicted defective, ``gradcam.png`` as artifacts. Prints a one-line summary; exits 1
 after writing everything when any image could not be read, unless ``allow_errors``.
 
-Both engines score with the registered model's own code, ``steps/serving.py``: the local engine runs
+Both engines score with the registered model's own code, ``steps/served/serving.py``: the local engine runs
 this repository's copy of it on the version's Keras network (loaded with ``safe_mode``), so infer
 never executes code from the registry; Spark workers load the registered model as MLflow does.
 """
@@ -46,17 +46,19 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from steps import accelerator, cli, contract, parameters, plots, serving
-from steps.config import Config
-from steps.data import is_image
-from steps.errors import PARTIAL, ModelError, PipelineError
-from steps.outputs import Writer, error_row, row
-from steps.records import log_config
-from steps.registry import alias_version, load_keras, model_artifact, pipeline_model_problem
-from steps.runs import stage_run
-from steps.serving import DefectModel, ImageError
-from steps.spark import check_spark, score_spark, spark_rows
-from steps.tracking import first_line
+from steps.core import cli, contract, parameters
+from steps.core.config import Config
+from steps.core.errors import PARTIAL, ModelError, PipelineError
+from steps.datasets.data import is_image
+from steps.inference.outputs import Writer, error_row, row
+from steps.inference.spark import check_spark, score_spark, spark_rows
+from steps.mlflow_io.records import log_config
+from steps.mlflow_io.registry import alias_version, load_keras, model_artifact, pipeline_model_problem
+from steps.mlflow_io.runs import stage_run
+from steps.mlflow_io.tracking import first_line
+from steps.network import accelerator, plots
+from steps.served import serving
+from steps.served.serving import DefectModel, ImageError
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +231,7 @@ def log_gradcam(
     replaced by a link since scoring is not followed (its heat map is left out). Gradients need
     the Keras network: an export's scores are explained with the network it was made from (``uri``).
     """
-    from steps.explain import gradcam
+    from steps.network.explain import gradcam
 
     chosen = sorted(defects, key=lambda d: -d[0])[:top]
     if not chosen:

@@ -7,7 +7,7 @@ evaluate), ``threshold``, ``min_improvement`` (to evaluate),
 ``reuse`` (empty or ``true``: reuse finished train and evaluate runs; ``false``: run every stage;
 ``all``: infer too) and ``rerun`` (stages to run again, with every stage after them).
 
-Reuse: each stage run is tagged ``pipeline.fingerprint`` (``steps/fingerprint.py``: entry point,
+Reuse: each stage run is tagged ``pipeline.fingerprint`` (``steps/mlflow_io/fingerprint.py``: entry point,
 parameters, code, data). Before a stage, main looks in its experiment for the newest FINISHED,
 never-reaped run with the same fingerprint whose outputs are still there (train: the best model
 loads; evaluate: its registered version exists; infer: its output file, with the digest it was
@@ -39,21 +39,22 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import Run
 
-from steps import cli, contract, fingerprint, parameters
-from steps.config import PROJECT_DIR, Config
-from steps.data import digest, manifest, scan_split
-from steps.elpv import ensure_data
-from steps.errors import PipelineError
-from steps.records import log_config
-from steps.registry import alias_version
-from steps.runs import ensure_experiment, stage_run
-from steps.tracking import first_line
+from steps.core import cli, contract, parameters
+from steps.core.config import PROJECT_DIR, Config
+from steps.core.errors import PipelineError
+from steps.datasets.data import digest, manifest, scan_split
+from steps.datasets.elpv import ensure_data
+from steps.mlflow_io import fingerprint
+from steps.mlflow_io.records import log_config
+from steps.mlflow_io.registry import alias_version
+from steps.mlflow_io.runs import ensure_experiment, stage_run
+from steps.mlflow_io.tracking import first_line
 
 logger = logging.getLogger(__name__)
 
 
 def stage_parameters(config: Config) -> dict[str, dict[str, str]]:
-    """What main passes to each stage: the values it resolved (``steps.parameters``), so every stage
+    """What main passes to each stage: the values it resolved (``steps.core.parameters``), so every stage
     runs on the same ones."""
     return {
         contract.STAGE_TRAIN: parameters.stage_arguments("train", config),  # epochs, image_size: None keeps each set's
@@ -187,7 +188,7 @@ def output_intact(run: Run) -> str | None:
 
 
 def split_digest(config: Config, data_dir: Path, split: str) -> str:
-    """What a split's images are, as train and evaluate record it (``steps.data.digest``): the files'
+    """What a split's images are, as train and evaluate record it (``steps.datasets.data.digest``): the files'
     contents and classes, whatever their names or folder."""
     return digest(manifest(scan_split(data_dir, split, config.data.classes), split, data_dir))
 

@@ -2,7 +2,7 @@
 
 Parameters: ``data_dir`` (default ``conf/pipeline.yaml`` ``data.dir``), ``experiment``.
 
-Fills the project's empty ``data/`` with ELPV first (``steps.elpv.ensure_data``, which ``train``
+Fills the project's empty ``data/`` with ELPV first (``steps.datasets.elpv.ensure_data``, which ``train``
 and ``evaluate`` call themselves, so running ``prepare`` first is optional). Run as a stage it
 logs, in its run: the manifest of each split as a dataset input (with its digest), the tag
 ``data_digest`` and the metrics ``n_train`` and ``n_test``.
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import mlflow
 
-from steps import cli, contract, parameters
-from steps.config import Config
-from steps.data import SPLITS, manifest, scan_split
-from steps.elpv import ensure_data
-from steps.records import log_config, log_dataset
-from steps.runs import stage_run
+from steps.core import cli, contract, parameters
+from steps.core.config import Config
+from steps.datasets.data import SPLITS, manifest, scan_split
+from steps.datasets.elpv import ensure_data
+from steps.mlflow_io.records import log_config, log_dataset
+from steps.mlflow_io.runs import stage_run
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ Refused with a one-line error, ``prod`` unchanged: a version that does not exist
 
 Writes, in experiment ``promote/<experiment>``, one run with tags ``promoted_version``,
 ``replaced_version``, ``requested_by``, ``promotion_reason`` and ``blocked_versions``. In the
-registry: the alias move, recorded like every move (see ``steps.registry``) with action
+registry: the alias move, recorded like every move (see ``steps.mlflow_io.registry``) with action
 ``promote``, who asked and why. So that the choice sticks, every version the promotion rule would
 otherwise hand ``prod`` back to at the next evaluation gets the version tag ``prod_blocked``
 (blocked versions never take ``prod`` on their own again; promoting one by hand unblocks it, and
@@ -26,12 +26,14 @@ import sys
 
 import mlflow
 
-from steps import cli, contract, parameters, provenance, registry
-from steps.config import Config
-from steps.errors import ModelError, PipelineError
-from steps.records import log_config
-from steps.registry import alias_version
-from steps.runs import stage_run
+from steps.core import cli, contract, parameters
+from steps.core.config import Config
+from steps.core.errors import ModelError, PipelineError
+from steps.mlflow_io import registry
+from steps.mlflow_io.records import log_config
+from steps.mlflow_io.registry import alias_version
+from steps.mlflow_io.runs import stage_run
+from steps.served import provenance
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ float32, mixed_bfloat16, mixed_float16),
 ``deterministic`` (true: TensorFlow's deterministic ops), ``experiment``.
 
 Before any run is written, every image of ``<data_dir>/train`` is decoded and checked
-(``steps.data.load_split``): a file that cannot be used fails the stage with the list of them, or,
+(``steps.datasets.data.load_split``): a file that cannot be used fails the stage with the list of them, or,
 with ``skip_bad_images``, is left out and counted; a class without usable images, and an image also
 in ``test`` or under both classes, are refused. A seeded validation split stratified by class is
 then kept out of the usable images; ``test`` is never used for training (only hashed, for that check).
@@ -28,20 +28,20 @@ Writes, in experiment ``train/<experiment>``:
   (forward); metric ``decision_threshold`` (the cut-off on the defect probability that maximises
   ``train.threshold_objective`` on the validation split, never the test set) with that objective
   there and at 0.5 (``val_objective_at_cutoff``, ``val_objective_at_0.5``); the model under
-  ``model``: the served pyfunc of ``steps/serving.py`` (encoded image bytes in, class, probability
+  ``model``: the served pyfunc of ``steps/served/serving.py`` (encoded image bytes in, class, probability
   and cut-off out), logged as its code beside the Keras network (which resizes and scales its
   input itself, and averages over the set's ``tta`` views), with a signature, a serving input
   example (a validation image as PNG bytes) and, in its metadata and model config, the class
   names, image size and ``decision_threshold``; beside the network among the model's artifacts,
   and under ``exports`` in the run's, its ONNX (``model.onnx``) and LiteRT (``model.tflite``)
   exports (those of ``exports``: both by default, or ``none``) and their ``preprocessing.json``
-  (``steps.exports``), each checked against the Keras
+  (``steps.network.exports``), each checked against the Keras
   model on the first 64 validation images (over 1e-4 apart, or a class that differs, fails the
   run), the largest difference logged as ``onnx_max_abs_diff`` and ``litert_max_abs_diff``, and
   the time making and checking them took as ``export_seconds``;
 - on every run, tags ``versions.<package>`` (Python, TensorFlow, Keras, MLflow, NumPy, ...).
 
-Training reads the decoded images from memory through ``steps.batches`` (seeded shuffle, batch
+Training reads the decoded images from memory through ``steps.datasets.batches`` (seeded shuffle, batch
 gather, vectorised augmentation in a parallel map, prefetch). With ``deterministic`` on, TensorFlow's
 deterministic ops make a rerun with the same seed give the same metrics.
 
@@ -64,10 +64,10 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from steps import accelerator, cli, contract, exports, packaging, parameters, signals
-from steps.batches import eval_batches, training_batches
-from steps.config import Config, HParams
-from steps.data import (
+from steps.core import cli, contract, parameters, signals
+from steps.core.config import Config, HParams
+from steps.datasets.batches import eval_batches, training_batches
+from steps.datasets.data import (
     Sample,
     check_every_class_in,
     check_not_shared,
@@ -80,11 +80,13 @@ from steps.data import (
     scan_split,
     stratified_split,
 )
-from steps.elpv import ensure_data
-from steps.model import float32_copy, forward_flops, make_model, resolve_precision, schedule, set_seed, with_tta
-from steps.records import log_config, log_dataset, log_skipped
-from steps.runs import nested_run, stage_run
-from steps.scoring import keras_loss_and_accuracy, objective, tune_threshold
+from steps.datasets.elpv import ensure_data
+from steps.mlflow_io.records import log_config, log_dataset, log_skipped
+from steps.mlflow_io.runs import nested_run, stage_run
+from steps.network import accelerator, exports
+from steps.network.model import float32_copy, forward_flops, make_model, resolve_precision, schedule, set_seed, with_tta
+from steps.network.scoring import keras_loss_and_accuracy, objective, tune_threshold
+from steps.served import packaging
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +161,7 @@ def fit(
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, int, int]:
     """Train one set as the pipeline does; return the network with its best epoch's weights (in
-    float32 whatever ``precision`` trained it: ``steps.model.float32_copy``), that epoch and the
+    float32 whatever ``precision`` trained it: ``steps.network.model.float32_copy``), that epoch and the
     epochs run (from 1; fewer than ``hp.epochs`` when ``patience`` stopped it).
     No MLflow here: ``fit_one`` logs around it, the benchmarks call it alone."""
     set_seed(seed)  # every set starts from the same seed, so sets differ only by their params
@@ -188,8 +190,8 @@ def fit(
 
 def served_network(network: keras.Model, hp: HParams) -> keras.Model:
     """What is logged and scored: the trained network, inside its test-time augmentation if the set
-    has one (``steps.model.with_tta``). Only predicted with: its loss and accuracy are computed from
-    its predictions (``steps.scoring.keras_loss_and_accuracy``)."""
+    has one (``steps.network.model.with_tta``). Only predicted with: its loss and accuracy are computed from
+    its predictions (``steps.network.scoring.keras_loss_and_accuracy``)."""
     return with_tta(network, hp)
 
 

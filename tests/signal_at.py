@@ -57,7 +57,7 @@ def run(signame: str, target: str, mode: str, stage: str, stage_args: list[str])
     assert mode in ("raise", "swallow") and stage in ("train", "infer"), __doc__
     arm(target, signal.Signals[signame], swallow=mode == "swallow")
     module = importlib.import_module(f"steps.{stage}")
-    from steps import cli
+    from steps.core import cli
 
     cli.main(getattr(module, stage), f"{stage}, with a signal at a chosen moment", module.OVERRIDES, argv=stage_args)
 

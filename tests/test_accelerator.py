@@ -84,7 +84,7 @@ def test_the_self_hosted_job_caches_tests_then_runs_and_takes_the_tracking_uri()
     uri = steps[first(".env")]
     assert uri["env"] == {"TRACKING_URI": "${{ secrets.MLFLOW_TRACKING_URI }}"}
     assert 'echo "MLFLOW_TRACKING_URI=$TRACKING_URI" > .env' in uri["run"]
-    assert "-m steps.store --dir=" in uri["run"] and "--env_file=.env" in uri["run"]
+    assert "-m steps.mlflow_io.store --dir=" in uri["run"] and "--env_file=.env" in uri["run"]
     # Tests before the pipeline, the pipeline before the upload.
     assert (
         first("make test")
@@ -107,7 +107,7 @@ def test_the_macs_requirement_set_has_one_tensorflow_and_the_metal_plugin():
 
 
 def test_a_model_trained_on_a_mac_installs_where_it_is_served(monkeypatch):
-    from steps import packaging
+    from steps.served import packaging
 
     monkeypatch.setattr(packaging, "version", lambda name: "1.2.0" if name == "tensorflow-metal" else "9.9")
     required = packaging.model_requirements()

@@ -1,4 +1,4 @@
-"""The training input pipeline (steps.batches) and the decoded-image cache (steps.data)."""
+"""The training input pipeline (steps.datasets.batches) and the decoded-image cache (steps.datasets.data)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from steps import data
-from steps.batches import augment, training_batches
+from steps.datasets import data
+from steps.datasets.batches import augment, training_batches
 
 pytestmark = pytest.mark.unit
 
@@ -99,7 +99,7 @@ def test_a_damaged_cache_file_is_decoded_again_with_a_warning(tiny_data, cache, 
     first, _ = data.load_images(paths, 16, progress=False, cache=True)
     (stored,) = cache.glob("*.npz")
     stored.write_bytes(stored.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="steps.data"):
+    with caplog.at_level(logging.WARNING, logger="steps.datasets.data"):
         again, _ = data.load_images(paths, 16, progress=False, cache=True)
     np.testing.assert_array_equal(again, first)
     assert "ignoring the unreadable cache file" in caplog.text
@@ -112,7 +112,7 @@ def test_a_cache_that_cannot_be_written_leaves_no_file_and_loses_nothing(tiny_da
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(data.np, "savez", disk_full)
-    with caplog.at_level(logging.WARNING, logger="steps.data"):
+    with caplog.at_level(logging.WARNING, logger="steps.datasets.data"):
         images, failures = data.load_images(paths, 16, progress=False, cache=True)
     assert images.shape == (3, 16, 16, 1) and failures == {}
     assert "could not cache the decoded images" in caplog.text

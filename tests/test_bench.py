@@ -13,8 +13,8 @@ import bench_training
 import numpy as np
 import pytest
 
-from steps.config import load_config
-from steps.data import Sample
+from steps.core.config import load_config
+from steps.datasets.data import Sample
 
 pytestmark = pytest.mark.model
 

@@ -22,9 +22,9 @@ import mlflow
 import pytest
 
 from helpers import assert_store_consistent, empty_store, running_server, without_spark_connect
-from steps import registry
-from steps.config import load_config
-from steps.registry import alias_version
+from steps.core.config import load_config
+from steps.mlflow_io import registry
+from steps.mlflow_io.registry import alias_version
 
 pytestmark = pytest.mark.e2e
 
@@ -148,7 +148,8 @@ def finished(process, timeout: float) -> bool:
 
 def stage_in_a_fresh_store(uri: str, data_dir: str, start_at: float) -> str:
     """The prepare stage as its CLI runs it, starting at ``start_at``; "ok" or the error it ended with."""
-    from steps import cli, prepare
+    from steps import prepare
+    from steps.core import cli
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
     time.sleep(max(0.0, start_at - time.time()))

@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from helpers import PROJECT_DIR, empty_store
-from steps import cli, contract, main, parameters, signals
-from steps.config import CONF_DIR, ConfigError, load_config
+from steps import main
+from steps.core import cli, contract, parameters, signals
+from steps.core.config import CONF_DIR, ConfigError, load_config
 
 pytestmark = pytest.mark.unit
 
@@ -178,7 +179,7 @@ def test_cli_empty_parameter_keeps_the_conf_value():
 def test_main_rejects_an_unknown_env_manager_before_any_stage(store):
     import mlflow
 
-    from steps.errors import PipelineError
+    from steps.core.errors import PipelineError
     from steps.main import main
 
     with pytest.raises(PipelineError, match="env_manager: expected one of local, uv, virtualenv, conda, got 'docker'"):
@@ -186,9 +187,13 @@ def test_main_rejects_an_unknown_env_manager_before_any_stage(store):
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []  # no run was started
 
 
-def test_mlproject_declares_exactly_the_parameter_table():
-    """steps.parameters is the one home of every entry point's parameters; MLproject must say the same."""
-    project = yaml.safe_load((PROJECT_DIR / "MLproject").read_text())["entry_points"]
+def test_mlproject_is_the_one_written_from_the_parameter_table():
+    """steps.core.parameters is the one home of every entry point's parameters; MLproject is written from it."""
+    assert (PROJECT_DIR / "MLproject").read_text() == parameters.mlproject_text(), "run make mlproject"
+
+
+def test_the_written_mlproject_declares_each_parameter_typed_and_passes_it_to_its_step():
+    project = yaml.safe_load(parameters.mlproject_text())["entry_points"]
     assert set(project) == set(parameters.PARAMS)
     for entry, params in parameters.PARAMS.items():
         declared = project[entry]["parameters"]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from steps import elpv
-from steps.config import load_config
-from steps.data import DataError, digest, manifest, scan_split, stratified_split
-from steps.serving import decode_gray
+from steps.core.config import load_config
+from steps.datasets import elpv
+from steps.datasets.data import DataError, digest, manifest, scan_split, stratified_split
+from steps.served.serving import decode_gray
 from steps.train import split_train_val
 
 CLASSES = ("ok_front", "def_front")

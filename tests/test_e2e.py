@@ -26,7 +26,7 @@ from helpers import (
     mlflow_run_command,
     mlflow_runs_at_once,
 )
-from steps import contract
+from steps.core import contract
 
 pytestmark = pytest.mark.e2e
 

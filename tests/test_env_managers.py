@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from helpers import PROJECT_DIR, mlflow_run
-from steps import contract
+from steps.core import contract
 
 pytestmark = pytest.mark.e2e
 

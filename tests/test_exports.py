@@ -22,9 +22,12 @@ from mlflow.exceptions import MlflowException
 
 from conftest import world_config
 from helpers import PROJECT_DIR, use_copy_of, write_bad
-from steps import config, contract, exports, infer, serving
-from steps.config import ConfigError, load_config
-from steps.errors import PipelineError
+from steps import infer
+from steps.core import config, contract
+from steps.core.config import ConfigError, load_config
+from steps.core.errors import PipelineError
+from steps.network import exports
+from steps.served import serving
 
 pytestmark = pytest.mark.model
 
@@ -174,8 +177,8 @@ def test_train_exports_takes_a_list_of_the_formats_or_none():
 
 
 def test_a_model_without_exports_scores_with_keras_and_names_the_missing_export(store_copy, tmp_path):
-    from steps import packaging
-    from steps.model import make_model
+    from steps.network.model import make_model
+    from steps.served import packaging
 
     conf = world_config(tmp_path, tmp_path)
     hp = conf.hparam_sets["small"]

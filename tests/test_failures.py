@@ -23,12 +23,16 @@ import pytest
 
 from conftest import world_config
 from helpers import PROJECT_DIR, make_tiny_elpv, mlflow_run_command, use_copy_of, wait_for_epochs
-from steps import cli, contract, data, errors, evaluate, infer, outputs, promote, registry, train
-from steps.config import load_config
-from steps.data import DataError
+from steps import evaluate, infer, promote, train
+from steps.core import cli, contract, errors
+from steps.core.config import load_config
+from steps.datasets import data
+from steps.datasets.data import DataError
 from steps.evaluate import register_and_promote
-from steps.registry import alias_version
-from steps.tracking import redact
+from steps.inference import outputs
+from steps.mlflow_io import registry
+from steps.mlflow_io.registry import alias_version
+from steps.mlflow_io.tracking import redact
 
 CONFIG = load_config({"experiment": "test"})
 REG = CONFIG.registry
@@ -286,7 +290,7 @@ def test_the_readme_says_how_the_plain_mlflow_run_keeps_a_credential_out_of_its_
 def test_ctrl_c_on_main_ends_every_run_killed_and_says_sigint(tiny_data, tmp_path):
     """Ctrl-C on `mlflow run . -e main`: the terminal's SIGINT reaches the whole foreground group,
     then `mlflow run` cancels main with SIGTERM and, once main has exited, writes FAILED over its
-    run (steps/runs.py says why). main says SIGINT, and every run ends KILLED."""
+    run (steps/mlflow_io/runs.py says why). main says SIGINT, and every run ends KILLED."""
     from helpers import empty_store
 
     store = empty_store(tmp_path / "mlflow.db")

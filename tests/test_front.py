@@ -1,7 +1,7 @@
 """The scoring front over loopback: each attack the review posted gets its 4xx with a one-line reason
 and the server's peak memory stays bounded; a promotion while a client scores switches the answers
 to the new version within the polling interval, with no failed request. The real front process
-(`python -m steps.front`, as `make serve` starts it) on a copy of the prod world's store.
+(`python -m steps.served.front`, as `make serve` starts it) on a copy of the prod world's store.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import pytest
 from PIL import Image
 
 from helpers import PROJECT_DIR, encode, free_port, use_copy_of, wait_until_up
-from steps import front, provenance
-from steps.config import load_config
+from steps.core.config import load_config
+from steps.served import front, provenance
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -69,7 +69,7 @@ def world(prod_world, tmp_path_factory):
     uri = use_copy_of(db, root, patch)
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, front.TOKEN_ENV: "s3cret"}
-    cmd = [sys.executable, "-m", "steps.front", f"--port={port}", f"--poll_seconds={POLL_SECONDS}"]
+    cmd = [sys.executable, "-m", "steps.served.front", f"--port={port}", f"--poll_seconds={POLL_SECONDS}"]
     log = open(root / "front.log", "w")  # noqa: SIM115 - open while the server runs
     process = subprocess.Popen(cmd, cwd=PROJECT_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from steps.elpv import elpv_labels
-from steps.serving import ImageError, decode_gray
+from steps.datasets.elpv import elpv_labels
+from steps.served.serving import ImageError, decode_gray
 
 pytestmark = pytest.mark.data
 

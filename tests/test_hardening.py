@@ -21,14 +21,17 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from helpers import PROJECT_DIR, encode
-from steps import elpv, evaluate, infer, registry, serving, tracking
-from steps.config import load_config
-from steps.data import SPLITS, DataError, scan_split
-from steps.errors import PipelineError
+from steps import evaluate, infer
+from steps.core.config import load_config
+from steps.core.errors import PipelineError
+from steps.datasets import elpv
+from steps.datasets.data import SPLITS, DataError, scan_split
 from steps.evaluate import register_and_promote
+from steps.mlflow_io import registry, tracking
+from steps.mlflow_io.registry import alias_version
 from steps.promote import promote
-from steps.registry import alias_version
-from steps.serving import FORMATS, DefectModel, ImageError, decode_gray
+from steps.served import serving
+from steps.served.serving import FORMATS, DefectModel, ImageError, decode_gray
 
 pytestmark = pytest.mark.unit
 CONFIG = load_config({"experiment": "test"})

@@ -7,11 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from steps import model as model_module
-from steps.config import HParams, load_config
-from steps.data import load_images, scan_split
-from steps.model import forward_flops, learning_rate, make_model, resolve_precision, schedule, set_seed
-from steps.serving import decode_gray, resize
+from steps.core.config import HParams, load_config
+from steps.datasets.data import load_images, scan_split
+from steps.network import model as model_module
+from steps.network.model import forward_flops, learning_rate, make_model, resolve_precision, schedule, set_seed
+from steps.served.serving import decode_gray, resize
 
 pytestmark = pytest.mark.model
 HP = dataclasses.replace(load_config().hparam_sets["small"], image_size=32)
@@ -56,7 +56,7 @@ def test_fit_traces_the_training_step_once_and_trains_as_a_model_built_during_fi
     """make_model creates the optimizer's and metrics' variables itself: Keras, left to create them
     inside the first trace, makes TensorFlow trace the training step twice. The weights after a
     step are the same either way."""
-    from steps.batches import training_batches
+    from steps.datasets.batches import training_batches
 
     hp = dataclasses.replace(HP, image_size=16, stem_filters=4, filters=(8,), dense_units=0)  # seconds to trace
     images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 1)).astype("uint8")
@@ -162,8 +162,8 @@ def test_the_learning_rate_warms_up_then_decays_towards_zero():
 def test_test_time_augmentation_is_the_mean_over_the_views_and_loads_in_safe_mode(tmp_path):
     import keras
 
-    from steps.explain import gradcam
-    from steps.model import with_tta
+    from steps.network.explain import gradcam
+    from steps.network.model import with_tta
 
     set_seed(0)
     network = make_model(HP, seed=0)
@@ -188,7 +188,7 @@ def test_loss_and_accuracy_from_predictions_match_keras_evaluate():
     for a bare sigmoid it uses the logits, the same figure while the probability is not saturated."""
     import keras
 
-    from steps.scoring import keras_loss_and_accuracy
+    from steps.network.scoring import keras_loss_and_accuracy
 
     rng = np.random.default_rng(3)
     x = rng.uniform(-3, 3, (40, 1)).astype("float32")

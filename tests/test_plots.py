@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from steps import plots
+from steps.network import plots
 
 pytestmark = pytest.mark.unit
 CLASSES = ("ok_front", "def_front")

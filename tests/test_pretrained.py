@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from steps import pretrained
-from steps.config import ARCHS
-from steps.pretrained import WeightsError, read_state_dict
+from steps.core.config import ARCHS
+from steps.network import pretrained
+from steps.network.pretrained import WeightsError, read_state_dict
 
 pytestmark = pytest.mark.unit
 
@@ -136,7 +136,7 @@ def test_the_port_reproduces_imagenet_on_a_known_photo():
 
 
 def test_every_arch_the_config_accepts_is_one_make_model_builds():
-    from steps.model import ARCHS as BUILT
+    from steps.network.model import ARCHS as BUILT
 
     assert tuple(BUILT) == ARCHS
 
@@ -148,10 +148,10 @@ def test_fine_tuning_on_a_tiny_subset_logs_what_train_logs(tiny_data, store, tmp
     and the logged network carries its weights (it loads with safe_mode, no package needed)."""
     import mlflow
 
-    from steps import contract
-    from steps.config import load_config
-    from steps.explain import unwrap
-    from steps.registry import load_keras
+    from steps.core import contract
+    from steps.core.config import load_config
+    from steps.mlflow_io.registry import load_keras
+    from steps.network.explain import unwrap
     from steps.train import train
 
     pretrained_sets = [n for n, hp in load_config().hparam_sets.items() if hp.arch == "efficientnet_lite0"]

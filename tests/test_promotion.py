@@ -10,12 +10,12 @@ import mlflow
 import numpy as np
 import pytest
 
-from steps import registry
-from steps.config import load_config
-from steps.errors import PipelineError
+from steps.core.config import load_config
+from steps.core.errors import PipelineError
 from steps.evaluate import Outcome, choose_registry, register_and_promote
+from steps.mlflow_io import registry
+from steps.mlflow_io.registry import Scored, decide, judge, score_on
 from steps.promote import history, promote
-from steps.registry import Scored, decide, judge, score_on
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("unchecked_files")]  # versions without files
 CONFIG = load_config({"experiment": "test"})
@@ -106,7 +106,7 @@ def test_history_events_sort_by_time_and_survive_a_tag_that_is_not_json():
 
 
 def test_score_counts_defect_as_the_positive_class():
-    from steps.scoring import score
+    from steps.network.scoring import score
 
     y = np.array([1, 1, 1, 0, 0, 0, 0, 0])
     prob = np.array([0.9, 0.8, 0.2, 0.6, 0.1, 0.1, 0.3, 0.4])
@@ -121,7 +121,7 @@ def test_score_counts_defect_as_the_positive_class():
 
 
 def test_tune_threshold_maximises_the_objective_on_validation_labels():
-    from steps.scoring import objective, tune_threshold
+    from steps.network.scoring import objective, tune_threshold
 
     # Defects score 0.30-0.45, good cells 0.05-0.25: 0.5 calls everything good.
     y = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
@@ -160,7 +160,7 @@ def register(acc: float, digest: str = D1, cfg=None) -> Outcome:
 
 
 def holder() -> str | None:
-    from steps.registry import alias_version
+    from steps.mlflow_io.registry import alias_version
 
     return alias_version(REGISTRY.production, REGISTRY.alias)
 

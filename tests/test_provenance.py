@@ -1,5 +1,5 @@
 """A registered version runs only code this project released: evaluate and promote recompute the check
-of a model's files (steps/provenance.py) and refuse, in one line and registering nothing, every door
+of a model's files (steps/served/provenance.py) and refuse, in one line and registering nothing, every door
 an author of a train/ run could open: their own code, read_paths, a code folder, their own
 requirements, a forged or missing verification tag. Each attack is a real model of the pipeline,
 copied and changed as its author could, and logged in a train/ experiment.
@@ -18,17 +18,19 @@ import pytest
 import yaml
 
 from conftest import world_config
-from helpers import PROJECT_DIR, use_copy_of
-from steps import cli, contract, evaluate, promote, provenance
-from steps.errors import MODEL, ModelError
+from helpers import use_copy_of
+from steps import evaluate, promote
+from steps.core import cli, contract
+from steps.core.errors import MODEL, ModelError
 from steps.evaluate import register_and_promote
-from steps.registry import alias_version
+from steps.mlflow_io.registry import alias_version
+from steps.served import provenance, serving
 
 pytestmark = pytest.mark.model  # on prod_world: a trained, registered model
 
 
 def test_the_released_code_is_in_the_allow_list():
-    digest = hashlib.sha256((PROJECT_DIR / "steps" / "serving.py").read_bytes()).hexdigest()
+    digest = hashlib.sha256(Path(serving.__file__).read_bytes()).hexdigest()
     assert digest in provenance.released_digests()
 
 
@@ -98,7 +100,7 @@ def build_dependency(folder: Path) -> None:
 
 
 ATTACKS = {
-    "own code": (one_more_line, "is no released version of steps/serving.py"),
+    "own code": (one_more_line, "is no released version of steps/served/serving.py"),
     "read_paths": (reads_paths, "its model config differs from what train writes: read_paths=True"),
     "code folder": (code_folder, "holds files train never writes: code"),
     "requirements": (own_requirement, "its requirements.txt has 'helpful-utils==1.0'"),

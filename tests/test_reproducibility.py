@@ -7,8 +7,8 @@ import pytest
 import yaml
 from tensorflow.python.framework import config as tf_config
 
-from steps import contract
-from steps.config import load_config
+from steps.core import contract
+from steps.core.config import load_config
 from steps.train import train
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]

@@ -16,9 +16,11 @@ import pytest
 from PIL import Image
 
 from helpers import building_store, in_process_stages, use_copy_of
-from steps import contract, evaluate, fingerprint, main
-from steps.config import PROJECT_DIR, load_config
-from steps.errors import PipelineError
+from steps import evaluate, main
+from steps.core import contract
+from steps.core.config import PROJECT_DIR, load_config
+from steps.core.errors import PipelineError
+from steps.mlflow_io import fingerprint
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 

@@ -24,12 +24,15 @@ from PIL import Image
 from conftest import WORLD_EXPERIMENT as EXPERIMENT  # the world's runs are in it
 from conftest import world_config
 from helpers import BAD_FILES, assert_store_consistent, encode, real_png, use_copy_of, write_bad
-from steps import cli, contract, evaluate, infer, main, packaging, promote, spark, train
-from steps.config import load_config
-from steps.data import DataError
-from steps.errors import PipelineError
-from steps.registry import alias_version
-from steps.serving import ImageError, decode_gray
+from steps import evaluate, infer, main, promote, train
+from steps.core import cli, contract
+from steps.core.config import load_config
+from steps.core.errors import PipelineError
+from steps.datasets.data import DataError
+from steps.inference import spark
+from steps.mlflow_io.registry import alias_version
+from steps.served import packaging
+from steps.served.serving import ImageError, decode_gray
 
 # --- The bad files (helpers.BAD_FILES) ------------------------------------------------------
 

@@ -25,7 +25,8 @@ from helpers import (
     running_server,
     wait_for_epochs,
 )
-from steps import contract, errors, tracking
+from steps.core import contract, errors
+from steps.mlflow_io import tracking
 
 pytestmark = pytest.mark.e2e
 

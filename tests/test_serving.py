@@ -27,10 +27,12 @@ from PIL import Image
 
 from conftest import world_config
 from helpers import BAD_FILES, PROJECT_DIR, encode, free_port, real_png, use_copy_of, wait_until_up, write_bad
-from steps import cli, contract, infer, spark
-from steps.data import load_images
-from steps.explain import gradcam, last_feature_map
-from steps.registry import load_keras
+from steps import infer
+from steps.core import cli, contract
+from steps.datasets.data import load_images
+from steps.inference import spark
+from steps.mlflow_io.registry import load_keras
+from steps.network.explain import gradcam, last_feature_map
 
 pytestmark = pytest.mark.model
 
@@ -407,12 +409,12 @@ def test_a_killed_infer_leaves_the_previous_predictions_untouched(store_copy, ti
     output = tmp_path / "predictions.csv"
     output.write_text("path,predicted_class,defect_probability,decision_threshold,error\nold.png,ok_front,0.1,0.5,\n")
     before = output.read_bytes()
-    cmd = [sys.executable, str(PROJECT_DIR / "tests" / "signal_at.py"), "SIGKILL", "steps.progress:Progress.step",
+    cmd = [sys.executable, str(PROJECT_DIR / "tests" / "signal_at.py"), "SIGKILL", "steps.core.progress:Progress.step",
            "raise", "infer", "--", "--input", str(tiny_data / "test"), "--output", str(output),
            "--experiment", EXPERIMENT]  # fmt: skip
     done = subprocess.run(cmd, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
-    assert "signal_at: SIGKILL at steps.progress:Progress.step" in done.stderr  # killed with rows being written
+    assert "signal_at: SIGKILL at steps.core.progress:Progress.step" in done.stderr  # killed with rows being written
     assert output.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")]  # the partial rows went aside
 
@@ -485,7 +487,7 @@ def test_infer_takes_a_glob_writes_json_lines_and_exits_1_on_unreadable_images(s
 
 
 def test_gradcam_grid_shows_the_most_confident_defects(store_copy, tiny_data, tmp_path):
-    from steps.serving import DefectModel
+    from steps.served.serving import DefectModel
 
     network = load_keras(MODEL)
     # A cut-off of 0 makes every image a defect, so the grid's content does not hang on the tiny model.

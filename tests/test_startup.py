@@ -22,6 +22,6 @@ def thresholds(*args: str) -> tuple[int, ...]:
 
 
 def test_an_entry_point_runs_the_collector_less_often_and_an_importer_keeps_its_own_thresholds():
-    assert thresholds("-m", "steps.contract") == steps.ENTRY_POINT_GC_THRESHOLDS  # as `python -m steps.<name>`
+    assert thresholds("-m", "steps.core.contract") == steps.ENTRY_POINT_GC_THRESHOLDS  # as `python -m steps.<name>`
     # A process that imports steps otherwise (a server loading the model's code) keeps Python's defaults.
     assert thresholds("-c", "import steps") == thresholds("-c", "pass")

@@ -14,10 +14,11 @@ import tensorflow as tf
 
 from conftest import SCRATCH_SETS
 from helpers import building_store, in_process_stages, use_copy_of
-from steps import cli, contract, evaluate, infer, main
-from steps.config import load_config
-from steps.errors import PipelineError
-from steps.model import resolve_precision
+from steps import evaluate, infer, main
+from steps.core import cli, contract
+from steps.core.config import load_config
+from steps.core.errors import PipelineError
+from steps.network.model import resolve_precision
 from steps.train import train
 
 pytestmark = pytest.mark.model

@@ -1,4 +1,4 @@
-"""A store kept between CI runs (steps/store.py): its place outside the workspace, backups, the schema
+"""A store kept between CI runs (steps/mlflow_io/store.py): its place outside the workspace, backups, the schema
 upgrade, the retention rule, the part one run uploads; and the workflow's own store step, run twice
 in a clone of the repository that ``git clean -ffdx`` wipes in between, as ``actions/checkout`` does."""
 
@@ -18,10 +18,12 @@ import pytest
 from test_workflow import step_running
 
 from helpers import PROJECT_DIR
-from steps import contract, promote, registry, store
-from steps.config import load_config
-from steps.errors import ModelError, PipelineError, StoreError
-from steps.store import Held
+from steps import promote
+from steps.core import contract
+from steps.core.config import load_config
+from steps.core.errors import ModelError, PipelineError, StoreError
+from steps.mlflow_io import registry, store
+from steps.mlflow_io.store import Held
 
 
 def held(version: int, *aliases: str, name: str = "Production_Reg", location: str = "", pruned: bool = False) -> Held:
@@ -265,8 +267,8 @@ def test_the_store_step_twice_with_the_workspace_wiped_between_keeps_the_registr
         subprocess.run(["git", "clean", "-ffdx", "-q"], cwd=clone, check=True)  # actions/checkout's default
         shutil.rmtree(tmp_path / "runner-temp", ignore_errors=True)  # a runner's temporary folder is the job's
         github_env.write_text("")
-        prepared = subprocess.run(["bash", "-e", "-c", step_running("-m steps.store --dir=")], cwd=clone, env=env,
-                                  capture_output=True, text=True)  # fmt: skip
+        script = step_running("-m steps.mlflow_io.store --dir=")
+        prepared = subprocess.run(["bash", "-e", "-c", script], cwd=clone, env=env, capture_output=True, text=True)
         assert prepared.returncode == 0, prepared.stderr[-3000:]
         assert "tracking store: sqlite:///" in prepared.stdout  # the log says where
         step_env = {**env, **read_github_env(github_env)}

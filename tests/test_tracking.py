@@ -10,7 +10,8 @@ import mlflow
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from steps import contract, errors, runs, tracking
+from steps.core import contract, errors
+from steps.mlflow_io import runs, tracking
 
 pytestmark = pytest.mark.unit
 
@@ -63,11 +64,16 @@ def test_the_store_check_command_gives_one_line(tmp_path):
     import subprocess
     import sys
 
-    from steps.config import PROJECT_DIR
+    from steps.core.config import PROJECT_DIR
 
     env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, "-m", "steps.tracking"], cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "steps.mlflow_io.tracking"],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from steps.config import PROJECT_DIR
+from steps.core.config import PROJECT_DIR
 
 pytestmark = pytest.mark.unit
 
@@ -55,12 +55,12 @@ def step_running(text: str) -> str:
 
 def test_the_workflow_keeps_its_store_outside_the_workspace_backs_it_up_and_uploads_only_this_run():
     names = [s.get("name", "") for s in macos_steps()]
-    prepare = step_running("-m steps.store --dir=")
+    prepare = step_running("-m steps.mlflow_io.store --dir=")
     assert '$HOME/.defect-detection/ci-stores}/$GITHUB_REPOSITORY"' in prepare  # outside, one per repository
     assert "GITHUB_WORKSPACE" not in prepare
     assert 'if [ -n "$TRACKING_URI" ]' in prepare  # a server named by the secret still wins
-    order = [i for i, s in enumerate(macos_steps()) for key in ("-m steps.store --dir=", "make run", "store collect")
-             if key in s.get("run", "")]  # fmt: skip
+    keys = ("-m steps.mlflow_io.store --dir=", "make run", "store collect")
+    order = [i for i, s in enumerate(macos_steps()) for key in keys if key in s.get("run", "")]
     assert order == sorted(order) and len(order) == 3, names  # store, then the pipeline, then collect
     (upload,) = [s for s in macos_steps() if s.get("uses", "").startswith("actions/upload-artifact")]
     assert "mlruns" not in upload["with"]["path"] and "store-upload" in upload["with"]["path"]

@@ -41,14 +41,14 @@ sys.path.insert(0, str(PROJECT_DIR / "tests"))
 from bench_pipeline import machine  # noqa: E402
 
 from helpers import make_tiny_elpv, publish  # noqa: E402
-from steps import contract  # noqa: E402
-from steps.batches import eval_batches  # noqa: E402
-from steps.config import Config, load_config  # noqa: E402
-from steps.data import Sample, load_split, scan_split  # noqa: E402
-from steps.elpv import ensure_data  # noqa: E402
-from steps.explain import unwrap  # noqa: E402
-from steps.model import resolve_precision  # noqa: E402
-from steps.scoring import score  # noqa: E402
+from steps.core import contract  # noqa: E402
+from steps.core.config import Config, load_config  # noqa: E402
+from steps.datasets.batches import eval_batches  # noqa: E402
+from steps.datasets.data import Sample, load_split, scan_split  # noqa: E402
+from steps.datasets.elpv import ensure_data  # noqa: E402
+from steps.network.explain import unwrap  # noqa: E402
+from steps.network.model import resolve_precision  # noqa: E402
+from steps.network.scoring import score  # noqa: E402
 from steps.train import fit, served_network, split_train_val  # noqa: E402
 
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"

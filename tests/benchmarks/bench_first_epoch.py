@@ -4,7 +4,7 @@ variables made by ``make_model`` (the pipeline) against left to Keras, side by s
 Run with ``make bench-first-epoch`` (or ``python tests/benchmarks/bench_first_epoch.py --write``;
 ``--quick`` for one round). Without a distribution strategy Keras creates those variables inside
 the first trace of the training step, and TensorFlow then traces the step a second time;
-``make_model`` creates them first (``steps/model.py``). Each measurement is a new Python process
+``make_model`` creates them first (``steps/network/model.py``). Each measurement is a new Python process
 (TensorFlow imported, nothing traced yet), ``make_model`` and one epoch on 19 random images with 5
 for validation, as ``train`` starts a set; the two ways alternate, ``--rounds`` times. Both give
 the same weights (tests/test_model.py). With ``--write`` the results replace the "first epoch"
@@ -37,9 +37,9 @@ MEASURE = r"""
 import dataclasses, json, sys, time
 import keras, numpy as np
 sys.path.insert(0, sys.argv[1])
-from steps.batches import eval_batches, training_batches
-from steps.config import load_config
-from steps.model import make_model, schedule, set_seed
+from steps.datasets.batches import eval_batches, training_batches
+from steps.core.config import load_config
+from steps.network.model import make_model, schedule, set_seed
 name, size, way = sys.argv[2], int(sys.argv[3]), sys.argv[4]
 hp = dataclasses.replace(load_config().hparam_sets[name], image_size=size, epochs=1)
 rng = np.random.default_rng(0)

@@ -46,11 +46,12 @@ from bench_pipeline import machine  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from helpers import encode, free_port, publish, wait_until_up  # noqa: E402
-from steps import contract, packaging, provenance  # noqa: E402
-from steps.config import load_config  # noqa: E402
-from steps.elpv import ensure_data  # noqa: E402
-from steps.model import make_model, set_seed, with_tta  # noqa: E402
-from steps.runs import ensure_experiment  # noqa: E402
+from steps.core import contract  # noqa: E402
+from steps.core.config import load_config  # noqa: E402
+from steps.datasets.elpv import ensure_data  # noqa: E402
+from steps.mlflow_io.runs import ensure_experiment  # noqa: E402
+from steps.network.model import make_model, set_seed, with_tta  # noqa: E402
+from steps.served import packaging, provenance  # noqa: E402
 
 BEGIN, END = "<!-- front:begin -->", "<!-- front:end -->"
 
@@ -88,7 +89,7 @@ def post(url: str, body: bytes, content_type: str = "application/json") -> int:
 def start(kind: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     if kind == "front":
-        cmd = [sys.executable, "-m", "steps.front", f"--port={port}"]
+        cmd = [sys.executable, "-m", "steps.served.front", f"--port={port}"]
     else:
         cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/Production_Reg@prod",
                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip

@@ -45,9 +45,10 @@ import json, resource, sys
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from steps import infer, serving
-from steps.config import load_config
-from steps.model import make_model
+from steps import infer
+from steps.served import serving
+from steps.core.config import load_config
+from steps.network.model import make_model
 mode, folder = sys.argv[2], Path(sys.argv[3])
 config = load_config({})
 hp = config.hparam_sets[config.train.hparams[0]]

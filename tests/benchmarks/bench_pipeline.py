@@ -28,7 +28,7 @@ sys.path.insert(0, str(PROJECT_DIR))
 sys.path.insert(0, str(PROJECT_DIR / "tests"))
 
 from helpers import make_tiny_elpv, mlflow_run, publish  # noqa: E402
-from steps import contract  # noqa: E402
+from steps.core import contract  # noqa: E402
 
 BEGIN, END = "<!-- pipeline:begin -->", "<!-- pipeline:end -->"
 

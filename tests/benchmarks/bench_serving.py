@@ -48,11 +48,12 @@ import mlflow  # noqa: E402
 from bench_pipeline import machine  # noqa: E402
 
 from helpers import free_port, publish, spread, wait_until_up  # noqa: E402
-from steps import exports, packaging, serving  # noqa: E402
-from steps.config import load_config  # noqa: E402
-from steps.data import load_images, scan_split  # noqa: E402
-from steps.elpv import ensure_data  # noqa: E402
-from steps.model import make_model, set_seed, with_tta  # noqa: E402
+from steps.core.config import load_config  # noqa: E402
+from steps.datasets.data import load_images, scan_split  # noqa: E402
+from steps.datasets.elpv import ensure_data  # noqa: E402
+from steps.network import exports  # noqa: E402
+from steps.network.model import make_model, set_seed, with_tta  # noqa: E402
+from steps.served import packaging, serving  # noqa: E402
 
 BEGIN, END = "<!-- serving:begin -->", "<!-- serving:end -->"
 NAME = "Bench_Reg"

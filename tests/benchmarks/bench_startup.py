@@ -37,7 +37,8 @@ import mlflow  # noqa: E402
 from bench_pipeline import machine  # noqa: E402
 
 from helpers import make_tiny_elpv, publish  # noqa: E402
-from steps import ENTRY_POINT_GC_THRESHOLDS, contract  # noqa: E402
+from steps import ENTRY_POINT_GC_THRESHOLDS  # noqa: E402
+from steps.core import contract  # noqa: E402
 
 BEGIN, END = "<!-- startup:begin -->", "<!-- startup:end -->"
 DEFAULT_THRESHOLDS = gc.get_threshold()  # this script's: Python's own (it is not started with -m steps.*)

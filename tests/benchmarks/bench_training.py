@@ -8,7 +8,7 @@ every variant alike:
 - the machine's peak: the best of several large float32 and bfloat16 matrix products (GFLOP/s);
 - per hyperparameter set of the default pipeline, on the real training images at the default image
   size: forward FLOPs per image; training images per second of the pipeline's input
-  (``steps.batches.training_batches``, augmentation included) against a plain Keras loop
+  (``steps.datasets.batches.training_batches``, augmentation included) against a plain Keras loop
   (``model.fit`` on the NumPy arrays, no augmentation), interleaved, ``--repeats`` times, as
   a ratio per repeat; the achieved training FLOP/s (3 x forward x images/s) against the peak;
 - the best set in ``mixed_bfloat16`` against ``float32``: speed ratio, and how far the same
@@ -43,11 +43,11 @@ import tensorflow as tf  # noqa: E402
 from bench_pipeline import machine  # noqa: E402
 
 from helpers import make_tiny_elpv, publish, spread  # noqa: E402
-from steps.batches import training_batches  # noqa: E402
-from steps.config import Config, HParams, load_config  # noqa: E402
-from steps.data import load_split, scan_split  # noqa: E402
-from steps.elpv import ensure_data  # noqa: E402
-from steps.model import forward_flops, make_model, set_seed  # noqa: E402
+from steps.core.config import Config, HParams, load_config  # noqa: E402
+from steps.datasets.batches import training_batches  # noqa: E402
+from steps.datasets.data import load_split, scan_split  # noqa: E402
+from steps.datasets.elpv import ensure_data  # noqa: E402
+from steps.network.model import forward_flops, make_model, set_seed  # noqa: E402
 from steps.train import split_train_val  # noqa: E402
 
 BEGIN, END = "<!-- training:begin -->", "<!-- training:end -->"

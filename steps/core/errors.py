@@ -1,10 +1,10 @@
 """The pipeline's failures: each kind has one line, its own exit code and a run tag.
 
 A stage that cannot go on raises a ``PipelineError`` (or the subclass of its kind) whose message says
-what to run or fix first. ``steps.cli`` prints it as one line and exits with the kind's code from
-``python -m steps.<stage>``; ``steps.runs`` records the kind on the failed run (tag
+what to run or fix first. ``steps.core.cli`` prints it as one line and exits with the kind's code from
+``python -m steps.<stage>``; ``steps.mlflow_io.runs`` records the kind on the failed run (tag
 ``failure_kind``). ``mlflow run`` turns every non-zero exit into 1, so the tag is the portable signal.
-Bad configuration (``steps.config.ConfigError``) and bad data (``steps.data.DataError``) are of kind
+Bad configuration (``steps.core.config.ConfigError``) and bad data (``steps.datasets.data.DataError``) are of kind
 ``input``; ``classify`` sorts any exception.
 """
 
@@ -65,9 +65,9 @@ OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 def classify(err: BaseException) -> Failure:
     """The kind of a failure (``BUG`` for anything the pipeline did not foresee)."""
-    from steps.config import ConfigError
-    from steps.data import DataError
-    from steps.tracking import store_failure
+    from steps.core.config import ConfigError
+    from steps.datasets.data import DataError
+    from steps.mlflow_io.tracking import store_failure
 
     if isinstance(err, KeyboardInterrupt):
         return INTERRUPTED

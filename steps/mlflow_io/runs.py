@@ -17,10 +17,10 @@ import mlflow
 from mlflow.entities import Run, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from steps import contract, errors, signals
-from steps.errors import PipelineError
-from steps.records import library_versions
-from steps.tracking import artifact_root, redact
+from steps.core import contract, errors, signals
+from steps.core.errors import PipelineError
+from steps.mlflow_io.records import library_versions
+from steps.mlflow_io.tracking import artifact_root, redact
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def nested_run(name: str, experiment_id: str) -> Iterator[Run]:
 def _closing(under_mlflow_run: bool = False) -> Iterator[None]:
     """How a stage's run ends when the stage does not finish: KILLED when it was told to stop,
     even if the work under way swallowed the signal's exception or turned it into another error;
-    FAILED otherwise, with its kind (``steps.errors``) as the tag ``failure_kind``.
+    FAILED otherwise, with its kind (``steps.core.errors``) as the tag ``failure_kind``.
     ``under_mlflow_run``: the run was created by the `mlflow run` command that started this process."""
     try:
         yield

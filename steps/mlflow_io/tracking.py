@@ -2,7 +2,7 @@
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI``, else from a ``.env`` file in the working
 directory, else MLflow's own default ``sqlite:///mlflow.db``; no server is needed for that default.
-``python -m steps.tracking`` (``make run`` calls it) says which store the pipeline will use.
+``python -m steps.mlflow_io.tracking`` (``make run`` calls it) says which store the pipeline will use.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import mlflow
 
-from steps.errors import PipelineError, StoreError
+from steps.core.errors import PipelineError, StoreError
 
 try:
     import fcntl
@@ -214,7 +214,7 @@ def artifact_root(tracking_uri: str) -> str | None:
 
 
 if __name__ == "__main__":
-    # `python -m steps.tracking`: say which store the pipeline will use, or why it cannot.
+    # `python -m steps.mlflow_io.tracking`: say which store the pipeline will use, or why it cannot.
     try:
         print(f"tracking store: {redact(configure())}")
     except PipelineError as err:

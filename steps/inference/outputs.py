@@ -11,9 +11,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from steps import serving
-from steps.errors import OutputError
-from steps.progress import Progress
+from steps.core.errors import OutputError
+from steps.core.progress import Progress
+from steps.served import serving
 
 COLUMNS = ("path", *serving.COLUMNS)
 

@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from steps import contract  # noqa: E402
-from steps.scoring import score  # noqa: E402
+from steps.core import contract  # noqa: E402
+from steps.network.scoring import score  # noqa: E402
 
 
 def confusion(matrices: Mapping[str, list[list[int]]], classes: Sequence[str]) -> Figure:

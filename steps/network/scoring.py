@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from steps import contract
+from steps.core import contract
 
 # What the decision threshold can be tuned for (conf/pipeline.yaml: train.threshold_objective).
 OBJECTIVES = ("accuracy", "balanced_accuracy", "f1")

@@ -35,8 +35,8 @@ import keras
 import numpy as np
 from keras import layers
 
-from steps import serving
-from steps.errors import PipelineError
+from steps.core.errors import PipelineError
+from steps.served import serving
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ SPEC_FILE = "preprocessing.json"
 
 
 def tta_views(x, tta: str) -> list:
-    """The test-time views of ``steps.model.with_tta``, in its order, by plain tensor ops."""
+    """The test-time views of ``steps.network.model.with_tta``, in its order, by plain tensor ops."""
     if tta == "none":
         return [x]
     views = [x, keras.ops.flip(x, 2), keras.ops.flip(x, 1), keras.ops.flip(keras.ops.flip(x, 1), 2)]

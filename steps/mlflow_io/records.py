@@ -13,9 +13,9 @@ import pandas as pd
 import yaml
 from mlflow.data.pandas_dataset import from_pandas
 
-from steps import contract
-from steps.config import Config
-from steps.data import Rejected, digest
+from steps.core import contract
+from steps.core.config import Config
+from steps.datasets.data import Rejected, digest
 
 VERSIONED = ("tensorflow", "keras", "mlflow", "numpy", "pillow", "pandas")
 

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from steps.config import PROJECT_DIR
+from steps.core.config import PROJECT_DIR
 
 # What runs, relative to the project: a change to any file under these reruns every stage.
 CODE = ("steps", "conf", "MLproject", "requirements.txt", "python_env.yaml")

@@ -7,7 +7,7 @@ lives in that folder: the database, and every experiment's artifacts below its `
 including ``Default`` and the ``pipeline/`` experiment ``mlflow run`` would otherwise create
 relative to the working directory.
 
-``python -m steps.store --dir=DIR``, before each run:
+``python -m steps.mlflow_io.store --dir=DIR``, before each run:
 
 1. backs up ``DIR/mlflow.db`` to ``DIR/backups/`` (SQLite's online backup; the newest
    ``store.keep_backups`` stay);
@@ -20,7 +20,7 @@ relative to the working directory.
    and exports of the training that produced them; the registry entries and their scores stay,
    and each such version is tagged ``artifacts_pruned`` (the rule never gives it ``prod``).
 
-``python -m steps.store collect --dir=DIR --since_ms=T --to=OUT`` copies the database and the
+``python -m steps.mlflow_io.store collect --dir=DIR --since_ms=T --to=OUT`` copies the database and the
 artifacts of the runs started since ``T`` into ``OUT``: what CI uploads, instead of the whole store.
 """
 
@@ -41,9 +41,9 @@ import mlflow
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from steps import cli, contract
-from steps.config import Config
-from steps.errors import PipelineError, StoreError
+from steps.core import cli, contract
+from steps.core.config import Config
+from steps.core.errors import PipelineError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ def upgrade(uri: str, saved: Path | None) -> None:
 
 def create(uri: str, experiments: Iterable[str]) -> None:
     """The store's tables, and ``Default`` and ``experiments`` with their artifacts beside the database."""
-    from steps.runs import ensure_experiment
-    from steps.tracking import create_sqlite_store
+    from steps.mlflow_io.runs import ensure_experiment
+    from steps.mlflow_io.tracking import create_sqlite_store
 
     create_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
@@ -242,7 +242,7 @@ def collect(config: Config, dir: str, since_ms: str, to: str) -> list[Path]:
     return copied
 
 
-# Parameters of `python -m steps.store --name=value`: the configuration keys they override.
+# Parameters of `python -m steps.mlflow_io.store --name=value`: the configuration keys they override.
 OVERRIDES = {
     "experiment": "experiment",
     "keep_versions": "store.keep_versions",

@@ -3,7 +3,7 @@
 The model takes raw grayscale pixels, ``(batch, height, width, 1)`` floats in 0..255 at any size,
 resizes them to the set's ``image_size`` and scales them as its network expects (``ARCHS``), and
 returns the defect probability ``(batch, 1)``. Augmentation is not part of it: it runs in the training input pipeline
-(``steps.batches``), so the logged model does exactly what serving needs and nothing else.
+(``steps.datasets.batches``), so the logged model does exactly what serving needs and nothing else.
 
 Also here: the optimiser's schedule, the numeric precision (``resolve_precision``) and the
 network's cost in floating-point operations (``forward_flops``), which the benchmark reports.
@@ -20,9 +20,9 @@ import keras
 import numpy as np
 from keras import layers
 
-from steps import pretrained
-from steps.config import HParams
-from steps.serving import RESIZE  # the one resize, shared with the loader and the served model
+from steps.core.config import HParams
+from steps.network import pretrained
+from steps.served.serving import RESIZE  # the one resize, shared with the loader and the served model
 
 
 def set_seed(seed: int) -> None:
@@ -89,7 +89,7 @@ def cnn_features(hp: HParams, x, seed: int):
 
 
 def lite0_features(hp: HParams, x, seed: int):
-    """EfficientNet-Lite0 with ImageNet weights (``steps.pretrained``): the gray image as the three
+    """EfficientNet-Lite0 with ImageNet weights (``steps.network.pretrained``): the gray image as the three
     equal channels of an RGB one, normalised as the weights expect, inside the model so that serving
     does the same."""
     x = layers.Concatenate(name="gray_to_rgb")([x, x, x])
@@ -99,7 +99,7 @@ def lite0_features(hp: HParams, x, seed: int):
 
 
 # Every network make_model can build, by the name a set's ``arch`` gives: a new one is one entry here
-# (and its name in steps.config.ARCHS, which validates conf/ before anything imports Keras).
+# (and its name in steps.core.config.ARCHS, which validates conf/ before anything imports Keras).
 ARCHS: dict[str, Callable[[HParams, Any, int], Any]] = {"cnn": cnn_features, "efficientnet_lite0": lite0_features}
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from steps.config import PROJECT_DIR, Config
-from steps.data import SPLITS, DataError, has_images, layout_help, stratified_split
+from steps.core.config import PROJECT_DIR, Config
+from steps.datasets.data import SPLITS, DataError, has_images, layout_help, stratified_split
 
 logger = logging.getLogger(__name__)
 

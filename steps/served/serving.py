@@ -5,7 +5,7 @@ network and its exports, so a registered version loads wherever MLflow, Pillow a
 scores with (Keras/TensorFlow, onnxruntime or LiteRT) are installed, with no file of this
 repository: ``mlflow.pyfunc.load_model``, ``mlflow models serve`` and ``mlflow.pyfunc.spark_udf``
 all run it. The pipeline's own steps import the same decoder and resize
-(``steps.data``, ``steps.model``), so training, evaluation and serving treat an image identically.
+(``steps.datasets.data``, ``steps.network.model``), so training, evaluation and serving treat an image identically.
 Nothing here may import ``steps``: this file is all the model's code.
 
 Input, a DataFrame with one of:
@@ -61,7 +61,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # The Keras network's key among the model's artifacts.
 KERAS_ARTIFACT = "keras_model"
 # What scores the images (model config ``runtime``): the Keras network, or one of its exports (the
-# same network, converted by train; steps.exports), by their keys among the model's artifacts.
+# same network, converted by train; steps.network.exports), by their keys among the model's artifacts.
 RUNTIMES = ("keras", "onnx", "litert")
 EXPORT_ARTIFACTS = {"onnx": "onnx_model", "litert": "litert_model"}
 SPEC_ARTIFACT = "preprocessing_spec"

@@ -1,4 +1,4 @@
-"""The served model as train logs it: ``steps/serving.py`` as the model's code, the Keras network and
+"""The served model as train logs it: ``steps/served/serving.py`` as the model's code, the Keras network and
 its ONNX and LiteRT exports with their preprocessing spec as its artifacts (model config ``runtime``
 picks what scores), the model config built from the metadata (``serving.model_config``), the
 signature (``serving.signature``), a PNG serving example and the pinned requirements of a serving
@@ -19,12 +19,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from steps import contract, serving
-from steps.config import Config
+from steps.core import contract
+from steps.core.config import Config
+from steps.served import serving
 
-# What a serving environment installs (these versions of what steps/serving.py imports); the Metal
+# What a serving environment installs (these versions of what steps/served/serving.py imports); the Metal
 # plugin with its environment marker, so that a model trained on a Mac still installs where it is
-# served (Linux, most often). steps.provenance refuses a model whose environment holds anything else.
+# served (Linux, most often). steps.served.provenance refuses a model whose environment holds anything else.
 PACKAGES = ("mlflow", "keras", "tensorflow", "tensorflow-metal", "pillow", "pandas", "onnxruntime", "ai-edge-litert")
 APPLE_SILICON = '; sys_platform == "darwin" and platform_machine == "arm64"'
 
@@ -50,11 +51,11 @@ def png_bytes(image: np.ndarray) -> bytes:
 def log_model(
     network: Any, config: Config, metadata: dict[str, Any], example: np.ndarray, exports: Mapping[str, Path] | None
 ) -> Any:
-    """Log the network as the served model (``steps/serving.py``): bytes in, predictions out; its ModelInfo.
+    """Log the network as the served model (``steps/served/serving.py``): bytes in, predictions out; its ModelInfo.
 
-    The file steps/serving.py is logged as the model's code ("models from code"), so loading
+    The file steps/served/serving.py is logged as the model's code ("models from code"), so loading
     needs no file of this repository. ``example``: one preprocessed image, the serving example.
-    ``exports``: ``steps.exports.write_exports``'s files, by runtime and ``spec``; None (or none
+    ``exports``: ``steps.network.exports.write_exports``'s files, by runtime and ``spec``; None (or none
     of them: ``train.exports`` none) logs a model without exports, as models were logged before them.
     """
     # predict_batch_size, not batch_size: MLflow logs the config's keys as params too.

@@ -1,6 +1,6 @@
 """Where the network looks: Grad-CAM heat maps (Selvaraju et al. 2017) for the defect probability.
 
-Pure computation on a Keras network and preprocessed images; ``steps.plots.gradcam_grid`` draws them.
+Pure computation on a Keras network and preprocessed images; ``steps.network.plots.gradcam_grid`` draws them.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def last_feature_map(network: keras.Model) -> str:
 
 
 def unwrap(network: keras.Model) -> keras.Model:
-    """The network inside a test-time-augmentation wrapper (``steps.model.with_tta``), else itself:
+    """The network inside a test-time-augmentation wrapper (``steps.network.model.with_tta``), else itself:
     Grad-CAM explains the image as it is, not the average over its flipped views."""
     inner = [layer for layer in network.layers if isinstance(layer, keras.Model)]
     return inner[0] if len(inner) == 1 else network

@@ -59,20 +59,20 @@ VERSION_TAG_TEST_DIGEST = "test_digest"
 VERSION_TAG_SOURCE_RUN_ID = "source_run_id"
 VERSION_TAG_EVAL_RUN_ID = "eval_run_id"
 # "acc.<test_digest>" holds the score on each test set a version was scored on
-# (steps.registry.score_tag); acc and test_digest always hold the latest of them.
+# (steps.mlflow_io.registry.score_tag); acc and test_digest always hold the latest of them.
 VERSION_TAG_DECISION_THRESHOLD = "decision_threshold"
 VERSION_TAG_PROD_SINCE = "prod_since"
 VERSION_TAG_PROD_UNTIL = "prod_until"
 VERSION_TAG_REPLACED_VERSION = "replaced_version"
 # The SHA-256 of the version's code file, recomputed from its files and checked against the released
-# ones by evaluate before it registers (steps.provenance); promote recomputes and compares it.
+# ones by evaluate before it registers (steps.served.provenance); promote recomputes and compares it.
 VERSION_TAG_CODE_SHA256 = "code_sha256"
 # Set on a version registered by an evaluation that was not to promote (evaluate.promote false, CI on
 # a branch): the rule never gives it prod; promote can, on the record, which removes the tag.
 VERSION_TAG_INELIGIBLE = "prod_ineligible"
 # Set on a version that a rollback passed over: the rule never gives it prod again on its own.
 VERSION_TAG_BLOCKED = "prod_blocked"
-# Set on a version whose files a store's retention rule deleted (steps.store): its entry and scores
+# Set on a version whose files a store's retention rule deleted (steps.mlflow_io.store): its entry and scores
 # stay; neither the rule nor promote can give it prod.
 VERSION_TAG_PRUNED = "artifacts_pruned"
 # Where a version's exports are (ONNX, LiteRT and their preprocessing spec): artifact URIs in its
@@ -154,11 +154,11 @@ def split_count_metric(split: str) -> str:
 TAG_PROCESS = "pipeline.process"
 TAG_REAPED = "pipeline.reaped"
 
-# A failed stage run's kind of failure (steps.errors: input, model, store, output, partial,
+# A failed stage run's kind of failure (steps.core.errors: input, model, store, output, partial,
 # interrupted, bug): `mlflow run` exits 1 for every failure, the tag says which.
 TAG_FAILURE_KIND = "failure_kind"
 
-# What determines a stage run's result (steps/fingerprint.py), set by main on each stage run it
+# What determines a stage run's result (steps/mlflow_io/fingerprint.py), set by main on each stage run it
 # starts; and, on main's run, "<stage>_reused_from" for a stage it did not run again.
 TAG_FINGERPRINT = "pipeline.fingerprint"
 

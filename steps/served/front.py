@@ -1,6 +1,6 @@
 """The scoring front: MLflow's scoring protocol on ``Production_Reg@prod``, bounded so a plant can expose it.
 
-``python -m steps.front`` (``make serve``) serves ``/invocations`` as ``mlflow models serve`` does
+``python -m steps.served.front`` (``make serve``) serves ``/invocations`` as ``mlflow models serve`` does
 (MLflow's own ``scoring_server.invocations`` parses the request and formats the answer), but
 before MLflow sees a request it refuses, with a 4xx and a one-line reason that never echoes the
 upload: a body over ``serve.max_body_mb`` (from ``Content-Length``, and counted as it streams in);
@@ -12,7 +12,7 @@ once and at most ``serve.max_admitted`` are taken in at all (503 beyond): with t
 per-call pixel cap, memory is bounded whatever the clients do.
 
 It follows the alias: every ``serve.poll_seconds`` it reads ``prod`` and, when it has moved, checks
-the new version's files (``steps.provenance``), loads it and swaps it in; requests in flight finish
+the new version's files (``steps.served.provenance``), loads it and swaps it in; requests in flight finish
 on the version they started with, and a version that fails to load or to pass the check leaves the
 old one serving, with one log line. Every answer names its version (header ``X-Model-Version``);
 ``GET /version`` says what is loaded. With ``DEFECT_SERVE_TOKEN`` set, every request but the health
@@ -36,11 +36,12 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from steps import cli, provenance
-from steps.config import Config, ServeConfig
-from steps.errors import PipelineError
-from steps.registry import alias_version
-from steps.tracking import first_line
+from steps.core import cli
+from steps.core.config import Config, ServeConfig
+from steps.core.errors import PipelineError
+from steps.mlflow_io.registry import alias_version
+from steps.mlflow_io.tracking import first_line
+from steps.served import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ def serve(config: Config) -> None:
     uvicorn.run(app, host=limits.host, port=limits.port, log_level="warning")
 
 
-# Parameters of `python -m steps.front --name=value`: the configuration keys they override.
+# Parameters of `python -m steps.served.front --name=value`: the configuration keys they override.
 OVERRIDES = {name: f"serve.{name}" for name in ("host", "port", "poll_seconds", "max_concurrent", "max_admitted")}
 
 if __name__ == "__main__":

@@ -4,14 +4,14 @@ Whoever can log a run in a ``train/`` experiment writes the whole model director
 its code, its environment. ``mlflow models serve`` and Spark load what is there, so the check at
 registration and promotion is the guard. ``check_files`` (pure) refuses, in one line:
 
-- a code file whose SHA-256 is not in ``RELEASES`` (``steps/serving_releases.txt``: one line per
-  released ``steps/serving.py``), bytecode beside it that is not that code, or a model whose code
+- a code file whose SHA-256 is not in ``RELEASES`` (``steps/served/serving_releases.txt``: one line per
+  released ``steps/served/serving.py``), bytecode beside it that is not that code, or a model whose code
   is not that one file;
 - a ``code:`` folder (MLflow puts it first on ``sys.path`` at load: it could shadow Pillow);
 - a model config with other keys or values than ``train`` writes (``read_paths`` true, another
   runtime or pixel cap);
 - an environment (``requirements.txt``, ``python_env.yaml``, ``conda.yaml``) other than the pinned
-  packages ``steps.packaging`` writes, or any file ``train`` does not write.
+  packages ``steps.served.packaging`` writes, or any file ``train`` does not write.
 
 ``verify`` reads those files from the store and returns the code's digest, which evaluate records on
 the version (``code_sha256``). ``check_version`` recomputes it for a version that should take
@@ -34,9 +34,10 @@ from typing import Any
 import mlflow
 import yaml
 
-from steps import contract, serving
-from steps.errors import ModelError
-from steps.packaging import APPLE_SILICON, PACKAGES
+from steps.core import contract
+from steps.core.errors import ModelError
+from steps.served import serving
+from steps.served.packaging import APPLE_SILICON, PACKAGES
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ _PYTHON = re.compile(r"[0-9]+\.[0-9]+(\.[0-9]+)?")
 
 
 def released_digests(path: Path = RELEASES) -> set[str]:
-    """The SHA-256 of every released ``steps/serving.py``: the first word of each line, ``#`` comments aside."""
+    """The SHA-256 of every released ``steps/served/serving.py``: the first word of each line, ``#`` comments aside."""
     lines = (line.split("#", 1)[0].split() for line in path.read_text().splitlines())
     return {words[0] for words in lines if words}
 
@@ -101,7 +102,7 @@ def check_files(mlmodel: Mapping[str, Any], files: Mapping[str, bytes], releases
     digest = sha256(files[CODE_FILE])
     if digest not in releases:
         raise ModelError(
-            f"its code {CODE_FILE} (sha256 {digest[:12]}...) is no released version of steps/serving.py "
+            f"its code {CODE_FILE} (sha256 {digest[:12]}...) is no released version of steps/served/serving.py "
             f"(steps/{RELEASES.name})"
         )
     _check_bytecode({k.split("/", 1)[1]: v for k, v in files.items() if k.startswith(PYCACHE + "/")}, files[CODE_FILE])

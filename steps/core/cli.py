@@ -2,7 +2,7 @@
 
 ``mlflow run -P name=value`` reaches a step as ``--name value``. Parameters that map to a
 configuration key override ``conf/`` (an empty value keeps the ``conf/`` value); the rest are the
-step's own arguments (``run_id``). Every value is checked by ``steps.config`` before any work.
+step's own arguments (``run_id``). Every value is checked by ``steps.core.config`` before any work.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from steps import signals
-from steps.config import Config, ConfigError, load_config
-from steps.errors import BUG, STORE, PipelineError, classify
-from steps.tracking import configure, redact, store_failure
+from steps.core import signals
+from steps.core.config import Config, ConfigError, load_config
+from steps.core.errors import BUG, STORE, PipelineError, classify
+from steps.mlflow_io.tracking import configure, redact, store_failure
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ def main(
     up itself), then run ``step(config, **own_args)``.
 
     Every failure the pipeline foresees prints one line and exits with its kind's code
-    (``steps.errors``: 2 bad input, 3 model, 4 store, 5 output, 1 partial); anything else keeps its
+    (``steps.core.errors``: 2 bad input, 3 model, 4 store, 5 output, 1 partial); anything else keeps its
     traceback and exits 70. A stop signal exits 128 + its number (130 for Ctrl-C, 143 for SIGTERM),
-    also when the work under way swallowed its exception (``steps.signals``).
+    also when the work under way swallowed its exception (``steps.core.signals``).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") >= "2":  # quiet unless asked (steps/__init__.py)

@@ -14,10 +14,10 @@ from typing import Any
 
 import mlflow
 
-from steps import serving
-from steps.data import IMAGE_SUFFIXES
-from steps.errors import PipelineError
-from steps.outputs import error_row, row
+from steps.core.errors import PipelineError
+from steps.datasets.data import IMAGE_SUFFIXES
+from steps.inference.outputs import error_row, row
+from steps.served import serving
 
 JAVA_INSTALL = "Debian/Ubuntu: apt-get install openjdk-17-jre-headless; macOS: brew install openjdk@17"
 

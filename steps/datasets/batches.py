@@ -1,6 +1,6 @@
 """The training input pipeline: decoded images in memory, batched, augmented and prefetched by tf.data.
 
-Images arrive decoded and resized once (``steps.data.load_split``, cached on disk between runs).
+Images arrive decoded and resized once (``steps.datasets.data.load_split``, cached on disk between runs).
 Each step gathers a shuffled batch from one in-memory tensor and augments the whole batch with
 vectorised, stateless random ops in a parallel ``map``; ``prefetch`` prepares the next batch while
 the network trains on this one. No Python runs per image or per batch once training starts.

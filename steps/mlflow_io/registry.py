@@ -51,11 +51,11 @@ from typing import Any, NamedTuple
 
 import mlflow
 
-from steps import contract
-from steps.config import RegistryConfig
-from steps.errors import ModelError, PipelineError, StoreError
-from steps.provenance import flavor_problem
-from steps.tracking import first_line
+from steps.core import contract
+from steps.core.config import RegistryConfig
+from steps.core.errors import ModelError, PipelineError, StoreError
+from steps.mlflow_io.tracking import first_line
+from steps.served.provenance import flavor_problem
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Scored:
     blocked: bool = False
     unfinished: bool = False  # its evaluation run did not finish
     ineligible: bool = False  # registered by an evaluation that was not to promote (evaluate.promote false)
-    pruned: bool = False  # its files were deleted by a store's retention rule (steps.store)
+    pruned: bool = False  # its files were deleted by a store's retention rule (steps.mlflow_io.store)
 
     @property
     def eligible(self) -> bool:
@@ -265,14 +265,14 @@ def load_keras(model_uri: str):
 
     Safe mode refuses a file that needs code to run to load (a ``Lambda`` layer's pickled
     bytecode): a model in the registry is data, never a program. Keras defaults to it; we insist.
-    A served model (``steps.serving``) holds the network as an artifact, which is loaded on its
+    A served model (``steps.served.serving``) holds the network as an artifact, which is loaded on its
     own, so none of the model's logged code runs here; models logged before it are Keras models.
     Refused as well, before anything is loaded: a Keras model saved as a TensorFlow SavedModel
     (``tf.saved_model.load`` knows no safe mode) and a file named outside the model's directory.
     """
     import keras
 
-    from steps.serving import KERAS_ARTIFACT
+    from steps.served.serving import KERAS_ARTIFACT
 
     flavors = mlflow.models.get_model_info(model_uri).flavors
     try:
@@ -325,7 +325,7 @@ def pipeline_model_problem(info) -> str | None:
     """Why a logged model is not one ``train`` logged (None when it is): its ``MLmodel`` must have
     this pipeline's layout: the served model's code, the Keras network as an artifact inside the
     model, and the metadata evaluate needs."""
-    from steps.serving import KERAS_ARTIFACT
+    from steps.served.serving import KERAS_ARTIFACT
 
     pyfunc = (info.flavors or {}).get("python_function", {})
     wrong = flavor_problem(info.flavors or {})
@@ -501,7 +501,7 @@ def settle(
 
     ``rescore(version)`` scores a holder that has no score on ``digest`` yet (and records it), or
     returns None when it cannot; each version is tried once. ``verify(version)`` recomputes the
-    check of a version's files (``steps.provenance.check_version``) before the alias moves to it: a
+    check of a version's files (``steps.served.provenance.check_version``) before the alias moves to it: a
     version it refuses is passed over, as a blocked one is. ``before_write`` is a test hook: it
     runs in the window that no check can close, between the last read and the write.
     """

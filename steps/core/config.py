@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from steps.scoring import OBJECTIVES
+from steps.network.scoring import OBJECTIVES
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_DIR / "conf"
 
 
@@ -39,10 +39,10 @@ class ConfigError(ValueError):
 
 
 AUGMENTATIONS = ("none", "flips", "dihedral")
-# The networks steps.model.make_model builds (its ARCHS table; a test keeps the two in step).
+# The networks steps.network.model.make_model builds (its ARCHS table; a test keeps the two in step).
 ARCHS = ("cnn", "efficientnet_lite0")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-# The exports train can make of each model (steps.exports.FILES; a test keeps the two in step).
+# The exports train can make of each model (steps.network.exports.FILES; a test keeps the two in step).
 EXPORT_FORMATS = ("onnx", "litert")
 
 
@@ -53,7 +53,7 @@ class HParams:
     learning_rate: float
     batch_size: int
     epochs: int
-    # The network: one of steps.model.ARCHS ("cnn": trained from scratch; "efficientnet_lite0": an
+    # The network: one of steps.network.model.ARCHS ("cnn": trained from scratch; "efficientnet_lite0": an
     # ImageNet-trained EfficientNet-Lite0, fine-tuned) and the size images are resized to.
     arch: str = "cnn"
     image_size: int = 128
@@ -120,7 +120,7 @@ class DataConfig:
     # Leave out images that cannot be decoded (counted, logged) instead of failing the stage.
     skip_bad_images: bool = False
     # Keep each split's decoded, resized images on disk, keyed by the files' contents and the size,
-    # so a rerun decodes nothing (steps.data.load_images; where: steps.data.cache_dir).
+    # so a rerun decodes nothing (steps.datasets.data.load_images; where: steps.datasets.data.cache_dir).
     cache: bool = True
 
     def __post_init__(self) -> None:
@@ -148,7 +148,7 @@ class TrainConfig:
     # What the decision threshold on the defect probability is tuned for, on the validation split.
     threshold_objective: str = "balanced_accuracy"
     # auto: mixed precision only where the hardware computes in it natively (a GPU: mixed_float16;
-    # a CPU with AMX or AVX512-BF16: mixed_bfloat16), else float32. See steps.model.resolve_precision.
+    # a CPU with AMX or AVX512-BF16: mixed_bfloat16), else float32. See steps.network.model.resolve_precision.
     precision: str = "auto"
     # true: TensorFlow's deterministic ops, so one seed gives the same metrics on every rerun.
     deterministic: bool = False
@@ -204,7 +204,7 @@ class EvaluateConfig:
 # infer's output file: its suffix says the format.
 OUTPUT_FORMATS = (".csv", ".jsonl")
 ENGINES = ("local", "spark")
-# What scores in infer: the Keras network or one of its exports (steps.serving.RUNTIMES; a test
+# What scores in infer: the Keras network or one of its exports (steps.served.serving.RUNTIMES; a test
 # keeps the two in step).
 RUNTIMES = ("keras", "onnx", "litert")
 
@@ -240,7 +240,7 @@ class InferConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """The scoring front (``steps.front``): where it listens and the bounds it puts on every request."""
+    """The scoring front (``steps.served.front``): where it listens and the bounds it puts on every request."""
 
     host: str = "127.0.0.1"
     port: int = 5001
@@ -266,7 +266,7 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """A store kept between runs (``steps.store``: CI's self-hosted runner): its retention rule and backups."""
+    """A store kept between runs (``steps.mlflow_io.store``, CI's self-hosted runner): retention and backups."""
 
     keep_versions: int = 10
     keep_backups: int = 5

@@ -30,10 +30,10 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from steps import contract
+from steps.core import contract
 
 # The decoder is the registered model's own, so training and serving decode alike.
-from steps.serving import ImageError, decode_gray
+from steps.served.serving import ImageError, decode_gray
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def load_images(
 
     Also returns ``{index: reason}`` for the images that could not be decoded (their slots are
     zeros): every file is tried, so one pass reports all the bad ones. Resizing uses the model's own
-    resize (``steps.serving.resize``), so an image resized here and one resized inside the served
+    resize (``steps.served.serving.resize``), so an image resized here and one resized inside the served
     model give the same pixels.
 
     ``cache``: keep the result in ``cache_dir()``, keyed by the files' contents (not their names or
@@ -209,7 +209,7 @@ def cache_dir() -> Path:
 
 
 def _cache_key(paths: Sequence[Path], image_size: int) -> str:
-    from steps.serving import RESIZE
+    from steps.served.serving import RESIZE
 
     h = hashlib.sha256(f"{DECODER_VERSION} {image_size} {sorted(RESIZE.items())}".encode())
     for path in paths:
@@ -221,8 +221,8 @@ def _cache_key(paths: Sequence[Path], image_size: int) -> str:
 
 
 def _decode_all(paths: Sequence[Path], image_size: int, progress: bool | None) -> tuple[np.ndarray, dict[int, str]]:
-    from steps.progress import Progress
-    from steps.serving import resize
+    from steps.core.progress import Progress
+    from steps.served.serving import resize
 
     out = np.zeros((len(paths), image_size, image_size, 1), dtype=np.float32)
     failures: dict[int, str] = {}
