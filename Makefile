@@ -57,7 +57,7 @@ lint: venv
 mlproject: venv
 	$(BIN)/python -m steps.core.parameters
 
-## The quick tiers: everything but the end-to-end `mlflow run` tests and those marked slow.
+## The quick tiers: everything but tests/e2e and the tests marked slow.
 test-fast: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(XDIST) -m "not e2e and not slow"
 

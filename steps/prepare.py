@@ -1,7 +1,5 @@
 """Entry point ``prepare``: make sure the data directory holds a train and a test split.
 
-Parameters: ``data_dir`` (default ``conf/pipeline.yaml`` ``data.dir``), ``experiment``.
-
 Fills the project's empty ``data/`` with ELPV first (``steps.datasets.elpv.ensure_data``, which ``train``
 and ``evaluate`` call themselves, so running ``prepare`` first is optional). Run as a stage it
 logs, in its run: the manifest of each split as a dataset input (with its digest), the tag

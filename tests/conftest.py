@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,14 +16,12 @@ import pytest
 import helpers
 import steps
 from helpers import PROJECT_DIR, building_store, empty_store, free_port, make_tiny_elpv, without_spark_connect
-from steps.core.config import load_config
+from steps.core.loader import load_config
 
 without_spark_connect()  # before anything imports MLflow's Spark checks (helpers.py says why)
 # The suite's processes hold TensorFlow, Keras and MLflow as an entry point's process does: the same
 # collector thresholds (steps/__init__.py says why).
 gc.set_threshold(*steps.ENTRY_POINT_GC_THRESHOLDS)
-# The benchmarks (tests/benchmarks/, run by `make bench*`), whose quick modes the suite checks.
-sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
 
 
 def optional_parts() -> list[tuple[str, str | None, str]]:
@@ -54,12 +51,21 @@ def pytest_report_header(config) -> list[str]:
 # hands whole files to two workers in this order (--no-loadscope-reorder: pytest-xdist would
 # otherwise order files by how many tests they hold), so both stay busy to the end instead of one
 # finishing a long file alone. A file not listed runs after them, in name order.
-LONGEST_FIRST = ("test_e2e", "test_server", "test_serving", "test_reuse", "test_store", "test_pretrained",
+LONGEST_FIRST = ("test_e2e", "test_server", "test_serving", "test_reuse", "test_ci_store", "test_pretrained",
                  "test_robustness", "test_concurrency", "test_model", "test_steps", "test_env_managers", "test_signals",
                  "test_bench", "test_accelerator")  # fmt: skip
 
 
+# The tiers are folders; a test in tests/unit or tests/e2e carries that tier's marker too, so that
+# `-m "not e2e"` (make test-fast) and the folders always agree.
+TIER_MARKERS = {"unit": "unit", "e2e": "e2e"}
+
+
 def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        tier = TIER_MARKERS.get(item.path.parent.name)
+        if tier and item.get_closest_marker(tier) is None:
+            item.add_marker(tier)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within a file kept
 
@@ -78,10 +84,10 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 # The three sets trained from scratch: the suite's trainings keep to them, which take seconds on the
-# tiny set (the pretrained sets' fine-tuning has its own tests, tests/test_pretrained.py).
+# tiny set (the pretrained sets' fine-tuning has its own tests, tests/integration/test_pretrained.py).
 SCRATCH_SETS = "small,medium,wide"
 
-# The experiment of prod_world's runs: tests/test_robustness.py works in it too.
+# The experiment of prod_world's runs: tests/integration/test_robustness.py works in it too.
 WORLD_EXPERIMENT = "robust"
 
 
@@ -206,7 +212,7 @@ os.environ["DEFECT_CACHE_DIR"] = _CACHE.name
 @pytest.fixture
 def unchecked_files(monkeypatch):
     """For tests of the promotion rule on versions registered by hand (``file:///nowhere``), which
-    have no files: ``promote`` then skips the check of a version's files (tests/test_provenance.py
+    have no files: ``promote`` then skips the check of a version's files (tests/integration/test_provenance.py
     tests that check)."""
     from steps.served import provenance
 

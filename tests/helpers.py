@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from steps.core import contract
 from steps.datasets.elpv import elpv_labels, elpv_split
 from steps.served.serving import MAX_PIXELS
 
@@ -253,11 +254,12 @@ def assert_store_consistent(client) -> None:
         for alias, version in model.aliases.items():
             assert str(version) in versions, f"{model.name}@{alias} names version {version}, which does not exist"
         for number, version in versions.items():
-            eval_run_id = version.tags.get("eval_run_id")
+            eval_run_id = version.tags.get(contract.VERSION_TAG_EVAL_RUN_ID)
             assert eval_run_id, f"{model.name} version {number} has no eval run"
             eval_run = client.get_run(eval_run_id)
             assert eval_run.info.status == "FINISHED", f"{model.name} version {number}: eval run {eval_run.info.status}"
-            assert client.get_experiment(eval_run.info.experiment_id).name.startswith("eval/")
+            evaluations = contract.experiment_name(contract.STAGE_EVAL, "")
+            assert client.get_experiment(eval_run.info.experiment_id).name.startswith(evaluations)
 
 
 # --- Bad image files, one of each kind a stage must refuse with its reason --------------------
@@ -368,3 +370,39 @@ def in_process_stages(monkeypatch, calls: list | None = None) -> None:
         return result["run_id"]
 
     monkeypatch.setattr(main, "run_stage", run_stage)
+
+
+WORKFLOW = PROJECT_DIR / ".github" / "workflows" / "mlops.yml"
+
+
+def macos_steps() -> list[dict]:
+    """The self-hosted job's steps, as the workflow declares them."""
+    import yaml
+
+    return yaml.safe_load(WORKFLOW.read_text())["jobs"]["macos-arm64"]["steps"]
+
+
+def step_running(text: str) -> str:
+    """The script of the self-hosted job's one step whose script contains ``text``."""
+    (script,) = [s["run"] for s in macos_steps() if text in s.get("run", "")]
+    return script
+
+
+def benchmark(name: str):
+    """A benchmark module of tests/benchmarks (``make bench*`` runs them), loaded from its file: the
+    suite checks their quick modes without putting that folder on its import path."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    folder = PROJECT_DIR / "tests" / "benchmarks"
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(folder))  # while it loads: benchmarks import each other, as scripts do
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module

@@ -17,9 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from steps.core import signals
-from steps.core.config import Config, ConfigError, load_config
-from steps.core.errors import BUG, STORE, PipelineError, classify
-from steps.mlflow_io.tracking import configure, redact, store_failure
+from steps.core.config import Config, ConfigError
+from steps.core.errors import BUG, STORE, PipelineError, classify, redact
+from steps.core.loader import load_config
+from steps.mlflow_io.tracking import configure, store_failure
 
 logger = logging.getLogger(__name__)
 

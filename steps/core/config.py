@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from steps.network.scoring import OBJECTIVES
+from steps.served.serving import EXPORTS, RUNTIMES
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_DIR / "conf"
 
 
 MODEL_URI = re.compile(r"models:/([^/@:]+)(/[0-9]+|@[\w-]+)")
-RUN_URI = re.compile(r"runs:/[0-9a-f]{32}/[\w./-]+")
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run ID
+RUN_URI = re.compile(rf"runs:/{RUN_ID.pattern}/[\w./-]+")
 
 
 class ConfigError(ValueError):
@@ -39,11 +37,11 @@ class ConfigError(ValueError):
 
 
 AUGMENTATIONS = ("none", "flips", "dihedral")
-# The networks steps.network.model.make_model builds (its ARCHS table; a test keeps the two in step).
+# The networks make_model builds: each name's ``<name>_features`` in steps.network.model builds it.
 ARCHS = ("cnn", "efficientnet_lite0")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-# The exports train can make of each model (steps.network.exports.FILES; a test keeps the two in step).
-EXPORT_FORMATS = ("onnx", "litert")
+# The exports train can make of each model: the table of steps.served.serving.EXPORTS.
+EXPORT_FORMATS = tuple(EXPORTS)
 
 
 @dataclass(frozen=True)
@@ -148,7 +146,7 @@ class TrainConfig:
     # What the decision threshold on the defect probability is tuned for, on the validation split.
     threshold_objective: str = "balanced_accuracy"
     # auto: mixed precision only where the hardware computes in it natively (a GPU: mixed_float16;
-    # a CPU with AMX or AVX512-BF16: mixed_bfloat16), else float32. See steps.network.model.resolve_precision.
+    # a CPU with AMX: mixed_bfloat16), else float32. See steps.network.model.resolve_precision.
     precision: str = "auto"
     # true: TensorFlow's deterministic ops, so one seed gives the same metrics on every rerun.
     deterministic: bool = False
@@ -204,9 +202,6 @@ class EvaluateConfig:
 # infer's output file: its suffix says the format.
 OUTPUT_FORMATS = (".csv", ".jsonl")
 ENGINES = ("local", "spark")
-# What scores in infer: the Keras network or one of its exports (steps.served.serving.RUNTIMES; a test
-# keeps the two in step).
-RUNTIMES = ("keras", "onnx", "litert")
 
 
 @dataclass(frozen=True)
@@ -360,123 +355,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-# --- Loading -----------------------------------------------------------------------------
-
-
-def load_config(overrides: Mapping[str, str] | None = None, conf_dir: Path = CONF_DIR) -> Config:
-    """Read ``conf/pipeline.yaml`` and ``conf/hparams.yaml``, apply dotted-key overrides."""
-    raw = _read_yaml(conf_dir / "pipeline.yaml")
-    for key, text in (overrides or {}).items():
-        _apply_override(raw, key, text)
-    hparam_raw = _read_yaml(conf_dir / "hparams.yaml")
-    hparam_sets = {name: _build(HParams, values, f"hparams.yaml: {name}") for name, values in hparam_raw.items()}
-    return _build(Config, {**raw, "hparam_sets": hparam_sets}, "")
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(str(path), "configuration file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(str(path), f"not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(str(path), "expected a mapping at the top level")
-    return data
-
-
-def _apply_override(raw: dict[str, Any], dotted: str, text: str) -> None:
-    """Set ``raw[a][b] = text`` for ``a.b``; the string is parsed later against the field's type."""
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(dotted, f"{part!r} is not a section")
-    node[leaf] = _FromCli(text)
-
-
-class _FromCli(str):
-    """A string that came from the command line, to be parsed into the field's type."""
-
-
-def _build(cls: type, values: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys and types recursively."""
-    if not isinstance(values, Mapping):
-        raise ConfigError(where or "configuration", f"expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(_join(where, unknown[0]), f"unknown key; expected one of {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = _join(where, name)
-        if name not in values:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(key, "missing")
-            continue
-        kwargs[name] = _coerce(hints[name], values[name], key)
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        # Nested checks name the key relative to their section; hparam sets need the set's name.
-        if where.startswith("hparams.yaml") and not err.key.startswith("hparams.yaml"):
-            raise ConfigError(f"{where}.{err.key}", err.problem) from None
-        raise
-
-
-def _join(where: str, name: str) -> str:
-    return f"{where}.{name}" if where else name
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, _FromCli) and value.lower() in ("", "none", "null")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
-    if origin is tuple:
-        if isinstance(value, _FromCli):
-            value = [_FromCli(part.strip()) for part in value.split(",") if part.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        return tuple(_coerce(args[0], v, key) for v in value)
-    if origin in (Mapping, dict) or tp is Mapping:
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, _FromCli) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, _FromCli):
-            try:
-                return int(value)
-            except ValueError:
-                raise ConfigError(key, f"expected an integer, got {str(value)!r}") from None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, _FromCli):
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(key, f"expected a number, got {str(value)!r}") from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return str(value)
-        raise ConfigError(key, f"expected a string, got {value!r}")
-    raise TypeError(f"{key}: unsupported configuration type {tp!r}")  # a bug in this module

@@ -1,4 +1,4 @@
-"""The names every stage writes to MLflow, in one place (the README's "What lands in MLflow" lists them).
+"""The names every stage writes to MLflow, in one place (docs/mlflow.md lists them).
 
 Stages, tests and users read runs through these names, so nothing else in the code spells them.
 Registry names and the alias are configuration (``conf/pipeline.yaml``: ``registry``), since the

@@ -11,6 +11,7 @@ Bad configuration (``steps.core.config.ConfigError``) and bad data (``steps.data
 from __future__ import annotations
 
 import errno
+import re
 from typing import NamedTuple
 
 
@@ -80,3 +81,17 @@ def classify(err: BaseException) -> Failure:
     if isinstance(err, OSError) and err.errno in OUTPUT_ERRNOS:
         return OUTPUT
     return BUG
+
+
+# ``scheme://user:token@host``: the user-info of any URI in a text.
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An error's first line, shortened and without credentials: every one-line message quotes errors so."""
+    return redact((str(err).strip().splitlines() or [type(err).__name__])[0][:limit])
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced by ``***``, for anything printed or logged."""
+    return _USERINFO.sub("***@", text)

@@ -1,7 +1,7 @@
 """Every entry point's parameters, in one table: what ``MLproject`` declares, what each step's command
 line accepts, which configuration key each one overrides, and what ``main`` passes to each stage.
 
-``tests/test_config.py`` fails when ``MLproject`` and this table disagree (names, types, defaults,
+``tests/unit/test_config.py`` fails when ``MLproject`` and this table disagree (names, types, defaults,
 the command lines). An empty value keeps the ``conf/`` value; a parameter without a configuration
 key is the step's own argument (``evaluate``'s ``run_id``).
 """

@@ -1,4 +1,5 @@
-"""Progress on long work: a bar on a terminal; in logs, a line at every tenth (or every 1,000 items).
+"""Progress on long work: a bar on a terminal; in logs, a line every tenth of the total but at least every
+256 items (every 1,000 when the total is unknown).
 
 One class for infer's scoring and the training loader's decoding, so both report alike.
 """

@@ -15,21 +15,21 @@ from steps.core.errors import OutputError
 from steps.core.progress import Progress
 from steps.served import serving
 
-COLUMNS = ("path", *serving.COLUMNS)
+COLUMNS = (serving.PATH, *serving.COLUMNS)
 
 
 def error_row(path: Any, reason: str) -> dict[str, Any]:
-    return {"path": str(path), "predicted_class": "", "defect_probability": None,
-            "decision_threshold": None, "error": reason}  # fmt: skip
+    return {serving.PATH: str(path), serving.PREDICTED_CLASS: "", serving.DEFECT_PROBABILITY: None,
+            serving.DECISION_THRESHOLD: None, serving.ERROR: reason}  # fmt: skip
 
 
 def row(path: Any, scored: Any) -> dict[str, Any]:
     """An output row from one row of the model's output (a pandas or a Spark row: read by key)."""
     if scored["error"]:
         return error_row(path, scored["error"])
-    return {"path": str(path), "predicted_class": scored["predicted_class"],
-            "defect_probability": float(scored["defect_probability"]),
-            "decision_threshold": float(scored["decision_threshold"]), "error": ""}  # fmt: skip
+    return {serving.PATH: str(path), serving.PREDICTED_CLASS: scored[serving.PREDICTED_CLASS],
+            serving.DEFECT_PROBABILITY: float(scored[serving.DEFECT_PROBABILITY]),
+            serving.DECISION_THRESHOLD: float(scored[serving.DECISION_THRESHOLD]), serving.ERROR: ""}  # fmt: skip
 
 
 class Writer:
@@ -81,10 +81,11 @@ class Writer:
             self.n_errors += 1
             return
         self.n_scored += 1
-        if row["predicted_class"] == self.defect_class:
+        if row[serving.PREDICTED_CLASS] == self.defect_class:
             self.n_defect += 1
-            self.defects.append((row["defect_probability"], row["path"]))
+            self.defects.append((row[serving.DEFECT_PROBABILITY], row[serving.PATH]))
 
 
 def _csv_numbers(row: dict[str, Any]) -> dict[str, str]:
-    return {k: "" if row[k] is None else f"{row[k]:.6f}" for k in ("defect_probability", "decision_threshold")}
+    numbers = (serving.DEFECT_PROBABILITY, serving.DECISION_THRESHOLD)
+    return {k: "" if row[k] is None else f"{row[k]:.6f}" for k in numbers}

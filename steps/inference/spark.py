@@ -17,7 +17,7 @@ import mlflow
 from steps.core.errors import PipelineError
 from steps.datasets.data import IMAGE_SUFFIXES
 from steps.inference.outputs import error_row, row
-from steps.served import serving
+from steps.served import packaging
 
 JAVA_INSTALL = "Debian/Ubuntu: apt-get install openjdk-17-jre-headless; macOS: brew install openjdk@17"
 
@@ -85,7 +85,7 @@ def score_spark(
     udf = mlflow.pyfunc.spark_udf(
         spark,
         model_uri,
-        result_type=serving.spark_result_type(),
+        result_type=packaging.spark_result_type(),
         env_manager="local",
         params={"on_error": "row"},
         model_config=model_config,  # infer's: an Arrow batch is not a REST request

@@ -1,11 +1,5 @@
-"""Who holds ``prod``: the promotion rule, the alias move that stays right under concurrency, and its
-history; and loading a registered model's network safely (``load_keras``, ``pipeline_model_problem``).
-
-The rule (``decide``): only scores on one test set (one ``test_digest``) are compared. Among the
-versions of ``Production_Reg`` scored on that set and not blocked, the best (highest ``acc``; ties
-go to the earlier version) takes ``prod`` from the current holder when the holder has no score on
-that set, or when it beats the holder by more than zero and by at least ``min_improvement``. A tie
-keeps the holder. Versions without a usable score (registered by hand) never take ``prod``.
+"""Who holds ``prod``, in the registry: reading every version's score, and moving the alias by the rule
+(``steps.mlflow_io.rule``) so that it ends right under concurrency, with its history.
 
 Every alias move (``move_alias``) is recorded three ways, so nobody needs this code to audit it:
 
@@ -38,212 +32,34 @@ import dataclasses
 import getpass
 import json
 import logging
-import math
 import os
-import re
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 import mlflow
 
 from steps.core import contract
 from steps.core.config import RegistryConfig
-from steps.core.errors import ModelError, PipelineError, StoreError
-from steps.mlflow_io.tracking import first_line
-from steps.served.provenance import flavor_problem
+from steps.core.errors import PipelineError, StoreError, first_line
+from steps.mlflow_io import mlflow_errors
+from steps.mlflow_io.rule import (
+    Scored,
+    decide,
+    history_events,
+    history_key,
+    retake,
+    score_on,
+    score_tag,
+)
 
 logger = logging.getLogger(__name__)
 
-# Accuracies are ratios of counts: differences like 0.7 - 0.65 land a hair under 0.05 in floating point.
-EPSILON = 1e-9
 # Rounds of read-decide-write before giving up: concurrent evaluations on one test set settle in two
 # or three; only evaluations on different test sets can pull the alias back and forth for ever.
 MAX_ROUNDS = 12
-
-
-# --- Pure rules --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Scored:
-    """A version as the rule sees it: its accuracy on the test set in question, if it has one."""
-
-    version: str
-    acc: float | None
-    blocked: bool = False
-    unfinished: bool = False  # its evaluation run did not finish
-    ineligible: bool = False  # registered by an evaluation that was not to promote (evaluate.promote false)
-    pruned: bool = False  # its files were deleted by a store's retention rule (steps.mlflow_io.store)
-
-    @property
-    def eligible(self) -> bool:
-        return (
-            self.acc is not None
-            and not self.blocked
-            and not self.unfinished
-            and not self.ineligible
-            and not self.pruned
-        )
-
-
-def parse_acc(value: str | None) -> float | None:
-    """A version's ``acc`` tag as a number, or None when it is missing or not a finite number."""
-    try:
-        acc = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return acc if acc is not None and math.isfinite(acc) else None
-
-
-def score_tag(digest: str) -> str:
-    """The version tag holding a version's accuracy on one test set: ``acc.<test_digest>``."""
-    return f"{contract.VERSION_TAG_ACC}.{digest}"
-
-
-def score_on(tags: Mapping[str, str], digest: str) -> float | None:
-    """A version's accuracy on the test set ``digest``: ``acc.<digest>``, else ``acc`` when ``test_digest`` matches."""
-    if score_tag(digest) in tags:
-        return parse_acc(tags[score_tag(digest)])
-    if tags.get(contract.VERSION_TAG_TEST_DIGEST) == digest:
-        return parse_acc(tags.get(contract.VERSION_TAG_ACC))
-    return None
-
-
-def judge(challenger: Scored, champion: Scored | None, min_improvement: float) -> tuple[bool, str]:
-    """Does ``challenger`` take ``prod`` from ``champion`` (the holder, None if there is none)? And why."""
-    if challenger.acc is None:
-        return False, f"version {challenger.version} has no score on this test set"
-    if challenger.blocked:
-        return False, f"version {challenger.version} was rolled back and is blocked from automatic promotion"
-    if challenger.unfinished:
-        return False, f"version {challenger.version}'s evaluation run did not finish"
-    if challenger.ineligible:
-        return False, f"version {challenger.version} was registered without promotion (evaluate.promote false)"
-    if challenger.pruned:
-        return False, f"version {challenger.version}'s files were pruned by the store's retention rule"
-    if champion is None:
-        return True, f"version {challenger.version} (acc {challenger.acc:.4f}) is the first to hold prod"
-    if champion.version == challenger.version:
-        return True, f"version {challenger.version} (acc {challenger.acc:.4f}) already holds prod"
-    if not champion.eligible:
-        why = (
-            "has no score on this test set"
-            if champion.acc is None
-            else "is blocked"
-            if champion.blocked
-            else "was registered without promotion"
-            if champion.ineligible
-            else "has had its files pruned"
-            if champion.pruned
-            else "has an evaluation run that did not finish"
-        )
-        return True, f"prod version {champion.version} {why}; version {challenger.version} (acc {challenger.acc:.4f})"
-    assert champion.acc is not None
-    gain = challenger.acc - champion.acc
-    versus = f"version {challenger.version} (acc {challenger.acc:.4f}) against prod version {champion.version} " + (
-        f"(acc {champion.acc:.4f}): {gain:+.4f}"
-    )
-    if gain <= EPSILON:
-        return False, f"{versus}; {'a tie keeps' if abs(gain) <= EPSILON else 'not better than'} the champion"
-    if gain < min_improvement - EPSILON:
-        return False, f"{versus} is below min_improvement {min_improvement:.4f}"
-    return True, f"{versus} >= min_improvement {min_improvement:.4f}"
-
-
-def best_of(entries: Sequence[Scored]) -> Scored | None:
-    """The eligible version with the highest accuracy; ties go to the earliest version."""
-    eligible = [e for e in entries if e.eligible]
-    if not eligible:
-        return None
-    return min(eligible, key=lambda e: (-(e.acc or 0.0), int(e.version)))
-
-
-def decide(current: str | None, entries: Sequence[Scored], min_improvement: float) -> tuple[str | None, str]:
-    """Which version should hold ``prod``, given the holder and every version's score on one test set."""
-    by_version = {e.version: e for e in entries}
-    champion = by_version.get(current) if current is not None else None
-    if current is not None and champion is None:
-        champion = Scored(current, None)  # the holder is not among the versions: treat it as unscored
-    best = best_of(entries)
-    if best is None:
-        return current, "no version has a score on this test set"
-    takes, reason = judge(best, champion, min_improvement)
-    return (best.version if takes else current), reason
-
-
-def retake(current: str, entries: Sequence[Scored]) -> tuple[str, str] | None:
-    """For a holder this process wrote itself: ``(better version, why)`` when one beats it by any gain.
-
-    Its check before writing cannot close the window in which another process moved ``prod`` to a
-    better version; the write may have replaced that version, and the margin, meant to keep an
-    established holder, must not keep this one.
-    """
-    by_version = {e.version: e for e in entries}
-    best = best_of(entries)
-    mine = by_version.get(current, Scored(current, None))
-    if best is None or best.version == current:
-        return None
-    if mine.eligible and best.acc is not None and mine.acc is not None and best.acc - mine.acc <= EPSILON:
-        return None
-    mine_acc = "no score" if mine.acc is None else f"acc {mine.acc:.4f}"
-    return best.version, (
-        f"version {best.version} (acc {best.acc:.4f}) is better than version {current} ({mine_acc}), which "
-        "this evaluation had just put on prod and which may have replaced it"
-    )
-
-
-# --- History -----------------------------------------------------------------------------
-
-
-def history_prefix(alias: str) -> str:
-    return f"{alias}.history."
-
-
-def history_key(alias: str, ns: int, nonce: str) -> str:
-    """Sortable by time: the nanoseconds are zero-padded; the nonce keeps simultaneous moves apart."""
-    return f"{history_prefix(alias)}{ns:020d}.{nonce}"
-
-
-def history_events(tags: Mapping[str, str], alias: str) -> list[dict[str, Any]]:
-    """The recorded moves of ``alias``, oldest first; a tag that is not valid JSON is kept as text.
-
-    Ordered by when each move was made (``ns``, written when it is marked done; ``move_alias`` says
-    how it keeps the holder's move last), else by when it was intended (the key): of two processes,
-    the one that intends first may move last.
-    """
-    timed = []
-    for key in (k for k in tags if k.startswith(history_prefix(alias))):
-        try:
-            event = json.loads(tags[key])
-        except json.JSONDecodeError:
-            event = {"reason": tags[key]}
-        event = event if isinstance(event, dict) else {"reason": str(event)}
-        intended = key.removeprefix(history_prefix(alias)).split(".")[0]
-        ns = event.get("ns") if isinstance(event.get("ns"), int) else int(intended) if intended.isdigit() else 0
-        timed.append((ns, key, event))
-    return [event for _, _, event in sorted(timed, key=lambda t: (t[0], t[1]))]
-
-
-def format_history(events: Sequence[Mapping[str, Any]], name: str, alias: str) -> str:
-    if not events:
-        return f"{name}@{alias} has never moved"
-    lines = [f"{name}@{alias}, oldest first:"]
-    for e in events:
-        came_from = e.get("from") or "-"
-        # An event recorded as intended and never marked done: its process died around the move.
-        unconfirmed = (
-            " [intended, not confirmed: the process stopped around this move]" if e.get("state") == "intended" else ""
-        )
-        lines.append(
-            f"{e.get('at', '?')}  {came_from:>4} -> {e.get('to', '?'):<4} {e.get('action', '?'):<9} "
-            f"by {e.get('by', '?')}: {e.get('reason', '')}{unconfirmed}"
-        )
-    return "\n".join(lines)
 
 
 def requested_by() -> str:
@@ -257,92 +73,6 @@ def requested_by() -> str:
         return "unknown"
 
 
-# --- Loading a registered model ----------------------------------------------------------
-
-
-def load_keras(model_uri: str):
-    """The Keras network of a model in the configured store, with Keras's ``safe_mode`` on.
-
-    Safe mode refuses a file that needs code to run to load (a ``Lambda`` layer's pickled
-    bytecode): a model in the registry is data, never a program. Keras defaults to it; we insist.
-    A served model (``steps.served.serving``) holds the network as an artifact, which is loaded on its
-    own, so none of the model's logged code runs here; models logged before it are Keras models.
-    Refused as well, before anything is loaded: a Keras model saved as a TensorFlow SavedModel
-    (``tf.saved_model.load`` knows no safe mode) and a file named outside the model's directory.
-    """
-    import keras
-
-    from steps.served.serving import KERAS_ARTIFACT
-
-    flavors = mlflow.models.get_model_info(model_uri).flavors
-    try:
-        if "keras" in flavors:
-            conf = flavors["keras"]
-            if conf.get("save_exported_model"):
-                raise ModelError(
-                    f"refused to load {model_uri}: a Keras model saved as a TensorFlow SavedModel "
-                    "(save_exported_model), which loads without Keras's safe_mode; register a .keras model"
-                )
-            _inside_model(model_uri, str(conf.get("data", "data")))
-            return mlflow.keras.load_model(model_uri, load_model_kwargs={"safe_mode": True})
-        path = model_artifact(
-            model_uri, KERAS_ARTIFACT, "is not a model of this pipeline: it holds no Keras network", flavors
-        )
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except ValueError as err:
-        if "safe_mode" not in str(err):
-            raise
-        raise ModelError(
-            f"refused to load {model_uri}: it needs code execution to load (Keras safe_mode); "
-            "register models built from the pipeline's own layers"
-        ) from None
-
-
-def model_artifact(model_uri: str, key: str, missing: str, flavors: dict | None = None) -> Path:
-    """The local copy of a served model's artifact ``key`` (the Keras network, an export), after
-    checking that the path its ``MLmodel`` gives stays inside the model; ``missing`` ends the error
-    when the model has no such artifact."""
-    if flavors is None:
-        flavors = mlflow.models.get_model_info(model_uri).flavors
-    artifact = flavors.get("python_function", {}).get("artifacts", {}).get(key, {}).get("path")
-    if not artifact:
-        raise ModelError(f"{model_uri} {missing}")
-    _inside_model(model_uri, artifact)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri)).resolve()
-    if not (local / artifact).resolve().is_relative_to(local):  # a link inside that leads out
-        raise ModelError(f"refused to load {model_uri}: its file {artifact!r} leads outside the model")
-    return local / artifact
-
-
-def _inside_model(model_uri: str, path: str) -> None:
-    """Refuse an ``MLmodel`` path that is absolute or climbs out of the model's directory."""
-    parts = PurePosixPath(path.replace("\\", "/"))
-    if parts.is_absolute() or ".." in parts.parts or re.match(r"^[A-Za-z]:", path) or path.startswith("~"):
-        raise ModelError(f"refused to load {model_uri}: its MLmodel names {path!r}, outside the model's directory")
-
-
-def pipeline_model_problem(info) -> str | None:
-    """Why a logged model is not one ``train`` logged (None when it is): its ``MLmodel`` must have
-    this pipeline's layout: the served model's code, the Keras network as an artifact inside the
-    model, and the metadata evaluate needs."""
-    from steps.served.serving import KERAS_ARTIFACT
-
-    pyfunc = (info.flavors or {}).get("python_function", {})
-    wrong = flavor_problem(info.flavors or {})
-    if wrong:
-        return wrong
-    artifact = pyfunc.get("artifacts", {}).get(KERAS_ARTIFACT, {}).get("path")
-    if not artifact:
-        return f"it holds no Keras network (artifact {KERAS_ARTIFACT})"
-    try:
-        _inside_model(info.model_uri, str(artifact))
-    except ModelError as err:
-        return str(err).split(": ", 1)[1]
-    metadata = info.metadata or {}
-    missing = [key for key in ("image_size", "classes") if key not in metadata]
-    return f"its metadata has no {', '.join(missing)}" if missing else None
-
-
 def alias_version(name: str, alias: str) -> str | None:
     """The version an alias points at, as a string (MLflow returns int or str by call), or None when
     the model or the alias does not exist. Any other error (a store that does not answer) is a
@@ -351,30 +81,21 @@ def alias_version(name: str, alias: str) -> str | None:
         # Retried like a write: SQLite answers "database is locked" while another process writes.
         return str(_retried(mlflow.MlflowClient().get_model_version_by_alias, name, alias).version)
     except mlflow.exceptions.MlflowException as err:
-        # No model: RESOURCE_DOES_NOT_EXIST; a model without the alias: INVALID_PARAMETER_VALUE, "not found".
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or (
-            err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(err)
-        ):
+        if mlflow_errors.missing(err) or mlflow_errors.alias_not_found(err):  # no model, or no such alias
             return None
         raise StoreError(
             f"cannot read {name}@{alias} ({first_line(err)}); nothing was changed, rerun when the store answers"
         ) from None
 
 
-# --- MLflow edge -------------------------------------------------------------------------
-
-# Errors of a write that lost a race inside MLflow's SQL store: tag and alias writes are a read and
-# then an insert or update, so two processes writing the same key at once can collide. Retried.
-_RACE_ERRORS = ("UNIQUE constraint failed", "IntegrityError", "duplicate key value", "database is locked")
-
-
 def _retried(call: Callable[..., Any], *args: Any) -> Any:
-    """One registry call, retried when it collided with another process's write."""
+    """One registry call, retried when it collided with another process's write (tag and alias writes
+    are a read and then an insert or update, so two processes writing the same key at once can collide)."""
     for attempt in range(5):
         try:
             return call(*args)
         except mlflow.exceptions.MlflowException as err:
-            if attempt == 4 or not any(text in str(err) for text in _RACE_ERRORS):
+            if attempt == 4 or not mlflow_errors.write_race(err):
                 raise
             logger.debug("registry call collided with another process; retrying: %s", err)
             time.sleep(0.05 * (attempt + 1))
@@ -412,7 +133,7 @@ def _run_status(client: mlflow.MlflowClient, run_id: str) -> str:
         try:
             status = client.get_run(run_id).info.status
         except mlflow.exceptions.MlflowException as err:
-            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            if not mlflow_errors.missing(err):
                 raise
             status = "MISSING"
         if status not in ("FINISHED", "FAILED", "KILLED"):
@@ -421,12 +142,17 @@ def _run_status(client: mlflow.MlflowClient, run_id: str) -> str:
     return _ENDED[run_id]
 
 
-def record_score(client: mlflow.MlflowClient, name: str, version: str, acc: float, digest: str) -> None:
-    """``acc`` and ``test_digest`` become this score; ``acc.<digest>`` keeps it beside earlier ones."""
+def score_tags(acc: float, digest: str) -> dict[str, str]:
+    """A version's tags for its score on test set ``digest``: ``acc.<digest>`` keeps it beside earlier
+    ones, ``acc`` and ``test_digest`` say the latest."""
     value = repr(acc)  # repr: float(tag) == the metric, exactly
-    _retried(client.set_model_version_tag, name, version, score_tag(digest), value)
-    _retried(client.set_model_version_tag, name, version, contract.VERSION_TAG_ACC, value)
-    _retried(client.set_model_version_tag, name, version, contract.VERSION_TAG_TEST_DIGEST, digest)
+    return {score_tag(digest): value, contract.VERSION_TAG_ACC: value, contract.VERSION_TAG_TEST_DIGEST: digest}
+
+
+def record_score(client: mlflow.MlflowClient, name: str, version: str, acc: float, digest: str) -> None:
+    """Record a version's score on test set ``digest`` (``score_tags``)."""
+    for key, value in score_tags(acc, digest).items():
+        _retried(client.set_model_version_tag, name, version, key, value)
 
 
 def move_alias(

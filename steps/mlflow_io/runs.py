@@ -10,17 +10,20 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.entities import Run, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from steps.core import contract, errors, signals
-from steps.core.errors import PipelineError
+from steps.core.errors import PipelineError, redact
+from steps.mlflow_io import mlflow_errors
 from steps.mlflow_io.records import library_versions
-from steps.mlflow_io.tracking import artifact_root, redact
+from steps.mlflow_io.tracking import artifact_root
 
 logger = logging.getLogger(__name__)
 
@@ -143,21 +146,37 @@ def _killed(under_mlflow_run: bool) -> None:
     """End the active run KILLED, tagged ``interrupted``; under `mlflow run`, keep it KILLED after."""
     run = mlflow.active_run()
     _record_failure(errors.INTERRUPTED)
-    mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-    if under_mlflow_run and run is not None:
-        args = [str(os.getppid()), run.info.run_id, contract.TAG_FAILURE_KIND, errors.INTERRUPTED.kind]
-        subprocess.Popen(
-            [sys.executable, "-c", _KEEP_KILLED, *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+    try:
+        patiently(mlflow.end_run, RunStatus.to_string(RunStatus.KILLED))
+    finally:
+        if under_mlflow_run and run is not None:
+            args = [str(os.getppid()), run.info.run_id, contract.TAG_FAILURE_KIND, errors.INTERRUPTED.kind]
+            subprocess.Popen(
+                [sys.executable, "-c", _KEEP_KILLED, *args],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
 
 
 def _record_failure(failure: errors.Failure) -> None:
     """Tag the active run with the kind of its failure; a store that fails this too only loses the tag."""
     try:
-        mlflow.set_tag(contract.TAG_FAILURE_KIND, failure.kind)
+        patiently(mlflow.set_tag, contract.TAG_FAILURE_KIND, failure.kind)
     except Exception as err:  # noqa: BLE001 - the run's status and the exit code still say it failed
         logger.debug("could not record the failure kind: %s", err)
+
+
+def patiently(call: Callable[..., Any], *args: Any, seconds: float = 30.0) -> Any:
+    """``call(*args)``, retried while a SQLite store stays locked by another process's write: on an
+    interrupt every process of the pipeline closes its runs at once, and SQLite takes one writer."""
+    deadline, delay = time.monotonic() + seconds, 0.1
+    while True:
+        try:
+            return call(*args)
+        except mlflow.exceptions.MlflowException as err:
+            if not mlflow_errors.locked(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def process_identity(pid: int | None = None) -> str:
@@ -233,7 +252,7 @@ def get_run(run_id: str) -> Run:
     try:
         return mlflow.MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+        if mlflow_errors.missing(err):
             raise PipelineError(
                 f"run {run_id!r} does not exist in {redact(mlflow.get_tracking_uri())}; run "
                 "`mlflow run . -e train` first and pass its best_run_id tag as -P run_id=..."

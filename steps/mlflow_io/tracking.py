@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import re
 import sys
 import urllib.error
 import urllib.request
@@ -19,7 +18,8 @@ from urllib.parse import unquote, urlparse
 
 import mlflow
 
-from steps.core.errors import PipelineError, StoreError
+from steps.core.errors import PipelineError, StoreError, first_line, redact
+from steps.mlflow_io import mlflow_errors
 
 try:
     import fcntl
@@ -30,20 +30,6 @@ logger = logging.getLogger(__name__)
 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-# ``scheme://user:token@host``: the user-info of any URI in a text.
-_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
-
-
-def first_line(err: BaseException, limit: int = 200) -> str:
-    """An error's first line, shortened and without credentials: for one-line messages."""
-    return redact((str(err).splitlines() or [type(err).__name__])[0][:limit])
-
-
-def redact(text: str) -> str:
-    """``text`` with the credentials of every URI in it replaced by ``***``, for anything printed or logged."""
-    return _USERINFO.sub("***@", text)
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -111,28 +97,21 @@ def create_sqlite_store(uri: str) -> None:
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 
-# What MLflow's client says when the store did not answer; MLflow gives these no error code of their
-# own (a lost server surfaces as requests' errors; SQLite's lock as an OperationalError's text).
-_LOST_SERVER = ("Max retries exceeded", "Connection refused", "ConnectionError", "Read timed out", "RemoteDisconnected")
-_LOCKED = "database is locked"
-
-
 def store_failure(err: BaseException) -> StoreError | None:
     """A one-line error when ``err`` means the store did not answer (a lost server, a SQLite store
     locked by another writer for longer than its timeout), else None."""
     uri = mlflow.get_tracking_uri()
-    text = str(err)
-    first = redact((text.splitlines() or [type(err).__name__])[0][:200])
+    first = first_line(err)
     scheme = urlparse(uri).scheme
-    if scheme in ("http", "https") and any(sign in text for sign in _LOST_SERVER):
+    if scheme in ("http", "https") and mlflow_errors.lost_server(err):
         return StoreError(
             f"lost the tracking server at {redact(uri)} during the run ({first}); the run could not be closed "
             "there. Rerun when the server is back: the rerun marks the lost run FAILED"
         )
-    if scheme == "sqlite" and _LOCKED in text:
+    if scheme == "sqlite" and mlflow_errors.locked(err):
         return StoreError(
-            f"the store {redact(uri)} stayed locked by another process's write ({_LOCKED}); rerun when it has "
-            "finished, or use a tracking server (make server) for many writers at once"
+            f"the store {redact(uri)} stayed locked by another process's write ({mlflow_errors.LOCKED}); rerun "
+            "when it has finished, or use a tracking server (make server) for many writers at once"
         )
     return None
 

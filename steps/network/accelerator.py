@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+from steps.core.errors import first_line
+
 # The TensorFlow module whose functions load the plugins; wrapped as soon as it is executed.
 LOADER_MODULE = "tensorflow.python.framework.load_library"
 PLUGIN_DIR = "tensorflow-plugins"
@@ -98,7 +100,7 @@ def _guarded(load: Any) -> Any:
             if PLUGIN_DIR not in str(location):
                 raise  # TensorFlow's own kernels: a broken install, not a plugin
             if not any(str(location) in line for line in FAILED):
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                first = first_line(err, 300)
                 line = (
                     f"warning: the TensorFlow plugin in {location} did not load ({first}); running on the CPU. "
                     "tensorflow-metal must suit the installed TensorFlow: pip install -U tensorflow-metal, "

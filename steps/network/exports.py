@@ -3,7 +3,7 @@
 ``write_exports`` turns the trained network into the graph both formats hold and writes, into one
 folder, those of ``train.exports`` (both by default): ``model.onnx`` (Keras's
 ``export(format="onnx")``, through tf2onnx) and ``model.tflite`` (``export(format="litert")``),
-with ``preprocessing.json`` (``serving.preprocessing_spec``). Each file takes float32 gray
+with ``preprocessing.json`` (``packaging.preprocessing_spec``). Each file takes float32 gray
 levels, ``(n, size, size, 1)`` in 0..255, already resized, and returns the defect probability
 ``(n, 1)``: the network's normalisation and its test-time augmentation are inside.
 
@@ -35,8 +35,8 @@ import keras
 import numpy as np
 from keras import layers
 
-from steps.core.errors import PipelineError
-from steps.served import serving
+from steps.core.errors import PipelineError, first_line
+from steps.served import packaging, serving
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ PARITY_TOLERANCE = 1e-4
 # views on 2 cores, all 394 of ELPV took 30 s a set; evaluate checks every test image.
 PARITY_SAMPLE = 64
 # The files in an export folder, by runtime; the spec beside them.
-FILES = {"onnx": "model.onnx", "litert": "model.tflite"}
+FILES = {runtime: export.file for runtime, export in serving.EXPORTS.items()}
 SPEC_FILE = "preprocessing.json"
 
 
@@ -120,9 +120,9 @@ def write_exports(
         try:
             graph.export(str(paths[runtime]), format=runtime, input_signature=signature, verbose=False)
         except Exception as err:  # noqa: BLE001 - a converter raises many types; the run must say which failed
-            raise PipelineError(f"the {runtime} export failed: {type(err).__name__}: {_first_line(err)}") from None
+            raise PipelineError(f"the {runtime} export failed: {type(err).__name__}: {first_line(err, 300)}") from None
     paths["spec"] = folder / SPEC_FILE
-    spec = serving.preprocessing_spec(metadata, tta, {runtime: FILES[runtime] for runtime in formats})
+    spec = packaging.preprocessing_spec(metadata, tta, {runtime: FILES[runtime] for runtime in formats})
     paths["spec"].write_text(json.dumps(spec, indent=2) + "\n")
     return paths
 
@@ -152,7 +152,3 @@ def check_parity(
             )
         logger.info("%s export: largest difference from Keras %.2e on %d images", runtime, worst[runtime], len(prob))
     return worst
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0][:300]

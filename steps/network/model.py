@@ -1,7 +1,7 @@
 """The one model factory. Preprocessing lives inside the model, so training and serving cannot drift.
 
 The model takes raw grayscale pixels, ``(batch, height, width, 1)`` floats in 0..255 at any size,
-resizes them to the set's ``image_size`` and scales them as its network expects (``ARCHS``), and
+resizes them to the set's ``image_size`` and scales them as its network expects (``FEATURES``), and
 returns the defect probability ``(batch, 1)``. Augmentation is not part of it: it runs in the training input pipeline
 (``steps.datasets.batches``), so the logged model does exactly what serving needs and nothing else.
 
@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from steps.core.config import HParams
+from steps.core.config import ARCHS, HParams
 from steps.network import pretrained
 from steps.served.serving import RESIZE  # the one resize, shared with the loader and the served model
 
@@ -34,13 +34,13 @@ def make_model(hp: HParams, seed: int) -> keras.Model:
     """The compiled network of one hyperparameter set (train with ``schedule(hp)`` as a callback).
 
     Gray pixels in 0..255 at any size are resized to ``hp.image_size``; the arch's features
-    (``ARCHS[hp.arch]``) are averaged over the image, then dropout and, for the from-scratch
+    (``FEATURES[hp.arch]``) are averaged over the image, then dropout and, for the from-scratch
     network, an optional dense layer, and the sigmoid. The sigmoid computes in float32 under any
     mixed-precision policy, for a stable loss.
     """
     inputs = keras.Input(shape=(None, None, 1), name="image")
     x = layers.Resizing(hp.image_size, hp.image_size, name="resize", **RESIZE)(inputs)
-    x = ARCHS[hp.arch](hp, x, seed)
+    x = FEATURES[hp.arch](hp, x, seed)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(hp.dropout, seed=seed, name="dropout0")(x)
     if hp.dense_units:
@@ -59,7 +59,7 @@ def make_model(hp: HParams, seed: int) -> keras.Model:
     # inside the first trace of the training step, and TensorFlow then traces that step a second
     # time (a traced function that created variables is traced again). Created here, from a batch's
     # shapes, the step is traced once: a set's first epoch 1.4-1.7x sooner (BENCHMARKS.md, "First
-    # epoch"), the same weights (tests/test_model.py).
+    # epoch"), the same weights (tests/integration/test_model.py).
     batch = (np.zeros((1, hp.image_size, hp.image_size, 1), "float32"), np.zeros(1, "float32"))
     model._symbolic_build(data_batch=batch)
     return model
@@ -88,7 +88,7 @@ def cnn_features(hp: HParams, x, seed: int):
     return x
 
 
-def lite0_features(hp: HParams, x, seed: int):
+def efficientnet_lite0_features(hp: HParams, x, seed: int):
     """EfficientNet-Lite0 with ImageNet weights (``steps.network.pretrained``): the gray image as the three
     equal channels of an RGB one, normalised as the weights expect, inside the model so that serving
     does the same."""
@@ -98,9 +98,9 @@ def lite0_features(hp: HParams, x, seed: int):
     return pretrained.lite0_features(x, hp.freeze_blocks, hp.drop_connect, seed)
 
 
-# Every network make_model can build, by the name a set's ``arch`` gives: a new one is one entry here
-# (and its name in steps.core.config.ARCHS, which validates conf/ before anything imports Keras).
-ARCHS: dict[str, Callable[[HParams, Any, int], Any]] = {"cnn": cnn_features, "efficientnet_lite0": lite0_features}
+# Every network make_model can build: ``<arch>_features`` above for each name of steps.core.config.ARCHS
+# (the names' one home: it validates conf/ before anything imports Keras). A missing function fails here.
+FEATURES: dict[str, Callable[[HParams, Any, int], Any]] = {arch: globals()[f"{arch}_features"] for arch in ARCHS}
 
 
 def with_tta(network: keras.Model, hp: HParams) -> keras.Model:

@@ -204,7 +204,7 @@ def load_state_dict(arch: str) -> dict[str, np.ndarray]:
 
 # What the network expects of RGB in 0..255: (x - 127) / 128, the EfficientNet-Lite recipe, which
 # puts the ImageNet class of a known photo higher than the ImageNet mean and std do
-# (tests/test_pretrained.py: 0.39 against 0.29 for "military uniform" on grace_hopper.jpg).
+# (tests/integration/test_pretrained.py: 0.39 against 0.29 for "military uniform" on grace_hopper.jpg).
 INPUT_MEAN = (127.0, 127.0, 127.0)
 INPUT_STD = (128.0, 128.0, 128.0)
 # (kernel, stride, expansion, output channels, repeats) per stage: EfficientNet-B0's layout.

@@ -38,9 +38,8 @@ import numpy as np
 
 from steps.core import cli
 from steps.core.config import Config, ServeConfig
-from steps.core.errors import PipelineError
+from steps.core.errors import PipelineError, first_line
 from steps.mlflow_io.registry import alias_version
-from steps.mlflow_io.tracking import first_line
 from steps.served import provenance
 
 logger = logging.getLogger(__name__)

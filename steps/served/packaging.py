@@ -1,8 +1,8 @@
 """The served model as train logs it: ``steps/served/serving.py`` as the model's code, the Keras network and
 its ONNX and LiteRT exports with their preprocessing spec as its artifacts (model config ``runtime``
-picks what scores), the model config built from the metadata (``serving.model_config``), the
-signature (``serving.signature``), a PNG serving example and the pinned requirements of a serving
-environment.
+picks what scores), the model config built from the metadata (``model_config``), the signature, a
+PNG serving example and the pinned requirements of a serving environment; and the preprocessing spec
+written beside the exports. What the model computes is ``serving``'s alone.
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ from steps.served import serving
 # What a serving environment installs (these versions of what steps/served/serving.py imports); the Metal
 # plugin with its environment marker, so that a model trained on a Mac still installs where it is
 # served (Linux, most often). steps.served.provenance refuses a model whose environment holds anything else.
-PACKAGES = ("mlflow", "keras", "tensorflow", "tensorflow-metal", "pillow", "pandas", "onnxruntime", "ai-edge-litert")
+PACKAGES = (
+    "mlflow",
+    "keras",
+    "tensorflow",
+    "tensorflow-metal",
+    "pillow",
+    "pandas",
+    *(e.package for e in serving.EXPORTS.values()),
+)
 APPLE_SILICON = '; sys_platform == "darwin" and platform_machine == "arm64"'
 
 
@@ -59,7 +67,7 @@ def log_model(
     of them: ``train.exports`` none) logs a model without exports, as models were logged before them.
     """
     # predict_batch_size, not batch_size: MLflow logs the config's keys as params too.
-    model_config = serving.model_config(metadata, predict_batch_size=config.infer.batch_size)
+    served_config = model_config(metadata, predict_batch_size=config.infer.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         keras_file = Path(tmp) / "network.keras"
         network.save(keras_file)
@@ -71,11 +79,90 @@ def log_model(
             name=contract.MODEL_ARTIFACT,
             python_model=str(Path(serving.__file__)),
             artifacts=artifacts,
-            model_config=model_config,
-            signature=serving.signature(),
+            model_config=served_config,
+            signature=signature(),
             # A DataFrame of PNG bytes: MLflow stores it base64, as a REST client sends it (the
             # Keras flavor's input_example fails, MLflow #16183; this pyfunc's does not).
-            input_example=pd.DataFrame({"image": [png_bytes(example)]}),
+            input_example=pd.DataFrame({serving.IMAGE: [png_bytes(example)]}),
             pip_requirements=model_requirements(),
             metadata=metadata,
         )
+
+
+def preprocessing_spec(metadata: Mapping[str, Any], tta: str, files: Mapping[str, str]) -> dict[str, Any]:
+    """What a caller without this repository, TensorFlow or MLflow needs to score with an export
+    (``files``: its file name by runtime) as this model does: the spec train writes beside them."""
+    size = int(metadata[serving.IMAGE_SIZE])
+    return {
+        "spec_version": 1,
+        "files": dict(files),
+        "input": {
+            "name": "image",
+            "shape": [None, size, size, 1],
+            "layout": "NHWC",
+            "dtype": "float32",
+            "height": size,
+            "width": size,
+            "channels": 1,
+        },
+        "decode": (
+            "8-bit gray: Pillow's convert('L') (ITU-R 601-2 luma; alpha ignored); 16-bit gray scaled by "
+            "255/65535; EXIF orientation applied; the first frame of a multi-frame file"
+        ),
+        "resize": {
+            "to": [size, size],
+            "interpolation": "bilinear",
+            "antialias": True,
+            "pillow": "Image.fromarray(gray.astype('float32'), 'F').resize((width, height), Image.BILINEAR)",
+        },
+        # input = (gray * scale - mean) / std, gray in 0..255: the network normalises inside itself.
+        "scale": 1.0,
+        "mean": 0.0,
+        "std": 1.0,
+        "inside_the_model": f"the network's own normalisation; test-time augmentation: {tta}",
+        "output": {"shape": [None, 1], "meaning": "defect probability"},
+        "decision_threshold": serving.threshold_of(metadata),
+        "classes": list(metadata[serving.CLASSES]),
+        "rule": "defect (classes[1]) when the probability is at or above decision_threshold, else classes[0]",
+    }
+
+
+def model_config(
+    metadata: Mapping[str, Any], predict_batch_size: int, *, read_paths: bool = False,
+    max_request_pixels: int = serving.MAX_REQUEST_PIXELS, runtime: str = "keras",
+) -> dict[str, Any]:  # fmt: skip
+    """The model config, from a logged model's metadata: as train logs it, and as infer rebuilds it
+    around a version's network. A served model does not open files its callers name (``read_paths``)."""
+    return serving.check_config(
+        {
+            serving.CLASSES: list(metadata[serving.CLASSES]),  # [good, defect], as the model was trained
+            serving.DECISION_THRESHOLD: serving.threshold_of(metadata),
+            serving.IMAGE_SIZE: int(metadata[serving.IMAGE_SIZE]),
+            "predict_batch_size": int(predict_batch_size),
+            "read_paths": read_paths,
+            "max_request_pixels": max_request_pixels,
+            "runtime": runtime,
+        }
+    )
+
+
+def signature():
+    """Encoded image bytes in (or, where the loader allows, file paths), one ``OUTPUT`` row out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema(
+            [
+                ColSpec(DataType.binary, serving.IMAGE, required=False),
+                ColSpec(DataType.string, serving.PATH, required=False),
+            ]
+        ),
+        outputs=Schema([ColSpec(DataType[kind], name) for name, kind in serving.OUTPUT.items()]),
+        params=ParamSchema([ParamSpec("on_error", DataType.string, serving.ON_ERROR[0])]),
+    )
+
+
+def spark_result_type() -> str:
+    """``OUTPUT`` as Spark's DDL schema, for ``mlflow.pyfunc.spark_udf``."""
+    return ", ".join(f"{name} {kind}" for name, kind in serving.OUTPUT.items())

@@ -36,7 +36,7 @@ import yaml
 
 from steps.core import contract
 from steps.core.errors import ModelError
-from steps.served import serving
+from steps.served import packaging, serving
 from steps.served.packaging import APPLE_SILICON, PACKAGES
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def _check_bytecode(pycs: Mapping[str, bytes], source: bytes) -> None:
 
 
 def _check_config(config: Any, metadata: Mapping[str, Any]) -> None:
-    """The model config train writes (``serving.model_config``): no file reading, the default cap
+    """The model config train writes (``packaging.model_config``): no file reading, the default cap
     and runtime, the metadata's classes, size and cut-off, a sane batch size."""
     if not isinstance(config, dict):
         raise ModelError(f"its model config is {type(config).__name__}, not the mapping train writes")
@@ -146,7 +146,7 @@ def _check_config(config: Any, metadata: Mapping[str, Any]) -> None:
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
         raise ModelError(f"its model config predict_batch_size is {batch!r}, not a batch size train writes")
     try:
-        expected = serving.model_config(metadata, predict_batch_size=batch)
+        expected = packaging.model_config(metadata, predict_batch_size=batch)
     except (KeyError, TypeError, ValueError) as err:
         raise ModelError(
             f"its metadata cannot give the model config train writes ({type(err).__name__}: {err})"

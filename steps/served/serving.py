@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
@@ -60,22 +60,23 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # The Keras network's key among the model's artifacts.
 KERAS_ARTIFACT = "keras_model"
-# What scores the images (model config ``runtime``): the Keras network, or one of its exports (the
-# same network, converted by train; steps.network.exports), by their keys among the model's artifacts.
-RUNTIMES = ("keras", "onnx", "litert")
-EXPORT_ARTIFACTS = {"onnx": "onnx_model", "litert": "litert_model"}
 SPEC_ARTIFACT = "preprocessing_spec"
+# The served model's contract, whose one home this file is (the library imports it from here).
+# The input columns: encoded bytes, or (where the loader allows) a file to read.
+IMAGE, PATH = "image", "path"
 # The output, one row per image: column and type (Spark's and MLflow's names for it).
-OUTPUT = {
-    "predicted_class": "string",
-    "defect_probability": "double",
-    "decision_threshold": "double",
-    "error": "string",
-}
+PREDICTED_CLASS, DEFECT_PROBABILITY, DECISION_THRESHOLD, ERROR = (
+    "predicted_class", "defect_probability", "decision_threshold", "error",
+)  # fmt: skip
+OUTPUT = {PREDICTED_CLASS: "string", DEFECT_PROBABILITY: "double", DECISION_THRESHOLD: "double", ERROR: "string"}
 COLUMNS = tuple(OUTPUT)
 ON_ERROR = ("raise", "row")
-# The cut-off of a model logged without one.
-DEFAULT_THRESHOLD = 0.5
+# The model's metadata and config keys train writes: its [good, defect] class names, its input size
+# and its own cut-off (DECISION_THRESHOLD, tuned on validation).
+CLASSES, IMAGE_SIZE = "classes", "image_size"
+# The reference cut-off: every version's acc is measured at it, so versions compare alike; also the
+# cut-off of a model logged without one of its own.
+REFERENCE_CUTOFF = 0.5
 
 # --- Decoding ----------------------------------------------------------------------------
 
@@ -256,71 +257,36 @@ def _bad_input(message: str) -> MlflowException:
     return BadInput(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-# --- The model's contract: its config, its cut-off, its signature ----------------------
+# --- The exports' runtimes and the model's config ------------------------------------------
 
 
-def preprocessing_spec(metadata: Mapping[str, Any], tta: str, files: Mapping[str, str]) -> dict[str, Any]:
-    """What a caller without this repository, TensorFlow or MLflow needs to score with an export
-    (``files``: its file name by runtime) as this model does: the spec train writes beside them."""
-    size = int(metadata["image_size"])
-    return {
-        "spec_version": 1,
-        "files": dict(files),
-        "input": {
-            "name": "image",
-            "shape": [None, size, size, 1],
-            "layout": "NHWC",
-            "dtype": "float32",
-            "height": size,
-            "width": size,
-            "channels": 1,
-        },
-        "decode": (
-            "8-bit gray: Pillow's convert('L') (ITU-R 601-2 luma; alpha ignored); 16-bit gray scaled by "
-            "255/65535; EXIF orientation applied; the first frame of a multi-frame file"
-        ),
-        "resize": {
-            "to": [size, size],
-            "interpolation": "bilinear",
-            "antialias": True,
-            "pillow": "Image.fromarray(gray.astype('float32'), 'F').resize((width, height), Image.BILINEAR)",
-        },
-        # input = (gray * scale - mean) / std, gray in 0..255: the network normalises inside itself.
-        "scale": 1.0,
-        "mean": 0.0,
-        "std": 1.0,
-        "inside_the_model": f"the network's own normalisation; test-time augmentation: {tta}",
-        "output": {"shape": [None, 1], "meaning": "defect probability"},
-        "decision_threshold": threshold_of(metadata),
-        "classes": list(metadata["classes"]),
-        "rule": "defect (classes[1]) when the probability is at or above decision_threshold, else classes[0]",
-    }
+class OnnxNetwork:
+    """An ONNX export behind ``predict_on_batch``, the one call ``DefectModel`` makes, on onnxruntime."""
+
+    def __init__(self, path: Path | str) -> None:
+        import onnxruntime
+
+        self._session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        return self._session.run(None, {self._input: np.ascontiguousarray(images, dtype=np.float32)})[0]
 
 
-class ExportedNetwork:
-    """An ONNX or LiteRT export behind ``predict_on_batch``, the one call ``DefectModel`` makes."""
+class LiteRTNetwork:
+    """A LiteRT export behind ``predict_on_batch``, on LiteRT's interpreter."""
 
-    def __init__(self, runtime: str, path: Path | str) -> None:
-        self.runtime = runtime
-        self.path = Path(path)
-        if runtime == "onnx":
-            import onnxruntime
+    def __init__(self, path: Path | str) -> None:
+        from ai_edge_litert.interpreter import Interpreter
 
-            self._session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
-            self._input = self._session.get_inputs()[0].name
-        else:
-            from ai_edge_litert.interpreter import Interpreter
-
-            # Every core, as onnxruntime and TensorFlow use: the interpreter's default is one thread.
-            self._interpreter = Interpreter(model_path=str(self.path), num_threads=os.cpu_count() or 1)
-            self._input = self._interpreter.get_input_details()[0]["index"]
-            self._output = self._interpreter.get_output_details()[0]["index"]
-            self._shape: tuple[int, ...] = ()
+        # Every core, as onnxruntime and TensorFlow use: the interpreter's default is one thread.
+        self._interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._shape: tuple[int, ...] = ()
 
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype=np.float32)
-        if self.runtime == "onnx":
-            return self._session.run(None, {self._input: images})[0]
         if images.shape != self._shape:  # the interpreter's tensors are sized per batch shape
             self._interpreter.resize_tensor_input(self._input, images.shape)
             self._interpreter.allocate_tensors()
@@ -330,13 +296,32 @@ class ExportedNetwork:
         return self._interpreter.get_tensor(self._output).copy()
 
 
-def load_export(runtime: str, path: Path | str) -> ExportedNetwork:
+class Export(NamedTuple):
+    """An export of the network (steps.network.exports writes it): how it is run and where it is kept."""
+
+    network: type[OnnxNetwork] | type[LiteRTNetwork]
+    package: str  # the runtime's package
+    artifact: str  # its key among the model's artifacts
+    file: str  # its file name, in the model and in the train run's exports/
+
+
+# The one table of exports. What scores the images (model config ``runtime``): the Keras network, or
+# one of these (the same network, converted by train).
+EXPORTS = {
+    "onnx": Export(OnnxNetwork, "onnxruntime", "onnx_model", "model.onnx"),
+    "litert": Export(LiteRTNetwork, "ai-edge-litert", "litert_model", "model.tflite"),
+}
+RUNTIMES = ("keras", *EXPORTS)
+EXPORT_ARTIFACTS = {runtime: export.artifact for runtime, export in EXPORTS.items()}
+
+
+def load_export(runtime: str, path: Path | str) -> OnnxNetwork | LiteRTNetwork:
     """The export at ``path`` in its own runtime; a missing runtime or an unreadable file raises an
     ``MlflowException`` with one line naming it."""
+    network, package = EXPORTS[runtime].network, EXPORTS[runtime].package
     try:
-        return ExportedNetwork(runtime, path)
+        return network(path)
     except ImportError as err:
-        package = {"onnx": "onnxruntime", "litert": "ai-edge-litert"}[runtime]
         raise MlflowException(f"runtime {runtime} needs the package {package} ({err}); pip install {package}") from None
     except Exception as err:  # noqa: BLE001 - each runtime raises its own types for a bad file
         line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
@@ -345,45 +330,7 @@ def load_export(runtime: str, path: Path | str) -> ExportedNetwork:
 
 def threshold_of(values: Mapping[str, Any] | None) -> float:
     """The decision threshold in a model's config or metadata (defect at or above it)."""
-    return float((values or {}).get("decision_threshold", DEFAULT_THRESHOLD))
-
-
-def model_config(
-    metadata: Mapping[str, Any], predict_batch_size: int, *, read_paths: bool = False,
-    max_request_pixels: int = MAX_REQUEST_PIXELS, runtime: str = "keras",
-) -> dict[str, Any]:  # fmt: skip
-    """The model config, from a logged model's metadata: as train logs it, and as infer rebuilds it
-    around a version's network. A served model does not open files its callers name (``read_paths``)."""
-    return check_config(
-        {
-            "classes": list(metadata["classes"]),  # [good, defect], as the model was trained
-            "decision_threshold": threshold_of(metadata),
-            "image_size": int(metadata["image_size"]),
-            "predict_batch_size": int(predict_batch_size),
-            "read_paths": read_paths,
-            "max_request_pixels": max_request_pixels,
-            "runtime": runtime,
-        }
-    )
-
-
-def signature():
-    """Encoded image bytes in (or, where the loader allows, file paths), one ``OUTPUT`` row out."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-
-    return ModelSignature(
-        inputs=Schema(
-            [ColSpec(DataType.binary, "image", required=False), ColSpec(DataType.string, "path", required=False)]
-        ),
-        outputs=Schema([ColSpec(DataType[kind], name) for name, kind in OUTPUT.items()]),
-        params=ParamSchema([ParamSpec("on_error", DataType.string, ON_ERROR[0])]),
-    )
-
-
-def spark_result_type() -> str:
-    """``OUTPUT`` as Spark's DDL schema, for ``mlflow.pyfunc.spark_udf``."""
-    return ", ".join(f"{name} {kind}" for name, kind in OUTPUT.items())
+    return float((values or {}).get(DECISION_THRESHOLD, REFERENCE_CUTOFF))
 
 
 def check_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -439,7 +386,7 @@ class DefectModel(PythonModel):
 
     @property
     def classes(self) -> list[str]:
-        return list(self.config["classes"])
+        return list(self.config[CLASSES])
 
     @property
     def threshold(self) -> float:
@@ -447,7 +394,7 @@ class DefectModel(PythonModel):
 
     @property
     def image_size(self) -> int:
-        return int(self.config["image_size"])
+        return int(self.config[IMAGE_SIZE])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         on_error = (params or {}).get("on_error", "raise")
@@ -509,17 +456,17 @@ class DefectModel(PythonModel):
     def sources(self, model_input) -> list[Any]:
         """The encoded bytes (or, if allowed, paths) of each row, from a DataFrame or a list of bytes."""
         if not isinstance(model_input, pd.DataFrame):
-            model_input = pd.DataFrame({"image": list(model_input)})
-        if "image" in model_input.columns:
-            return [_as_bytes(v) for v in model_input["image"]]
-        if "path" in model_input.columns:
+            model_input = pd.DataFrame({IMAGE: list(model_input)})
+        if IMAGE in model_input.columns:
+            return [_as_bytes(v) for v in model_input[IMAGE]]
+        if PATH in model_input.columns:
             if self.config.get("read_paths", False) is not True:
                 raise _bad_input(
                     "column path: this model does not read files (a served model must not open files its "
                     "callers name); send the encoded bytes in column image, or load it with "
                     "model_config={'read_paths': True}"
                 )
-            return [str(v) for v in model_input["path"]]
+            return [str(v) for v in model_input[PATH]]
         raise _bad_input(f"expected a column image (encoded bytes) or path; got {list(model_input.columns)}")
 
     def preprocess(self, sources: list[Any]) -> tuple[np.ndarray, dict[int, str]]:
@@ -546,17 +493,17 @@ class DefectModel(PythonModel):
         rows = []
         for i in range(len(prob)):
             if i in errors:
-                rows.append({"predicted_class": "", "defect_probability": None,
-                             "decision_threshold": self.threshold, "error": errors[i]})  # fmt: skip
+                rows.append({PREDICTED_CLASS: "", DEFECT_PROBABILITY: None,
+                             DECISION_THRESHOLD: self.threshold, ERROR: errors[i]})  # fmt: skip
             else:
                 p = float(prob[i])
-                rows.append({"predicted_class": defect if p >= self.threshold else good, "defect_probability": p,
-                             "decision_threshold": self.threshold, "error": ""})  # fmt: skip
+                rows.append({PREDICTED_CLASS: defect if p >= self.threshold else good, DEFECT_PROBABILITY: p,
+                             DECISION_THRESHOLD: self.threshold, ERROR: ""})  # fmt: skip
         frame = pd.DataFrame(rows, columns=list(COLUMNS))
         if errors:
             # None, not NaN, for a row without a probability: NaN is not JSON, and the scoring server
             # would send it as is. Spark reads None as null too.
-            frame["defect_probability"] = frame["defect_probability"].astype(object).where(frame["error"] == "", None)
+            frame[DEFECT_PROBABILITY] = frame[DEFECT_PROBABILITY].astype(object).where(frame[ERROR] == "", None)
         return frame
 
 

@@ -2,7 +2,7 @@
 
 Run with ``make bench-accuracy`` or ``python tests/benchmarks/bench_accuracy.py --write``; ``--quick`` is a
 smoke check on a tiny subset (one epoch at 32x32) that produces every figure. Every variant trains
-exactly as ``train`` does (``steps.train.fit``: the same input pipeline, schedule and best-epoch
+exactly as ``train`` does (``steps.network.training.fit``: the same input pipeline, schedule and best-epoch
 weights, chosen on validation accuracy) on the same training/validation split, and is then scored
 once on the unseen test split at cut-off 0.5, the figure the registry's ``acc`` holds:
 
@@ -42,14 +42,15 @@ from bench_pipeline import machine  # noqa: E402
 
 from helpers import make_tiny_elpv, publish  # noqa: E402
 from steps.core import contract  # noqa: E402
-from steps.core.config import Config, load_config  # noqa: E402
+from steps.core.config import Config  # noqa: E402
+from steps.core.loader import load_config  # noqa: E402
 from steps.datasets.batches import eval_batches  # noqa: E402
 from steps.datasets.data import Sample, load_split, scan_split  # noqa: E402
 from steps.datasets.elpv import ensure_data  # noqa: E402
 from steps.network.explain import unwrap  # noqa: E402
-from steps.network.model import resolve_precision  # noqa: E402
+from steps.network.model import resolve_precision, with_tta  # noqa: E402
 from steps.network.scoring import score  # noqa: E402
-from steps.train import fit, served_network, split_train_val  # noqa: E402
+from steps.network.training import fit, split_train_val  # noqa: E402
 
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
 
@@ -140,12 +141,12 @@ def measure(config: Config, seeds: int, baseline: bool = True) -> dict[str, Any]
             config.evaluate.batch_size,
         )
         seconds = time.perf_counter() - started
-        model = served_network(model, hp)  # as train logs it: with the set's test-time augmentation
+        model = with_tta(model, hp)  # as train logs it: with the set's test-time augmentation
         val_prob = model.predict(eval_batches(*val_xy, config.evaluate.batch_size), verbose=0).reshape(-1)
         test_prob = model.predict(eval_batches(test_x, test_labels, config.evaluate.batch_size), verbose=0)
         test_prob = test_prob.reshape(-1)
         # The same weights averaged over the eight symmetric views, whatever the set's own tta.
-        views = served_network(unwrap(model), dataclasses.replace(hp, tta="dihedral"))
+        views = with_tta(unwrap(model), dataclasses.replace(hp, tta="dihedral"))
         tta_prob = views.predict(eval_batches(test_x, test_labels, config.evaluate.batch_size), verbose=0)
         row = {
             "label": variant.label,

@@ -7,7 +7,7 @@ the first trace of the training step, and TensorFlow then traces the step a seco
 ``make_model`` creates them first (``steps/network/model.py``). Each measurement is a new Python process
 (TensorFlow imported, nothing traced yet), ``make_model`` and one epoch on 19 random images with 5
 for validation, as ``train`` starts a set; the two ways alternate, ``--rounds`` times. Both give
-the same weights (tests/test_model.py). With ``--write`` the results replace the "first epoch"
+the same weights (tests/integration/test_model.py). With ``--write`` the results replace the "first epoch"
 section of BENCHMARKS.md.
 """
 
@@ -38,7 +38,7 @@ import dataclasses, json, sys, time
 import keras, numpy as np
 sys.path.insert(0, sys.argv[1])
 from steps.datasets.batches import eval_batches, training_batches
-from steps.core.config import load_config
+from steps.core.loader import load_config
 from steps.network.model import make_model, schedule, set_seed
 name, size, way = sys.argv[2], int(sys.argv[3]), sys.argv[4]
 hp = dataclasses.replace(load_config().hparam_sets[name], image_size=size, epochs=1)

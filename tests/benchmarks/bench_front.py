@@ -47,7 +47,7 @@ from PIL import Image  # noqa: E402
 
 from helpers import encode, free_port, publish, wait_until_up  # noqa: E402
 from steps.core import contract  # noqa: E402
-from steps.core.config import load_config  # noqa: E402
+from steps.core.loader import load_config  # noqa: E402
 from steps.datasets.elpv import ensure_data  # noqa: E402
 from steps.mlflow_io.runs import ensure_experiment  # noqa: E402
 from steps.network.model import make_model, set_seed, with_tta  # noqa: E402

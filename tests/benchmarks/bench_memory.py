@@ -5,7 +5,7 @@ smoke check on small frames). It writes one 8192 x 8192 PNG of noise (64 MP, abo
 line-scan frame that does not compress) and hard-links it into a folder ``--files`` times. Each
 measurement runs in a new Python process, so one's peak cannot hide another's:
 
-- ``infer``: ``steps.infer.score_local``, infer's own loop (chunks bounded in files and bytes,
+- ``infer``: ``steps.inference.local.score_local``, infer's own loop (chunks bounded in files and bytes,
   each image resized as soon as it is decoded), with the served model around the network of the
   first default set;
 - ``stacked``: the preprocessing served models had before, in one call: decode every image of
@@ -45,22 +45,22 @@ import json, resource, sys
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from steps import infer
+from steps.inference import local
 from steps.served import serving
-from steps.core.config import load_config
+from steps.core.loader import load_config
 from steps.network.model import make_model
 mode, folder = sys.argv[2], Path(sys.argv[3])
 config = load_config({})
 hp = config.hparam_sets[config.train.hparams[0]]
 model = serving.DefectModel(make_model(hp, seed=0), {"classes": ["good", "defect"], "image_size": hp.image_size,
-                                                    **infer.NO_PIXEL_CAP})
+                                                    "max_request_pixels": 0})
 files = sorted(folder.glob("*.png"))
 model.predict(None, [files[0].read_bytes()[:0] or b""], params={"on_error": "row"})  # imports done
 ready = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model.predict(None, [files[0].read_bytes()])  # TensorFlow, the network and the resize warmed up on one frame
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if mode == "infer":
-    rows = list(infer.score_local(model, files, folder, 2**30))
+    rows = list(local.score_local(model, files, folder, 2**30))
     scored = sum(1 for r in rows if not r["error"])
 else:  # the old preprocessing: the whole batch decoded, stacked and made float32 before resizing
     images = np.stack([serving.decode_gray(p.read_bytes()) for p in files])

@@ -6,7 +6,7 @@ Run with ``make bench`` (after ``bench_training.py``) or ``python tests/benchmar
 runs and registry versions cannot change the outcome, and reports the wall time of the whole
 pipeline and of each stage run, plus the evaluation metrics of the model it registered. Then it
 runs the same ``main`` again in that store, nothing changed, and reports its wall time beside the
-first: train and evaluate are reused (README, "Rerunning main"), infer runs again. With
+first: train and evaluate are reused (docs/stages.md, "Rerunning main"), infer runs again. With
 ``--write`` the results replace the "pipeline" section of BENCHMARKS.md.
 """
 

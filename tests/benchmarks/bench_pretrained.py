@@ -28,7 +28,8 @@ from bench_pipeline import machine  # noqa: E402
 from bench_training import build, pipeline_speed  # noqa: E402
 
 from helpers import publish  # noqa: E402
-from steps.core.config import HParams, load_config  # noqa: E402
+from steps.core.config import HParams  # noqa: E402
+from steps.core.loader import load_config  # noqa: E402
 from steps.datasets.data import load_split, scan_split  # noqa: E402
 from steps.datasets.elpv import ensure_data  # noqa: E402
 from steps.network.model import cpu_flags, forward_flops  # noqa: E402

@@ -48,7 +48,7 @@ import mlflow  # noqa: E402
 from bench_pipeline import machine  # noqa: E402
 
 from helpers import free_port, publish, spread, wait_until_up  # noqa: E402
-from steps.core.config import load_config  # noqa: E402
+from steps.core.loader import load_config  # noqa: E402
 from steps.datasets.data import load_images, scan_split  # noqa: E402
 from steps.datasets.elpv import ensure_data  # noqa: E402
 from steps.network import exports  # noqa: E402

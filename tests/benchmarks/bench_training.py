@@ -43,12 +43,13 @@ import tensorflow as tf  # noqa: E402
 from bench_pipeline import machine  # noqa: E402
 
 from helpers import make_tiny_elpv, publish, spread  # noqa: E402
-from steps.core.config import Config, HParams, load_config  # noqa: E402
+from steps.core.config import Config, HParams  # noqa: E402
+from steps.core.loader import load_config  # noqa: E402
 from steps.datasets.batches import training_batches  # noqa: E402
 from steps.datasets.data import load_split, scan_split  # noqa: E402
 from steps.datasets.elpv import ensure_data  # noqa: E402
 from steps.network.model import forward_flops, make_model, set_seed  # noqa: E402
-from steps.train import split_train_val  # noqa: E402
+from steps.network.training import split_train_val  # noqa: E402
 
 BEGIN, END = "<!-- training:begin -->", "<!-- training:end -->"
 
