@@ -30,9 +30,10 @@ from steps.datasets.data import (
     scan_split,
 )
 from steps.datasets.elpv import ensure_data
+from steps.mlflow_io import cards, paired
 from steps.mlflow_io.records import log_config, log_dataset, log_skipped
 from steps.mlflow_io.registration import load_model_info, register_and_promote, rescore, resolve_model_run
-from steps.mlflow_io.runs import stage_run
+from steps.mlflow_io.runs import name_run, stage_run
 from steps.network import accelerator
 from steps.network.evaluation import TestSet, check_exports, log_figures, report
 from steps.served import provenance, serving
@@ -86,6 +87,9 @@ def evaluate(config: Config, run_id: str) -> str:
         )
         log_figures(test.images(image_size), test.y, prob, confusions, cutoff, classes)
         accuracy = metrics[contract.METRIC_TEST_ACCURACY]
+        frame = paired.predictions_frame(test.samples, test.y, prob, data_dir)
+        predictions_uri = paired.log_predictions(frame, test_digest)
+        comparison = paired.compare_with_holder(client, reg, test.y, test.predict, test_digest, frame, prob)
 
         outcome = register_and_promote(
             client,
@@ -98,11 +102,14 @@ def evaluate(config: Config, run_id: str) -> str:
                 contract.VERSION_TAG_EVAL_RUN_ID: eval_run_id,
                 contract.VERSION_TAG_DECISION_THRESHOLD: repr(cutoff),
                 contract.VERSION_TAG_CODE_SHA256: code_digest,
+                paired.predictions_tag(test_digest): predictions_uri,
                 **export_tags,
+                **(paired.paired_tags(*comparison) if comparison else {}),
             },
             eval_run_id=eval_run_id,
             rescore=functools.partial(rescore, client, reg, test, test_digest),
             verify=functools.partial(provenance.check_version, client, reg.production),
+            paired=comparison,
         )
         mlflow.set_tags(
             {
@@ -115,6 +122,26 @@ def evaluate(config: Config, run_id: str) -> str:
         )
         if outcome.champion_acc is not None:
             mlflow.log_metric(contract.METRIC_CHAMPION_TEST_ACCURACY, outcome.champion_acc)
+        if comparison is not None:
+            mlflow.set_tag(contract.TAG_PAIRED_WITH, comparison[0])
+            mlflow.log_metrics(paired.paired_metrics(comparison[1]))
+        name_run(
+            f"evaluate {metadata.get('hparam_set', model_run_id[:8])} -> {outcome.registered_model} v{outcome.version}"
+        )
+        cards.describe(
+            client,
+            config,
+            outcome,
+            cards.Card(
+                model_run_id=model_run_id,
+                metadata=metadata,
+                test_digest=test_digest,
+                n_test=len(test.samples),
+                metrics=metrics,
+                paired=comparison,
+                exports=sorted(export_tags),
+            ),
+        )
         everything: dict[str, Any] = {
             **metrics,
             contract.METRICS_JSON_CONFUSION: confusions,
@@ -127,6 +154,8 @@ def evaluate(config: Config, run_id: str) -> str:
             contract.TAG_PROMOTION_REASON: outcome.reason,
             contract.TAG_CHAMPION_VERSION: outcome.champion,
             contract.METRIC_CHAMPION_TEST_ACCURACY: outcome.champion_acc,
+            contract.TAG_PAIRED_WITH: comparison[0] if comparison else None,
+            **(paired.paired_metrics(comparison[1]) if comparison else {}),
         }
         mlflow.log_dict(everything, contract.METRICS_ARTIFACT)
 

@@ -34,7 +34,7 @@ from steps.inference.local import (
 from steps.inference.outputs import Writer
 from steps.inference.spark import check_spark, score_spark, spark_rows
 from steps.mlflow_io.records import log_config
-from steps.mlflow_io.runs import stage_run
+from steps.mlflow_io.runs import name_run, stage_run
 from steps.network import accelerator
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def infer(config: Config) -> str:
     good, defect = model.classes
 
     with stage_run(contract.STAGE_INFER, config.experiment) as run:
+        name_run(f"infer with {uri}")
         log_config(config)
         mlflow.set_tags(
             {

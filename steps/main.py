@@ -26,7 +26,7 @@ from steps.datasets.elpv import ensure_data
 from steps.mlflow_io import fingerprint
 from steps.mlflow_io.records import log_config
 from steps.mlflow_io.registry import alias_version
-from steps.mlflow_io.runs import stage_run
+from steps.mlflow_io.runs import name_run, stage_run
 from steps.mlflow_io.stages import (
     ENTRY_POINTS,
     output_intact,
@@ -53,6 +53,7 @@ def main(config: Config, env_manager: str = "", reuse: str = "", rerun: str = ""
     data_dir = ensure_data(config)  # before its digest: the first run fills data/ from ELPV
     code = fingerprint.code_digest()
     with stage_run(contract.STAGE_PIPELINE, config.experiment) as run:
+        name_run(f"main {config.experiment}")
         log_config(config)
         tags: dict[str, str] = {}
 

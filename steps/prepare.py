@@ -18,7 +18,7 @@ from steps.core.config import Config
 from steps.datasets.data import SPLITS, manifest, scan_split
 from steps.datasets.elpv import ensure_data
 from steps.mlflow_io.records import log_config, log_dataset
-from steps.mlflow_io.runs import stage_run
+from steps.mlflow_io.runs import name_run, stage_run
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ def prepare(config: Config) -> Path:
     """Ensure the data exists and record it: the manifest as the run's dataset input."""
     data_dir = ensure_data(config)
     with stage_run(contract.STAGE_PREPARE, config.experiment):
+        name_run(f"prepare {data_dir.name}")
         log_config(config)
         for split in SPLITS:
             frame = manifest(scan_split(data_dir, split, config.data.classes), split, data_dir)

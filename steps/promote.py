@@ -23,7 +23,7 @@ from steps.mlflow_io import registry, rule
 from steps.mlflow_io.promotion import check_promotable, keep_unblocked, verify_registered
 from steps.mlflow_io.records import log_config
 from steps.mlflow_io.registry import alias_version
-from steps.mlflow_io.runs import stage_run
+from steps.mlflow_io.runs import name_run, stage_run
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def promote(config: Config, version: str, reason: str) -> str | None:
     digest = target.tags[contract.VERSION_TAG_TEST_DIGEST]
     who = registry.requested_by()
     with stage_run(contract.STAGE_PROMOTE, config.experiment) as run:
+        name_run(f"promote v{version}")
         log_config(config)
         # Chosen by hand, on the record: neither a block nor a branch's mark keeps it from prod now.
         for mark in (contract.VERSION_TAG_BLOCKED, contract.VERSION_TAG_INELIGIBLE):

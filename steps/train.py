@@ -30,7 +30,7 @@ from steps.datasets.data import (
 )
 from steps.datasets.elpv import ensure_data
 from steps.mlflow_io.records import log_config, log_dataset, log_skipped
-from steps.mlflow_io.runs import stage_run
+from steps.mlflow_io.runs import name_run, stage_run
 from steps.network import accelerator
 from steps.network.training import check_split, fit_one, pick_best, split_samples, split_train_val
 
@@ -65,6 +65,7 @@ def train(config: Config) -> str:
         # Same seed, same metrics: deterministic kernels and tf.data order, at some cost in speed.
         tf.config.experimental.enable_op_determinism()
     with stage_run(contract.STAGE_TRAIN, config.experiment) as parent:
+        name_run(f"train {', '.join(sets)}")
         log_config(config)
         log_skipped(skipped, data_dir)
         mlflow.log_metrics(balance)

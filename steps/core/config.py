@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps.network.scoring import OBJECTIVES
+from steps.network.scoring import parse_target
 from steps.served.serving import EXPORTS, RUNTIMES
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -166,12 +166,10 @@ class TrainConfig:
             self.image_size,
         )
         _check(self.epochs is None or self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
-        _check(
-            self.threshold_objective in OBJECTIVES,
-            "train.threshold_objective",
-            f"one of {', '.join(OBJECTIVES)}",
-            self.threshold_objective,
-        )
+        try:
+            parse_target(self.threshold_objective)
+        except ValueError as err:
+            raise ConfigError("train.threshold_objective", str(err)) from None
         _check(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
         _check(
             self.exports == ("none",)
@@ -182,6 +180,11 @@ class TrainConfig:
         )
 
 
+# How evaluate decides who holds prod (evaluate.promotion).
+SIGNIFICANT = "significant"
+PROMOTIONS = ("highest", SIGNIFICANT)
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     threshold: float
@@ -190,6 +193,9 @@ class EvaluateConfig:
     min_improvement: float = 0.0
     # false: register and score, but never move prod; the version is marked ineligible for it.
     promote: bool = True
+    # highest: the highest acc on the test set takes prod (by min_improvement); significant: a new
+    # version takes prod only when it beats the holder on the same images at McNemar p < 0.05.
+    promotion: str = "highest"
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.threshold <= 1.0, "evaluate.threshold", "a number in [0, 1]", self.threshold)
@@ -197,6 +203,7 @@ class EvaluateConfig:
             0.0 <= self.min_improvement < 1.0, "evaluate.min_improvement", "a number in [0, 1)", self.min_improvement
         )
         _check(self.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.promotion in PROMOTIONS, "evaluate.promotion", f"one of {', '.join(PROMOTIONS)}", self.promotion)
 
 
 # infer's output file: its suffix says the format.

@@ -20,6 +20,14 @@ def experiment_name(stage: str, experiment: str) -> str:
     return f"{stage}/{experiment}"
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces), where pipeline
+# runs look empty; this kind opens the "Model training" view. Every experiment the pipeline uses has it.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow's run name tag: stage runs are named for what they are (the stage, the set, the version).
+TAG_RUN_NAME = "mlflow.runName"
+
+
 # Run tags.
 TAG_TRAIN_RUN_ID = "train_run_id"
 TAG_BEST_RUN_ID = "best_run_id"
@@ -112,6 +120,32 @@ METRIC_N_ERRORS = "n_errors"
 # cut-off that stayed at 0.5 shows why (nothing scored better), and one that moved shows the gain.
 METRIC_OBJECTIVE_AT_CUTOFF = "val_objective_at_cutoff"
 METRIC_OBJECTIVE_AT_HALF = "val_objective_at_0.5"
+# train: the operating point on the validation split (precision and recall at the cut-off), and
+# whether a target objective (min_recall:R, min_precision:P) was met there (1) or not (0: the closest
+# cut-off is kept). The model's metadata carries the same, with the objective.
+METRIC_VAL_PRECISION_AT_CUTOFF = "val_precision_at_cutoff"
+METRIC_VAL_RECALL_AT_CUTOFF = "val_recall_at_cutoff"
+METRIC_OBJECTIVE_MET = "val_objective_met"
+META_THRESHOLD_OBJECTIVE = "threshold_objective"
+META_VAL_PRECISION = "val_precision"
+META_VAL_RECALL = "val_recall"
+META_OBJECTIVE_MET = "val_objective_met"
+# evaluate: every test figure's 95% interval, "<figure>_ci_low" and "<figure>_ci_high" (also
+# tuned_-prefixed), a bootstrap over the test images (steps.network.statistics).
+CI_LOW_SUFFIX = "_ci_low"
+CI_HIGH_SUFFIX = "_ci_high"
+# evaluate: the paired comparison with the version holding prod on the same test images: how many
+# images both classify alike (right or wrong), those only the new model gets right, those only the
+# holder gets right, and the exact McNemar p-value. Also tags on the new version.
+METRIC_PAIRED_AGREEMENT = "paired_agreement"
+METRIC_PAIRED_CHALLENGER_ONLY = "paired_challenger_only"
+METRIC_PAIRED_CHAMPION_ONLY = "paired_champion_only"
+METRIC_PAIRED_P_VALUE = "paired_mcnemar_p"
+TAG_PAIRED_WITH = "paired_with_version"
+# evaluate: each test image's defect probability for the version it scored, as a CSV artifact keyed
+# by the test set's digest; the version's tag "predictions.<digest>" points at it.
+PREDICTIONS_DIR = "predictions"
+VERSION_TAG_PREDICTIONS_PREFIX = "predictions."
 # Images left out by data.skip_bad_images, and the class balance of each split, named by label
 # (good, defect) so the names do not depend on the folder names; prepare counts each split.
 METRIC_N_SKIPPED = "n_skipped"

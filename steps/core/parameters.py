@@ -33,11 +33,13 @@ TRAINING = (
     Param("seed", "seed", "int"),
     Param("skip_bad_images", "data.skip_bad_images", help="true: leave out unreadable images, counted"),
     Param("exports", "train.exports", help="onnx,litert (the default), one of them, or none"),
+    Param("threshold_objective", "train.threshold_objective", help="balanced_accuracy, f1, min_recall:0.95, ..."),
 )
 PROMOTION = (
     Param("threshold", "evaluate.threshold", "float", help="test accuracy needed for Production_Reg"),
     Param("min_improvement", "evaluate.min_improvement", "float", help="over the prod champion, on the same test set"),
     Param("promote", "evaluate.promote", help="false: register without moving prod (CI on a branch)"),
+    Param("promotion", "evaluate.promotion", help="highest (acc), or significant (McNemar p < 0.05 over prod)"),
 )
 
 PARAMS: dict[str, tuple[Param, ...]] = {

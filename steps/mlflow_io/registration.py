@@ -3,6 +3,7 @@ chooses, re-scoring the champion on a new test set, and settling ``prod`` by the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -11,13 +12,14 @@ from typing import TYPE_CHECKING
 import mlflow
 
 from steps.core import contract
-from steps.core.config import RUN_ID, Config, RegistryConfig
+from steps.core.config import RUN_ID, SIGNIFICANT, Config, RegistryConfig
 from steps.core.errors import ModelError, PipelineError, first_line
 from steps.mlflow_io import registry, rule
 from steps.mlflow_io.loading import pipeline_model_problem
 from steps.mlflow_io.registry import alias_version
 from steps.mlflow_io.runs import get_run
 from steps.network.scoring import score
+from steps.network.statistics import Paired, significant_win
 from steps.served import serving
 
 if TYPE_CHECKING:
@@ -141,11 +143,14 @@ def register_and_promote(
     rescore: Callable[[str], float | None] | None = None,
     verify: Callable[[str], object] | None = None,
     before_write: Callable[[], None] | None = None,
+    paired: tuple[str, Paired] | None = None,
 ) -> Outcome:
     """Register by the threshold, then settle ``prod`` by the promotion rule (steps.mlflow_io.registry), unless
     ``evaluate.promote`` is false: then the version is tagged ``prod_ineligible`` and ``prod`` stays;
     ``verify`` checks the files of any other version before ``prod`` moves to it (this one's were
-    checked before it was registered)."""
+    checked before it was registered). ``paired``: the holder of ``prod`` this model was compared with,
+    image by image, and the comparison; with ``evaluate.promotion`` significant, only a significant
+    win over that holder may move ``prod``, and only to this version."""
     reg = config.registry
     name = choose_registry(accuracy, config.evaluate.threshold, reg)
     version_tags = {**registry.score_tags(accuracy, digest), **tags}
@@ -169,6 +174,9 @@ def register_and_promote(
         )
         return Outcome(name, version, False, reason, alias_version(reg.production, reg.alias), None)
 
+    candidates, significance = None, ""
+    if config.evaluate.promotion == SIGNIFICANT:
+        candidates, significance = significant_candidates(version, paired, alias_version(reg.production, reg.alias))
     settled = registry.settle(
         client,
         reg,
@@ -178,11 +186,36 @@ def register_and_promote(
         rescore=rescore,
         verify=None if verify is None else (lambda other: other == version or verify(other)),
         before_write=before_write,
+        candidates=candidates,
     )
     scored = {v.version: v for v in settled.versions}
     promoted = settled.holder == version
     # Promoted: compared with the holder before us. Not: with the holder that kept prod.
     champion = settled.start if promoted else settled.holder
     other = None if champion is None else scored.get(champion, rule.Scored(champion, None))
-    _, reason = rule.judge(scored[version], other, config.evaluate.min_improvement)
+    # Judged as the rule alone would: a version kept out by the paired test is not blocked otherwise.
+    mine = scored[version] if candidates is None else dataclasses.replace(scored[version], blocked=False)
+    takes, reason = rule.judge(mine, other, config.evaluate.min_improvement)
+    if significance and takes and not promoted:  # the highest acc would have moved prod; the test did not
+        reason = f"{significance}; by acc alone: {reason}"
     return Outcome(name, version, promoted, reason, champion, other.acc if other else None)
+
+
+def significant_candidates(version: str, paired: tuple[str, Paired] | None, holder: str | None) -> tuple[set[str], str]:
+    """Who may take ``prod`` under ``evaluate.promotion`` significant, and why: this version when it
+    beat the holder at p < 0.05 on the same images, no one otherwise (a pairwise test orders only
+    the two it compares). With no holder yet, the rule's usual choice stands."""
+    if holder is None:
+        return {version}, ""
+    if paired is None or paired[0] != holder:
+        return (
+            set(),
+            f"no paired comparison with prod version {holder} on this test set (evaluate.promotion significant)",
+        )
+    result = paired[1]
+    if significant_win(result):
+        return {version}, ""
+    return set(), (
+        f"not a significant win over prod version {holder} (McNemar p {result.p_value:.3g}; right only here "
+        f"{result.challenger_only}, only there {result.other_only}; evaluate.promotion significant needs p < 0.05)"
+    )

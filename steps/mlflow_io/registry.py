@@ -222,6 +222,7 @@ def settle(
     rescore: Callable[[str], float | None] | None = None,
     verify: Callable[[str], object] | None = None,
     before_write: Callable[[], None] | None = None,
+    candidates: set[str] | None = None,
 ) -> Settled:
     """Move the alias until the rule keeps its holder.
 
@@ -229,7 +230,9 @@ def settle(
     returns None when it cannot; each version is tried once. ``verify(version)`` recomputes the
     check of a version's files (``steps.served.provenance.check_version``) before the alias moves to it: a
     version it refuses is passed over, as a blocked one is. ``before_write`` is a test hook: it
-    runs in the window that no check can close, between the last read and the write.
+    runs in the window that no check can close, between the last read and the write. ``candidates``:
+    the only versions that may take ``prod`` from the holder (``evaluate.promotion`` significant: the
+    new version, when it beat the holder significantly; none otherwise); None, any version.
     """
     start: str | None = None
     tried: set[str] = set()
@@ -241,7 +244,9 @@ def settle(
         if round_no == 0:
             start = current
         versions = [
-            dataclasses.replace(v, blocked=True) if v.version in refused else v
+            dataclasses.replace(v, blocked=True)
+            if v.version in refused or (candidates is not None and v.version not in candidates | {current})
+            else v
             for v in read_versions(client, registry.production, digest, own_run=run_id)
         ]
         holder = next((v for v in versions if v.version == current), None)

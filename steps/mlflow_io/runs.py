@@ -29,21 +29,36 @@ logger = logging.getLogger(__name__)
 
 
 def ensure_experiment(name: str) -> str:
-    """The experiment's ID, creating it (artifacts beside a SQLite store) if it does not exist."""
+    """The experiment's ID, creating it (artifacts beside a SQLite store) if it does not exist; either
+    way tagged as a model-training experiment, so MLflow's UI opens it in that view."""
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    root = artifact_root(mlflow.get_tracking_uri())
-    location = f"{root}/{name.replace('/', '_')}" if root else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:
-        # Another stage created it between our look-up and our create.
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        root = artifact_root(mlflow.get_tracking_uri())
+        location = f"{root}/{name.replace('/', '_')}" if root else None
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=KIND)
+        except mlflow.exceptions.MlflowException:
+            # Another stage created it between our look-up and our create.
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    mark_kind(client, experiment)
+    return experiment.experiment_id
+
+
+KIND = {contract.TAG_EXPERIMENT_KIND: contract.EXPERIMENT_KIND}
+
+
+def name_run(name: str) -> None:
+    """Name the active run for what it is (MLflow would show a random pair of words)."""
+    mlflow.set_tag(contract.TAG_RUN_NAME, name[:250])
+
+
+def mark_kind(client: mlflow.MlflowClient, experiment) -> None:
+    """Tag an experiment (one created before this tag, or by `mlflow run` itself) with its kind."""
+    if experiment.tags.get(contract.TAG_EXPERIMENT_KIND) != contract.EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment.experiment_id, contract.TAG_EXPERIMENT_KIND, contract.EXPERIMENT_KIND)
 
 
 @contextlib.contextmanager
@@ -60,7 +75,10 @@ def stage_run(stage: str, experiment: str) -> Iterator[Run]:
     if os.environ.get("MLFLOW_RUN_ID"):
         with mlflow.start_run() as run, _closing(under_mlflow_run=True):
             mlflow.set_tags({contract.TAG_PROCESS: process_identity(), **library_versions()})
-            actual = mlflow.MlflowClient().get_experiment(run.info.experiment_id).name
+            client = mlflow.MlflowClient()
+            found = client.get_experiment(run.info.experiment_id)
+            mark_kind(client, found)  # `mlflow run` created it, without the tag
+            actual = found.name
             if actual != wanted:
                 logger.warning(
                     "this %s run is in experiment %r, not %r: pass --experiment-name %s to mlflow run",

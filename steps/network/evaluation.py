@@ -18,7 +18,7 @@ from steps.datasets.data import (
 )
 from steps.mlflow_io import loading
 from steps.mlflow_io.loading import load_keras
-from steps.network import plots
+from steps.network import plots, statistics
 from steps.network.scoring import score
 from steps.served import serving
 
@@ -26,14 +26,33 @@ logger = logging.getLogger(__name__)
 
 
 def report(y: np.ndarray, prob: np.ndarray, cutoff: float) -> tuple[dict[str, float], dict[str, list[list[int]]]]:
-    """Metrics at 0.5 (the contract's names) and at the model's own cut-off (``tuned_``), and the confusion matrices."""
+    """Metrics at 0.5 (the contract's names) and at the model's own cut-off (``tuned_``), each with its 95%
+    interval (``<name>_ci_low``, ``<name>_ci_high``: ``steps.network.statistics``), and the confusion matrices."""
     at_half, confusion = score(y, prob)
     tuned, tuned_confusion = score(y, prob, cutoff)
     metrics = {**at_half, contract.METRIC_DECISION_THRESHOLD: cutoff}
     # ROC-AUC does not depend on the cut-off: once is enough.
     metrics.update({contract.TUNED_PREFIX + k: v for k, v in tuned.items() if k != contract.METRIC_ROC_AUC})
+    metrics.update(statistics.interval_metrics(cells(confusion)))
+    metrics.update(statistics.interval_metrics(cells(tuned_confusion), prefix=contract.TUNED_PREFIX))
     # Keyed by cut-off; one entry when the tuned cut-off is 0.5 itself.
     return metrics, {f"{c:.3f}": m for c, m in ((serving.REFERENCE_CUTOFF, confusion), (cutoff, tuned_confusion))}
+
+
+def cells(confusion: list[list[int]]) -> tuple[int, int, int, int]:
+    """``[[tn, fp], [fn, tp]]`` as ``(tn, fp, fn, tp)``."""
+    (tn, fp), (fn, tp) = confusion
+    return tn, fp, fn, tp
+
+
+def caption(counts: tuple[int, int, int, int]) -> str:
+    """Accuracy, precision and recall at one cut-off, each with its 95% interval, one per line."""
+    found, spans = statistics.figures(*counts), statistics.intervals(*counts)
+    names = {contract.METRIC_TEST_ACCURACY: "accuracy", contract.METRIC_PRECISION: "precision",
+             contract.METRIC_RECALL: "recall"}  # fmt: skip
+    return "\n".join(
+        f"{label} {float(found[key]):.3f} [{spans[key][0]:.3f}, {spans[key][1]:.3f}]" for key, label in names.items()
+    )
 
 
 def log_figures(
@@ -45,7 +64,8 @@ def log_figures(
     classes: Sequence[str],
 ) -> None:
     """The confusion matrices, ROC and precision-recall curves, and the worst mistakes, as PNGs."""
-    figures = {contract.CONFUSION_ARTIFACT: plots.confusion(confusions, classes)}
+    captions = {cut: caption(cells(matrix)) for cut, matrix in confusions.items()}
+    figures = {contract.CONFUSION_ARTIFACT: plots.confusion(confusions, classes, captions)}
     if len(set(y.tolist())) == 2:  # curves need both classes
         figures[contract.CURVES_ARTIFACT] = plots.curves(y, prob, cutoffs=sorted({serving.REFERENCE_CUTOFF, cutoff}))
     mistakes = plots.misclassified(images, y, prob, classes, cutoff=cutoff)

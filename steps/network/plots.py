@@ -16,14 +16,17 @@ from steps.core import contract  # noqa: E402
 from steps.network.scoring import score  # noqa: E402
 
 
-def confusion(matrices: Mapping[str, list[list[int]]], classes: Sequence[str]) -> Figure:
-    """One confusion matrix per cut-off on the defect probability, side by side."""
-    fig, axes = plt.subplots(1, len(matrices), figsize=(4 * len(matrices), 4), squeeze=False)
+def confusion(
+    matrices: Mapping[str, list[list[int]]], classes: Sequence[str], captions: Mapping[str, str] | None = None
+) -> Figure:
+    """One confusion matrix per cut-off on the defect probability, side by side; under each, its caption
+    (the figures with their intervals)."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.6 * len(matrices), 5), squeeze=False)
     for ax, (cutoff, matrix) in zip(axes[0], matrices.items(), strict=True):
         ax.imshow(matrix, cmap="Blues")
         ax.set_xticks([0, 1], labels=classes)
         ax.set_yticks([0, 1], labels=classes)
-        ax.set_xlabel("predicted")
+        ax.set_xlabel("predicted" + (f"\n\n{captions[cutoff]}" if captions and cutoff in captions else ""))
         ax.set_ylabel("true")
         for i in range(2):
             for j in range(2):

@@ -26,7 +26,7 @@ from steps.datasets.data import (
 from steps.mlflow_io.runs import nested_run
 from steps.network import exports
 from steps.network.model import float32_copy, forward_flops, make_model, resolve_precision, schedule, set_seed, with_tta
-from steps.network.scoring import keras_loss_and_accuracy, objective, tune_threshold
+from steps.network.scoring import keras_loss_and_accuracy, objective, operating_point, parse_target
 from steps.served import packaging, serving
 
 logger = logging.getLogger(__name__)
@@ -174,25 +174,43 @@ def fit_one(
             }
         )
         goal = config.train.threshold_objective
-        cutoff = tune_threshold(val_xy[1], val_prob, goal)
-        at_cutoff, at_half = (objective(val_xy[1], val_prob >= t, goal) for t in (cutoff, serving.REFERENCE_CUTOFF))
-        mlflow.log_metrics(
-            {
-                contract.METRIC_DECISION_THRESHOLD: cutoff,
-                contract.METRIC_OBJECTIVE_AT_CUTOFF: at_cutoff,
-                contract.METRIC_OBJECTIVE_AT_HALF: at_half,
-            }
-        )
-        if cutoff == serving.REFERENCE_CUTOFF:
-            logger.info("cut-off kept at 0.5: no cut-off scored a higher validation %s than its %.4f", goal, at_half)
+        point = operating_point(val_xy[1], val_prob, goal)
+        cutoff = point.cutoff
+        tuned = {
+            contract.METRIC_DECISION_THRESHOLD: cutoff,
+            contract.METRIC_VAL_PRECISION_AT_CUTOFF: point.precision,
+            contract.METRIC_VAL_RECALL_AT_CUTOFF: point.recall,
+            contract.METRIC_OBJECTIVE_MET: float(point.met),
+        }
+        if parse_target(goal) is None:
+            half = serving.REFERENCE_CUTOFF
+            at_cutoff, at_half = (objective(val_xy[1], val_prob >= t, goal) for t in (cutoff, half))
+            tuned |= {contract.METRIC_OBJECTIVE_AT_CUTOFF: at_cutoff, contract.METRIC_OBJECTIVE_AT_HALF: at_half}
+            if cutoff == half:
+                logger.info(
+                    "cut-off kept at 0.5: no cut-off scored a higher validation %s than its %.4f", goal, at_half
+                )
+            else:
+                logger.info("cut-off %.4f: validation %s %.4f, against %.4f at 0.5", cutoff, goal, at_cutoff, at_half)
+        elif point.met:
+            logger.info("cut-off %.4f for %s: validation precision %.3f, recall %.3f", cutoff, goal, point.precision,
+                        point.recall)  # fmt: skip
         else:
-            logger.info("cut-off %.4f: validation %s %.4f, against %.4f at 0.5", cutoff, goal, at_cutoff, at_half)
+            logger.warning(
+                "%s: no cut-off meets %s on the validation split; kept the closest, %.4f (precision %.3f, recall %.3f)",
+                name, goal, cutoff, point.precision, point.recall,
+            )  # fmt: skip
+        mlflow.log_metrics(tuned)
         good, defect = config.data.classes
         metadata = {
             serving.CLASSES: [good, defect],
             serving.IMAGE_SIZE: hp.image_size,
             "hparam_set": name,
             serving.DECISION_THRESHOLD: cutoff,
+            contract.META_THRESHOLD_OBJECTIVE: goal,
+            contract.META_VAL_PRECISION: point.precision,
+            contract.META_VAL_RECALL: point.recall,
+            contract.META_OBJECTIVE_MET: point.met,
         }
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()

@@ -50,6 +50,7 @@ from steps.datasets.elpv import ensure_data  # noqa: E402
 from steps.network.explain import unwrap  # noqa: E402
 from steps.network.model import resolve_precision, with_tta  # noqa: E402
 from steps.network.scoring import score  # noqa: E402
+from steps.network.statistics import accuracy_interval  # noqa: E402
 from steps.network.training import fit, split_train_val  # noqa: E402
 
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
@@ -175,6 +176,13 @@ def measure(config: Config, seeds: int, baseline: bool = True) -> dict[str, Any]
     }
 
 
+def span(row: dict, result: dict) -> str:
+    """The test accuracy's 95% interval (steps.network.statistics), from the count it stands for."""
+    n = int(result["n_test"])
+    low, high = accuracy_interval(round(row["test_accuracy"] * n), n)
+    return f"[{low:.3f}, {high:.3f}]"
+
+
 def report(result: dict[str, Any], command: str) -> str:
     sure = result["n_sure"] is not None
     lines = [
@@ -190,7 +198,8 @@ def report(result: dict[str, Any], command: str) -> str:
             f"0 or 1, and on the {result['n_test'] - result['n_sure']} they gave 1/3 or 2/3."
         )
     header = (
-        "| variant | image size | epochs run (of) | best epoch | training time | validation accuracy | test accuracy "
+        "| variant | image size | epochs run (of) | best epoch | training time | validation accuracy "
+        "| test accuracy [95%] "
         "| balanced accuracy | defect recall | test accuracy, 8 views |"
     )
     rule = "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -201,7 +210,7 @@ def report(result: dict[str, Any], command: str) -> str:
     for r in result["rows"]:
         line = (
             f"| {r['label']} | {r['size']} | {r['epochs_run']} ({r['epochs']}) | {r['best_epoch']} "
-            f"| {r['seconds']:.0f} s | {r['val_accuracy']:.4f} | **{r['test_accuracy']:.4f}** "
+            f"| {r['seconds']:.0f} s | {r['val_accuracy']:.4f} | **{r['test_accuracy']:.4f}** {span(r, result)} "
             f"| {r['balanced']:.4f} | {r['recall']:.4f} | {r['test_tta8']:.4f} |"
         )
         if sure:

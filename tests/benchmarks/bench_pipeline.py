@@ -118,16 +118,24 @@ def run_twice(params: dict[str, str]) -> dict[str, object]:
     return {**first, "again": {"wall": second["wall"], "reused": reused}}
 
 
+def with_ci(m: dict[str, float], key: str) -> str:
+    """A test figure of evaluate's and its 95% interval, as evaluate logged them."""
+    value, low, high = (
+        m.get(key + suffix, float("nan")) for suffix in ("", contract.CI_LOW_SUFFIX, contract.CI_HIGH_SUFFIX)
+    )
+    return f"{value:.4f} [{low:.3f}, {high:.3f}]"
+
+
 def report(result: dict[str, object], params: dict[str, str], quick: bool = False) -> str:
     m = result["metrics"]
     wall, stages = result["wall"], (result["train"], result["evaluate"], result["infer"])
     exported = sum(child[-1] for child in result["children"])
     keys = (contract.METRIC_PRECISION, contract.METRIC_RECALL, contract.METRIC_F1)
-    prf = " / ".join(f"{m[k]:.4f}" for k in keys)
-    tuned_prf = " / ".join(f"{m.get(contract.TUNED_PREFIX + k, float('nan')):.4f}" for k in keys)
+    prf = " / ".join(with_ci(m, k) for k in keys)
+    tuned_prf = " / ".join(with_ci(m, contract.TUNED_PREFIX + k) for k in keys)
     cutoff = m.get(contract.METRIC_DECISION_THRESHOLD, float("nan"))
-    balanced = f"{m.get(contract.METRIC_BALANCED_ACCURACY, float('nan')):.4f}"
-    tuned_balanced = f"{m.get(contract.TUNED_PREFIX + contract.METRIC_BALANCED_ACCURACY, float('nan')):.4f}"
+    balanced = with_ci(m, contract.METRIC_BALANCED_ACCURACY)
+    tuned_balanced = with_ci(m, contract.TUNED_PREFIX + contract.METRIC_BALANCED_ACCURACY)
     args = " ".join(["--quick"] * quick + [f"-P {k}={v}" for k, v in params.items() if not quick])
     command = "make bench" + (f' ARGS="{args}"' if args else "")
     lines = [
@@ -144,10 +152,10 @@ def report(result: dict[str, object], params: dict[str, str], quick: bool = Fals
         f"| best set (by val_accuracy) | {result['best_set']} |",
         *again_rows(result, wall),
         "",
-        f"| on the test set | cut-off 0.5 | tuned cut-off {cutoff:.3f} (validation split) |",
+        f"| on the test set, with 95% intervals | cut-off 0.5 | tuned cut-off {cutoff:.3f} (validation split) |",
         "| --- | --- | --- |",
-        f"| accuracy (goal: at least 0.88) | {m[contract.METRIC_TEST_ACCURACY]:.4f} "
-        f"| {m.get(contract.TUNED_PREFIX + contract.METRIC_TEST_ACCURACY, float('nan')):.4f} |",
+        f"| accuracy (goal: at least 0.88) | {with_ci(m, contract.METRIC_TEST_ACCURACY)} "
+        f"| {with_ci(m, contract.TUNED_PREFIX + contract.METRIC_TEST_ACCURACY)} |",
         f"| balanced accuracy | {balanced} | {tuned_balanced} |",
         f"| precision / recall / F1 (defect positive) | {prf} | {tuned_prf} |",
         f"| ROC-AUC | {m.get(contract.METRIC_ROC_AUC, float('nan')):.4f} | (independent of the cut-off) |",

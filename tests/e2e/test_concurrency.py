@@ -34,7 +34,7 @@ DIGEST = "cccccccccccccccc"
 
 
 def single_pass_settle(
-    client, reg, digest, min_improvement, *, run_id=None, rescore=None, verify=None, before_write=None
+    client, reg, digest, min_improvement, *, run_id=None, rescore=None, verify=None, before_write=None, candidates=None
 ):
     """What settle would be without its re-read and pre-write check: read, decide, write once."""
     current = alias_version(reg.production, reg.alias)

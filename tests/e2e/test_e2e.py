@@ -326,3 +326,14 @@ def test_bad_input_through_mlflow_run_fails_with_one_clear_line(store, tiny_data
         errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and errors[0].startswith(message), done.stderr[-3000:]
         assert "Traceback" not in done.stderr
+
+
+def test_every_experiment_opens_in_the_model_training_view_and_runs_have_names(scenario, client):
+    """MLflow 3's UI opens an experiment without a kind in its GenAI view: every experiment the
+    pipeline used, the pipeline/ ones `mlflow run` created included, carries the model-training kind."""
+    experiments = client.search_experiments(filter_string="name LIKE '%/e2e%'")
+    assert {e.name for e in experiments} >= {"pipeline/e2e", "train/e2e", "eval/e2e", "infer/e2e", "pipeline/e2e-twin"}
+    for experiment in experiments:
+        assert experiment.tags.get(contract.TAG_EXPERIMENT_KIND) == contract.EXPERIMENT_KIND, experiment.name
+    evaluation = client.get_run(scenario.first[contract.TAG_EVAL_RUN_ID])
+    assert evaluation.data.tags[contract.TAG_RUN_NAME].startswith("evaluate ")

@@ -32,7 +32,7 @@ MOMENTS = [
         "swallow",
         "child",
     ),  # inside an epoch: the next batch stops it
-    ("steps.network.training:tune_threshold", "raise", "child"),  # evaluating on the validation split
+    ("steps.network.training:operating_point", "raise", "child"),  # evaluating on the validation split
     ("mlflow.pyfunc:log_model", "raise", "child"),  # logging the model
     ("keras.saving:load_model", "swallow", "child"),  # inside log_model: MLflow's validation loads it
     ("steps.train:pick_best", "swallow", "children done"),  # every set trained, the parent still open

@@ -338,3 +338,49 @@ def test_a_non_promoting_evaluation_registers_a_winner_and_no_later_evaluation_h
     assert holder() == branch.version
     assert "prod_ineligible" not in client.get_model_version(REGISTRY.production, branch.version).tags
     assert not register(0.90).promoted  # prod now holds it by the rule too
+
+
+# --- evaluate.promotion significant: a paired win over the holder, or prod stays ----------------
+
+
+def paired_with(holder: str, only_new: int, only_holder: int):
+    """A crafted comparison with ``holder`` on 600 images (560 alike)."""
+    from steps.network.statistics import mcnemar
+
+    agree = 600 - only_new - only_holder
+    new = np.array([True] * only_new + [False] * only_holder + [True] * agree)
+    old = np.array([False] * only_new + [True] * only_holder + [True] * agree)
+    return holder, mcnemar(new, old)
+
+
+def significant(acc: float, paired=None) -> Outcome:
+    cfg = config(**{"evaluate.promotion": "significant"})
+    return register_and_promote(mlflow.MlflowClient(), cfg, "file:///nowhere", acc, D1, {}, paired=paired)
+
+
+def test_with_significant_promotion_the_first_version_takes_prod(store):
+    assert significant(0.70).promoted and holder() == "1"
+
+
+def test_with_significant_promotion_a_clear_win_over_the_holder_takes_prod(store):
+    significant(0.70)
+    clear = significant(0.75, paired_with("1", only_new=35, only_holder=5))
+    assert clear.promoted and holder() == clear.version == "2"
+
+
+def test_with_significant_promotion_a_win_within_noise_leaves_prod_and_says_why(store):
+    significant(0.70)
+    noise = significant(0.71, paired_with("1", only_new=14, only_holder=8))
+    assert not noise.promoted and holder() == "1"
+    assert noise.reason.startswith("not a significant win over prod version 1 (McNemar p 0.")
+    assert "by acc alone: version 2 (acc 0.7100) against prod version 1" in noise.reason
+    assert judge(Scored("2", 0.71), Scored("1", 0.70), 0.0)[0]  # the default rule would have moved prod
+
+
+def test_with_significant_promotion_a_tie_or_a_missing_comparison_leaves_prod(store):
+    significant(0.70)
+    assert not significant(0.70, paired_with("1", only_new=10, only_holder=10)).promoted
+    unpaired = significant(0.90)
+    assert not unpaired.promoted and holder() == "1" and "no paired comparison with prod version 1" in unpaired.reason
+    stale = significant(0.95, paired_with("7", only_new=90, only_holder=0))  # compared with another holder
+    assert not stale.promoted and holder() == "1"

@@ -18,6 +18,7 @@ from steps import evaluate, infer, main
 from steps.core import cli, contract
 from steps.core.errors import PipelineError
 from steps.core.loader import load_config
+from steps.network import statistics
 from steps.network.model import resolve_precision
 from steps.train import train
 
@@ -118,6 +119,41 @@ def test_evaluate_registers_by_threshold_and_moves_prod_only_in_production(train
     assert str(client.get_model_version_by_alias("Production_Reg", "prod").version) == str(version.version)
     stays = f"-> Testing_Reg version 1; Production_Reg@prod stays on version {version.version}"
     assert stays in capsys.readouterr().out
+
+
+def test_evaluate_keeps_intervals_predictions_a_paired_comparison_and_a_model_card(trained_store, tiny_data):
+    client = mlflow.MlflowClient()
+    cfg = tiny(tiny_data, **{"evaluate.threshold": "0.0"})
+    first = client.get_run(evaluate.evaluate(cfg, trained_store))
+    second = client.get_run(evaluate.evaluate(cfg, trained_store))  # the same model again: version 2
+    digest = first.inputs.dataset_inputs[0].dataset.digest
+    metrics = second.data.metrics
+    for name in statistics.FIGURES:  # every figure, at 0.5 and at the tuned cut-off, with its interval
+        for key in (name, contract.TUNED_PREFIX + name):
+            assert metrics[key + "_ci_low"] <= metrics[key] <= metrics[key + "_ci_high"], key
+    report = mlflow.artifacts.load_dict(f"{second.info.artifact_uri}/metrics.json")
+    assert report["test_accuracy_ci_low"] == metrics["test_accuracy_ci_low"]
+    # Per-image predictions, keyed by the test set, pointed at by each version.
+    v1, v2 = (client.get_model_version("Production_Reg", v) for v in ("1", "2"))
+    rows = mlflow.artifacts.load_text(v2.tags[f"predictions.{digest}"]).splitlines()
+    assert rows[0] == "file,label,defect_probability" and len(rows) == 1 + int(
+        metrics["n_test_good"] + metrics["n_test_defect"]
+    )
+    assert v1.tags[f"predictions.{digest}"].startswith(
+        f"runs:/{first.info.run_id}/predictions/"
+    )  # read back, not rescored
+    # The paired comparison with the holder: the same model agrees on every image.
+    assert second.data.tags[contract.TAG_PAIRED_WITH] == "1" and v2.tags[contract.TAG_PAIRED_WITH] == "1"
+    assert metrics[contract.METRIC_PAIRED_AGREEMENT] == 1.0 and metrics[contract.METRIC_PAIRED_P_VALUE] == 1.0
+    assert metrics[contract.METRIC_PAIRED_CHALLENGER_ONLY] == metrics[contract.METRIC_PAIRED_CHAMPION_ONLY] == 0
+    # What people read in the UI: a model card, the registered model's paragraph, names, the experiment kind.
+    assert "| accuracy |" in v2.description and "McNemar p = 1" in v2.description and digest in v2.description
+    assert "alias `prod`" in client.get_registered_model("Production_Reg").description
+    assert second.data.tags["mlflow.runName"].endswith("-> Production_Reg v2")
+    for experiment in client.search_experiments(filter_string="name LIKE '%/test'"):
+        assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development", experiment.name
+    parent = client.get_run(trained_store)
+    assert parent.data.tags["mlflow.runName"] == f"train {SCRATCH_SETS.replace(',', ', ')}"
 
 
 def test_a_champion_from_another_test_set_is_rescored_on_this_one(trained_store, tiny_data, tmp_path, capsys):

@@ -76,7 +76,8 @@ def test_epochs_and_image_size_null_keep_each_sets_own():
         ({"evaluate.min_improvement": "1"}, "evaluate.min_improvement: expected a number in [0, 1), got 1.0"),
         (
             {"train.threshold_objective": "recall"},
-            "train.threshold_objective: expected one of accuracy, balanced_accuracy, f1, got 'recall'",
+            "train.threshold_objective: expected one of accuracy, balanced_accuracy, f1, or min_recall:R, "
+            "min_precision:P or max_false_alarm:F with R, P, F in (0, 1], got 'recall'",
         ),
         ({"infer.model_uri": "Production_Reg"}, "infer.model_uri: expected models:/<name>/<version> or"),
         ({"experiment": "a/b"}, "experiment: expected a name without '/'"),
