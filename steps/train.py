@@ -22,6 +22,7 @@ from steps.datasets.data import (
     check_not_shared,
     class_balance,
     describe_balance,
+    expert_probabilities,
     load_images,
     load_split,
     manifest,
@@ -58,6 +59,12 @@ def train(config: Config) -> str:
     fit_samples, val_samples = split_samples(samples, config)
     check_split(fit_samples, val_samples, config, data_dir)
     labels = np.array([s.label for s in samples], "float32")
+    # The experts' probabilities, for the sets that train on them (soft_labels); else the folder labels.
+    soft = expert_probabilities(data_dir, samples) if any(hp.soft_labels for hp in sets.values()) else None
+    if soft is None and any(hp.soft_labels for hp in sets.values()):
+        logger.info(
+            "soft_labels: %s/manifest.csv has no probability for every image; training on folder labels", data_dir
+        )
     balance = {**class_balance(fit_samples, "train"), **class_balance(val_samples, "val")}
     logger.info("class balance: train %s; val %s", describe_balance(balance, "train"), describe_balance(balance, "val"))
 
@@ -75,7 +82,8 @@ def train(config: Config) -> str:
 
         results = {}
         for name, hp in sets.items():
-            train_xy = (at_size[hp.image_size][fit_rows], labels[fit_rows])
+            targets = soft if hp.soft_labels and soft is not None else labels
+            train_xy = (at_size[hp.image_size][fit_rows], targets[fit_rows])
             val_xy = (at_size[hp.image_size][val_rows], labels[val_rows])
             run_id, val_accuracy, val_loss = fit_one(name, hp, config, train_xy, val_xy)
             results[run_id] = (val_accuracy, val_loss)

@@ -79,6 +79,10 @@ class HParams:
     # Stop when validation accuracy has not improved for this many epochs and keep the best epoch's
     # weights (0: train every epoch, keep the best epoch's weights all the same).
     patience: int = 0
+    # Train on the experts' defect probability where the data's manifest.csv has one per image
+    # (ELPV: 0, 1/3, 2/3, 1) instead of the 0/1 folder label; the folder labels where it has none.
+    # Validation, the cut-off and every score still use the folder labels.
+    soft_labels: bool = False
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, "arch", f"one of {', '.join(ARCHS)}", self.arch)

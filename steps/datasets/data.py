@@ -55,6 +55,22 @@ class Sample(NamedTuple):
     cls: str
 
 
+def expert_probabilities(data_dir: Path, samples: Sequence[Sample]) -> np.ndarray | None:
+    """Each sample's defect probability from ``<data_dir>/manifest.csv`` (column ``probability``, as
+    ELPV's experts gave it); None when there is no such manifest or it misses any of the samples."""
+    path = data_dir / "manifest.csv"
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path)
+    if not {"file", "probability"} <= set(frame.columns):
+        return None
+    probability = dict(zip(frame["file"], frame["probability"], strict=True))
+    known = [probability.get(Path(s.path).resolve().relative_to(data_dir.resolve()).as_posix()) for s in samples]
+    if any(p is None for p in known):
+        return None
+    return np.array(known, dtype="float32")
+
+
 def layout_help(data_dir: Path, classes: Sequence[str]) -> str:
     folders = ", ".join(f"{data_dir}/{split}/{cls}/" for split in SPLITS for cls in classes)
     return f"expected one folder per class holding images ({', '.join(IMAGE_SUFFIXES)}): {folders}"

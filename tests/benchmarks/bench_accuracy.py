@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
@@ -45,7 +44,7 @@ from steps.core import contract  # noqa: E402
 from steps.core.config import Config  # noqa: E402
 from steps.core.loader import load_config  # noqa: E402
 from steps.datasets.batches import eval_batches  # noqa: E402
-from steps.datasets.data import Sample, load_split, scan_split  # noqa: E402
+from steps.datasets.data import Sample, expert_probabilities, load_split, scan_split  # noqa: E402
 from steps.datasets.elpv import ensure_data  # noqa: E402
 from steps.network.explain import unwrap  # noqa: E402
 from steps.network.model import resolve_precision, with_tta  # noqa: E402
@@ -67,11 +66,13 @@ class Variant(NamedTuple):
 SCRATCH = "small"
 
 
-def variants(config: Config, seeds: int, baseline: bool = True) -> list[Variant]:
+def variants(config: Config, seeds: int, baseline: bool = True, soft: bool = False) -> list[Variant]:
     names = list(config.selected_hparams())
     first = names[0]
     rows = [Variant(f"set {name}", name, {}) for name in names]
     rows += [Variant(f"set {first}, training seed +{k}", first, {}, seed_offset=k) for k in range(1, seeds)]
+    if soft:  # the same set trained on the experts' probabilities (soft_labels)
+        rows.append(Variant(f"set {first}, soft labels", first, {"soft_labels": True}))
     if baseline and SCRATCH not in names and SCRATCH in config.hparam_sets:
         rows.append(Variant(f"from scratch: set {SCRATCH}", SCRATCH, {}))
     return rows
@@ -79,17 +80,8 @@ def variants(config: Config, seeds: int, baseline: bool = True) -> list[Variant]
 
 def expert_certainty(data_dir: Path, samples: list[Sample]) -> np.ndarray | None:
     """Per sample, whether the manifest's experts were sure (probability 0 or 1); None without one."""
-    path = data_dir / "manifest.csv"
-    if not path.is_file():
-        return None
-    frame = pd.read_csv(path)
-    if not {"file", "probability"} <= set(frame.columns):
-        return None
-    probability = dict(zip(frame["file"], frame["probability"], strict=True))
-    known = [probability.get(s.path.relative_to(data_dir).as_posix()) for s in samples]
-    if any(p is None for p in known):
-        return None
-    return np.isin(np.array(known, float), (0.0, 1.0))
+    known = expert_probabilities(data_dir, samples)
+    return None if known is None else np.isin(known, (0.0, 1.0))
 
 
 def accuracy(labels: np.ndarray, prob: np.ndarray, where: np.ndarray | None = None) -> float | None:
@@ -104,7 +96,7 @@ def figure(value: float | None) -> str:
     return "no such image" if value is None else f"{value:.4f}"
 
 
-def measure(config: Config, seeds: int, baseline: bool = True) -> dict[str, Any]:
+def measure(config: Config, seeds: int, baseline: bool = True, soft: bool = False) -> dict[str, Any]:
     """Train and score every variant of ``config``; the figures of the report."""
     data_dir = ensure_data(config)
     classes, seed = config.data.classes, config.seed
@@ -125,7 +117,8 @@ def measure(config: Config, seeds: int, baseline: bool = True) -> dict[str, Any]
     sure = expert_certainty(data_dir, test_samples)
     precision = resolve_precision(config.train.precision)
     rows = []
-    for variant in variants(config, seeds, baseline):
+    soft_targets = expert_probabilities(data_dir, train_samples)
+    for variant in variants(config, seeds, baseline, soft):
         hp = config.hparam_sets[variant.hparam_set]
         overrides = {"epochs": config.train.epochs, "image_size": config.train.image_size}
         hp = dataclasses.replace(hp, **{k: v for k, v in overrides.items() if v is not None}, **variant.changes)
@@ -137,7 +130,7 @@ def measure(config: Config, seeds: int, baseline: bool = True) -> dict[str, Any]
             hp,
             seed + variant.seed_offset,
             precision,
-            (train_x[fit_rows], labels[fit_rows]),
+            (train_x[fit_rows], (soft_targets if hp.soft_labels and soft_targets is not None else labels)[fit_rows]),
             val_xy,
             config.evaluate.batch_size,
         )
@@ -238,9 +231,11 @@ def main() -> None:
     parser.add_argument("--sets", default="", help="comma-separated sets of conf/hparams.yaml (default: the pipeline)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds of the first set (default 3)")
     parser.add_argument("--no-baseline", action="store_true", help=f"leave out the from-scratch set {SCRATCH}")
+    parser.add_argument("--soft", action="store_true", help="the first set again, trained on the experts' soft labels")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as tmp:
-        result = measure(bench_config(options.quick, Path(tmp), options.sets), options.seeds, not options.no_baseline)
+        config = bench_config(options.quick, Path(tmp), options.sets)
+        result = measure(config, options.seeds, not options.no_baseline, options.soft)
     args = " ".join(a for a in sys.argv[1:] if a != "--write")
     text = report(result, "make bench-accuracy" + (f' ARGS="{args}"' if args else ""))
     publish(text, BEGIN, END, options.write, options.quick)

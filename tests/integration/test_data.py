@@ -152,3 +152,45 @@ def test_digest_depends_on_content_and_labels_not_order_or_place(tiny_data, tmp_
     relabelled = frame.assign(**{"class": frame["class"][::-1].to_numpy()})
     assert digest(relabelled) != digest(frame)
     assert len(digest(frame)) == 16
+
+
+@pytest.mark.data
+def test_the_experts_probabilities_come_from_the_manifest_and_agree_with_the_folders(tiny_data, tmp_path):
+    from steps.datasets.data import expert_probabilities
+
+    samples = scan_split(tiny_data, "train", ("ok_front", "def_front"))
+    known = expert_probabilities(tiny_data, samples)
+    assert known is not None and all(round(float(p) * 3) / 3 == pytest.approx(float(p)) for p in known)  # k/3
+    assert ((known >= 0.5) == np.array([s.label for s in samples], bool)).all()  # the folders hold the same labels
+    assert expert_probabilities(tmp_path, samples) is None  # no manifest: folder labels only
+
+
+@pytest.mark.model
+def test_a_set_with_soft_labels_trains_on_the_experts_probabilities(tiny_data, tmp_path, store, monkeypatch):
+    import dataclasses
+    import shutil
+
+    import pandas as pd
+
+    from steps import train
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    frame = pd.read_csv(data / "manifest.csv")
+    unsure = (frame["split"] == "train") & (frame["class"] == "def_front")
+    frame.loc[frame.index[unsure][:3], "probability"] = 2 / 3  # three defects the experts were unsure of
+    frame.to_csv(data / "manifest.csv", index=False)
+    seen = {}
+
+    def fake_fit_one(name, hp, config, train_xy, val_xy):
+        seen[name] = (train_xy[1].copy(), val_xy[1].copy())
+        return f"{len(seen):032x}", 0.5, 0.5
+
+    monkeypatch.setattr(train, "fit_one", fake_fit_one)
+    config = load_config({"data.dir": str(data), "train.hparams": "small,medium", "experiment": "soft"})
+    sets = dict(config.hparam_sets, small=dataclasses.replace(config.hparam_sets["small"], soft_labels=True))
+    train.train(dataclasses.replace(config, hparam_sets=sets))
+    (soft, soft_val), (hard, hard_val) = seen["small"], seen["medium"]
+    assert set(np.unique(hard)) == {0.0, 1.0} and set(np.unique(hard_val)) <= {0.0, 1.0}
+    assert np.isclose(soft, 2 / 3).sum() >= 1  # those in the fitting part keep the experts' doubt
+    assert ((soft >= 0.5) == (hard == 1)).all() and (soft_val == hard_val).all()  # validation: folder labels
