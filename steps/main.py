@@ -44,9 +44,8 @@ logger = logging.getLogger(__name__)
 
 def main(config: Config, env_manager: str = "", reuse: str = "", rerun: str = "") -> dict[str, str]:
     """Run the whole pipeline; return the tags written on main's run."""
-    env_manager = env_manager or "local"
-    if env_manager not in ("local", "uv", "virtualenv", "conda"):
-        raise PipelineError(f"parameter env_manager: expected one of local, uv, virtualenv, conda, got {env_manager!r}")
+    parameters.check_choices("main", {"env_manager": env_manager, "reuse": reuse})
+    env_manager = env_manager.strip().lower() or "local"
     may_reuse = reuse_plan(reuse, rerun)
     client = mlflow.MlflowClient()
     params = stage_parameters(config)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from steps.core.config import PROJECT_DIR, Config
+from steps.core.errors import PipelineError
 
 
 class Param(NamedTuple):
@@ -22,6 +23,7 @@ class Param(NamedTuple):
     required: bool = False  # no default in MLproject: mlflow run refuses to start without it
     help: str = ""  # MLproject's comment on the parameter
     default: str = ""  # empty: the value in conf/
+    choices: tuple[str, ...] = ()  # a step's own argument: the values it accepts (any case; empty keeps the default)
 
 
 # What main forwards to train, in both entry points' order.
@@ -49,8 +51,19 @@ PARAMS: dict[str, tuple[Param, ...]] = {
         *PROMOTION,
         Param("input", "infer.input", help="images to score; default <data_dir>/test"),
         Param("output", "infer.output", help="predictions, .csv or .jsonl"),
-        Param("env_manager", None, help="for the nested stage runs", default="local"),
-        Param("reuse", None, help="empty or true: reuse finished stages; false: none; all: infer too"),
+        Param(
+            "env_manager",
+            None,
+            help="for the nested stage runs",
+            default="local",
+            choices=("local", "uv", "virtualenv", "conda"),
+        ),
+        Param(
+            "reuse",
+            None,
+            help="empty or true: reuse finished stages; false: none; all: infer too",
+            choices=("true", "false", "all"),
+        ),
         Param("rerun", None, help="stages to run again, and all after them: train,evaluate"),
     ),
     "prepare": (Param("data_dir", "data.dir"), Param("experiment", "experiment")),
@@ -95,6 +108,14 @@ def overrides(entry_point: str) -> dict[str, str]:
 def own(entry_point: str) -> tuple[str, ...]:
     """The step's own arguments: parameters that set no configuration key."""
     return tuple(p.name for p in PARAMS[entry_point] if p.key is None)
+
+
+def check_choices(entry_point: str, given: Mapping[str, str]) -> None:
+    """Refuse a step's own argument outside its ``choices``, in one line naming the parameter."""
+    for p in PARAMS[entry_point]:
+        text = given.get(p.name, "")
+        if p.choices and text.strip() and text.strip().lower() not in p.choices:
+            raise PipelineError(f"parameter {p.name}: expected one of {', '.join(p.choices)}, got {text!r}")
 
 
 def value(config: Config, key: str) -> Any:

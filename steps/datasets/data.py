@@ -33,11 +33,11 @@ import pandas as pd
 from steps.core import contract
 
 # The decoder is the registered model's own, so training and serving decode alike.
-from steps.served.serving import ImageError, decode_gray
+from steps.served.serving import SUFFIXES, ImageError, decode_gray
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+IMAGE_SUFFIXES = tuple(suffix for suffixes in SUFFIXES.values() for suffix in suffixes)  # the served model's formats
 SPLITS = ("train", "test")
 
 

@@ -95,8 +95,13 @@ MAX_SIDE = 16384
 MAX_REQUEST_PIXELS = 16 * 4096 * 4096
 # The only formats opened. Pillow reads forty; each is parsing code an upload can reach, and EPS
 # hands the file to Ghostscript where it is installed. (A JPEG may open as its MPO variant.)
-FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")
-FORMAT_NAMES = "PNG, JPEG, BMP, TIFF, GIF or WebP"
+# The one list of them, with their file suffixes (infer and the data folders pick files by these).
+SUFFIXES = {
+    "PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "BMP": (".bmp",), "TIFF": (".tif", ".tiff"), "GIF": (".gif",),
+    "WEBP": (".webp",),
+}  # fmt: skip
+FORMATS = tuple(SUFFIXES)
+FORMAT_NAMES = ", ".join(FORMATS[:-1]).replace("WEBP", "WebP") + " or " + FORMATS[-1].replace("WEBP", "WebP")
 # Gray levels wider than 8 bits, scaled by their mode's full range, never by the file's own maximum,
 # so one value decodes alike in every file. Pillow's "I" is 32-bit signed; negative values are 0.
 _RANGE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 2**31 - 1}
@@ -408,8 +413,8 @@ class DefectModel(PythonModel):
             if failed and on_error == "raise":
                 row = start + min(failed)
                 raise _bad_input(
-                    f"row {row} of {len(sources)} cannot be used: {failed[min(failed)]} (send PNG, JPEG, BMP, "
-                    "TIFF, GIF or WebP bytes; or pass params on_error=row to get a row each and the rest scored)"
+                    f"row {row} of {len(sources)} cannot be used: {failed[min(failed)]} (send {FORMAT_NAMES} "
+                    "bytes; or pass params on_error=row to get a row each and the rest scored)"
                 )
             usable = [i for i in range(len(images)) if i not in failed]
             if usable:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from helpers import building_store, in_process_stages, use_copy_of
 from steps import evaluate, main
-from steps.core import contract
+from steps.core import contract, parameters
 from steps.core.config import PROJECT_DIR
 from steps.core.errors import PipelineError
 from steps.core.loader import load_config
@@ -185,6 +185,7 @@ def test_a_train_run_whose_model_does_not_load_is_not_reused(first, again, monke
 )
 def test_bad_reuse_parameters_fail_with_one_clear_error(reuse, rerun, message):
     with pytest.raises(PipelineError) as err:
+        parameters.check_choices("main", {"reuse": reuse})
         main.reuse_plan(reuse, rerun)
     assert str(err.value) == message
 
