@@ -36,6 +36,7 @@ import numpy as np
 from keras import layers
 
 from steps.core.errors import PipelineError, first_line
+from steps.network.model import TTA_VIEWS
 from steps.served import packaging, serving
 
 logger = logging.getLogger(__name__)
@@ -51,12 +52,12 @@ SPEC_FILE = "preprocessing.json"
 
 
 def tta_views(x, tta: str) -> list:
-    """The test-time views of ``steps.network.model.with_tta``, in its order, by plain tensor ops."""
-    if tta == "none":
-        return [x]
-    views = [x, keras.ops.flip(x, 2), keras.ops.flip(x, 1), keras.ops.flip(keras.ops.flip(x, 1), 2)]
-    if tta == "dihedral":
-        views += [keras.ops.transpose(v, (0, 2, 1, 3)) for v in views]
+    """The test-time views of ``steps.network.model.with_tta`` (its ``TTA_VIEWS``), by plain tensor ops."""
+    views = []
+    for up_down, left_right, diagonal in TTA_VIEWS[tta]:
+        view = keras.ops.flip(x, 1) if up_down else x
+        view = keras.ops.flip(view, 2) if left_right else view
+        views.append(keras.ops.transpose(view, (0, 2, 1, 3)) if diagonal else view)
     return views
 
 

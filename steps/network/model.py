@@ -103,6 +103,16 @@ def efficientnet_lite0_features(hp: HParams, x, seed: int):
 FEATURES: dict[str, Callable[[HParams, Any, int], Any]] = {arch: globals()[f"{arch}_features"] for arch in ARCHS}
 
 
+# The test-time views, in the order their mean is taken: (flip up-down, flip left-right, transpose)
+# each. The one table: with_tta builds them from Keras layers, steps.network.exports from plain ops.
+_FLIPS = ((False, False, False), (False, True, False), (True, False, False), (True, True, False))
+TTA_VIEWS = {
+    "none": ((False, False, False),),
+    "flips": _FLIPS,
+    "dihedral": _FLIPS + tuple((up_down, left_right, True) for up_down, left_right, _ in _FLIPS),
+}
+
+
 def with_tta(network: keras.Model, hp: HParams) -> keras.Model:
     """The trained network averaged over symmetric views of each image (test-time augmentation).
 
@@ -129,11 +139,16 @@ def with_tta(network: keras.Model, hp: HParams) -> keras.Model:
     def transpose(view, name):
         return layers.Permute((2, 1, 3), name=name)(view)
 
-    lr = flip(x, "flip_lr")
-    ud = transpose(flip(transpose(x, "t1"), "flip_ud"), "t2")
-    views = [x, lr, ud, flip(ud, "flip_both")]
-    if hp.tta == "dihedral":
-        views += [transpose(view, f"transpose{i}") for i, view in enumerate(views)]
+    views = []
+    for i, (up_down, left_right, diagonal) in enumerate(TTA_VIEWS[hp.tta]):
+        view = x
+        if up_down:  # a flip of the height axis: the width flip between two transposes
+            view = transpose(flip(transpose(view, f"view{i}_t1"), f"view{i}_flip_ud"), f"view{i}_t2")
+        if left_right:
+            view = flip(view, f"view{i}_flip_lr")
+        if diagonal:
+            view = transpose(view, f"view{i}_transpose")
+        views.append(view)
     outputs = layers.Average(name="tta_mean", dtype="float32")([network(view) for view in views])
     return keras.Model(inputs, outputs, name=f"{network.name}_tta")
 
