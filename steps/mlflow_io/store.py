@@ -26,6 +26,7 @@ artifacts of the runs started since ``T`` into ``OUT``: what CI uploads, instead
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sqlite3
@@ -72,14 +73,17 @@ def backup(db: Path, keep: int, now: datetime | None = None) -> Path | None:
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%S%fZ")
     target = folder / f"{db.stem}-{stamp}.db"
     partial = target.with_suffix(".partial")
-    with sqlite3.connect(db) as source, sqlite3.connect(partial) as copy:
-        source.backup(copy)
-    source.close()
-    copy.close()
+    copy_database(db, partial)
     partial.replace(target)  # a copy cut short never passes for a backup
     for old in sorted(folder.glob(f"{db.stem}-*.db"))[:-keep]:
         old.unlink()
     return target
+
+
+def copy_database(db: Path, target: Path) -> None:
+    """Copy a SQLite database with SQLite's online backup: consistent while another process writes."""
+    with contextlib.closing(sqlite3.connect(db)) as source, contextlib.closing(sqlite3.connect(target)) as copy:
+        source.backup(copy)
 
 
 def upgrade(uri: str, saved: Path | None) -> None:
@@ -114,6 +118,7 @@ class Held:
     aliases: tuple[str, ...]
     location: str  # where its files are
     pruned: bool = False
+    source_run_id: str = ""  # the train run it came from
 
 
 def to_prune(versions: Sequence[Held], keep_last: int) -> list[Held]:
@@ -132,11 +137,17 @@ def to_prune(versions: Sequence[Held], keep_last: int) -> list[Held]:
 def registered(client: mlflow.MlflowClient, names: Iterable[str]) -> list[Held]:
     found = []
     for name in names:
+        try:
+            held_by: dict[str, list[str]] = {}
+            for alias, version in client.get_registered_model(name).aliases.items():
+                held_by.setdefault(str(version), []).append(alias)  # search_model_versions leaves them out
+        except mlflow.exceptions.MlflowException:
+            continue  # no such registered model yet
         for v in client.search_model_versions(f"name = '{name}'"):
-            aliases = tuple(client.get_model_version(name, v.version).aliases)  # search leaves them out
             location = client.get_model_version_download_uri(name, v.version)
             pruned = contract.VERSION_TAG_PRUNED in v.tags
-            found.append(Held(name, int(v.version), aliases, location, pruned))
+            source = v.tags.get(contract.VERSION_TAG_SOURCE_RUN_ID, "")
+            found.append(Held(name, int(v.version), tuple(held_by.get(str(v.version), ())), location, pruned, source))
     return found
 
 
@@ -167,10 +178,9 @@ def prune(client: mlflow.MlflowClient, names: Sequence[str], keep_last: int) -> 
     staying = {v.location for v in versions if v not in going}
     reason = f"holds no alias and is not among the last {keep_last} versions (store.keep_versions)"
     for held in going:
-        tags = client.get_model_version(held.name, str(held.version)).tags
         files: list[tuple[str, str | None]] = [(held.location, None)]
-        if source := tags.get(contract.VERSION_TAG_SOURCE_RUN_ID):
-            files += training_files(client, source)
+        if held.source_run_id:
+            files += training_files(client, held.source_run_id)
         for root, path in files:
             if root in staying:
                 continue  # another version, which stays, is these very files
@@ -220,10 +230,7 @@ def collect(config: Config, dir: str, since_ms: str, to: str) -> list[Path]:
         raise PipelineError(f"parameter since_ms: expected milliseconds since the epoch, got {since_ms!r}") from None
     out = Path(to).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(folder / DB_NAME) as source, sqlite3.connect(out / DB_NAME) as copy:
-        source.backup(copy)
-    source.close()
-    copy.close()
+    copy_database(folder / DB_NAME, out / DB_NAME)
     client = mlflow.MlflowClient(store_uri(folder))
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, f"attributes.start_time >= {since}", max_results=50000)
