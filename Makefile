@@ -20,7 +20,7 @@ ifneq ($(findstring @,$(MLFLOW_TRACKING_URI)),)
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
 endif
 
-.PHONY: venv run test test-fast lint mlproject bench bench-pipeline bench-accuracy bench-pretrained bench-serving bench-memory bench-front bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
+.PHONY: venv run test test-fast lint mlproject bench bench-pipeline bench-accuracy bench-levers bench-pretrained bench-serving bench-memory bench-front bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,13 @@ bench-pipeline: venv
 ## BENCHMARKS.md. Other sets: ARGS="--sets a,b". A smoke check: make bench-accuracy ARGS=--quick
 bench-accuracy: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_accuracy.py --write $(ARGS)
+
+## Levers for a stronger model: each --variant (a set with fields changed) trained at --seeds seeds
+## as train trains it, each --ensemble the mean of variants; test accuracy, ROC-AUC, recall and
+## precision at the validation-chosen cut-off, McNemar against the first; results go to BENCHMARKS.md.
+## Trainings are kept in bench-out/levers/. A smoke check: make bench-levers ARGS=--quick
+bench-levers: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_levers.py --write $(ARGS)
 
 ## What fine-tuning the pretrained backbone costs: training images/s by image size, frozen blocks and
 ## precision, side by side; results go to BENCHMARKS.md. A smoke check: make bench-pretrained ARGS=--quick

@@ -27,6 +27,7 @@ import dataclasses
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -96,21 +97,30 @@ def figure(value: float | None) -> str:
     return "no such image" if value is None else f"{value:.4f}"
 
 
-def measure(config: Config, seeds: int, baseline: bool = True, soft: bool = False) -> dict[str, Any]:
-    """Train and score every variant of ``config``; the figures of the report."""
+Images = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+
+def split_images(config: Config) -> tuple[Path, list[Sample], list[Sample], Images]:
+    """The data folder, its train and test samples, and their decoded images by size (each size decoded once)."""
     data_dir = ensure_data(config)
-    classes, seed = config.data.classes, config.seed
-    train_samples = scan_split(data_dir, "train", classes)
-    test_samples = scan_split(data_dir, "test", classes)
+    train_samples = scan_split(data_dir, "train", config.data.classes)
+    test_samples = scan_split(data_dir, "test", config.data.classes)
     loaded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def images(size: int) -> tuple[np.ndarray, np.ndarray]:
-        if size not in loaded:  # decoded once per size (and cached on disk, as train and evaluate do)
+        if size not in loaded:  # cached on disk too, as train and evaluate do
             train_x, _, _ = load_split(train_samples, size, "train", skip_bad=False, cache=config.data.cache)
             test_x, _, _ = load_split(test_samples, size, "test", skip_bad=False, cache=config.data.cache)
             loaded[size] = train_x, test_x
         return loaded[size]
 
+    return data_dir, train_samples, test_samples, images
+
+
+def measure(config: Config, seeds: int, baseline: bool = True, soft: bool = False) -> dict[str, Any]:
+    """Train and score every variant of ``config``; the figures of the report."""
+    data_dir, train_samples, test_samples, images = split_images(config)
+    seed = config.seed
     fit_rows, val_rows = split_train_val(train_samples, config.data.val_fraction, seed)
     labels = np.array([s.label for s in train_samples], "float32")
     test_labels = np.array([s.label for s in test_samples], "float32")

@@ -6,15 +6,20 @@ Run with ``make bench`` (after ``bench_training.py``) or ``python tests/benchmar
 runs and registry versions cannot change the outcome, and reports the wall time of the whole
 pipeline and of each stage run, plus the evaluation metrics of the model it registered. Then it
 runs the same ``main`` again in that store, nothing changed, and reports its wall time beside the
-first: train and evaluate are reused (docs/stages.md, "Rerunning main"), infer runs again. With
+first: train and evaluate are reused (docs/stages.md, "Rerunning main"), infer runs again. Before
+and after, the machine's speed (``reference.py``: the float32 matrix-product peak and one training
+step of the default network, each in a fresh process) is measured and reported beside the wall
+time, which is also given in reference steps, a figure to compare across machines. With
 ``--write`` the results replace the "pipeline" section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +61,14 @@ def machine() -> str:
         f"Python {platform.python_version()}, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
         f"MLflow {mlflow.__version__}"
     )
+
+
+def reference() -> dict[str, float | str]:
+    """The machine's speed now (``reference.measure``), in a fresh process: nothing of this one's
+    TensorFlow state, nor of its threads, is shared with the timed run."""
+    script = Path(__file__).with_name("reference.py")
+    out = subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def run(params: dict[str, str], store: str | None = None, experiment: str = "bench") -> dict[str, object]:
@@ -111,11 +124,13 @@ def run_twice(params: dict[str, str]) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         params = {"output": f"{tmp}/predictions.csv", **params}
         store = f"sqlite:///{tmp}/mlflow.db"
+        before = reference()
         first = run(params, store)
+        after = reference()
         second = run(params, store)
     reused = [s for s in (contract.STAGE_TRAIN, contract.STAGE_EVAL, contract.STAGE_INFER)
               if contract.reused_from_tag(s) in second["tags"]]  # fmt: skip
-    return {**first, "again": {"wall": second["wall"], "reused": reused}}
+    return {**first, "again": {"wall": second["wall"], "reused": reused}, "reference": [before, after]}
 
 
 def with_ci(m: dict[str, float], key: str) -> str:
@@ -151,6 +166,7 @@ def report(result: dict[str, object], params: dict[str, str], quick: bool = Fals
         f"{m.get(contract.METRIC_EXPORT_SECONDS, 0.0):.0f} s |",
         f"| best set (by val_accuracy) | {result['best_set']} |",
         *again_rows(result, wall),
+        *reference_rows(result, wall),
         "",
         f"| on the test set, with 95% intervals | cut-off 0.5 | tuned cut-off {cutoff:.3f} (validation split) |",
         "| --- | --- | --- |",
@@ -184,6 +200,25 @@ def again_rows(result: dict[str, object], wall: float) -> list[str]:
     return [
         f"| `main` again, nothing changed (reused: {reused}) | {again['wall']:.0f} s, "
         f"**{again['wall'] / wall:.3f}** of the first |"
+    ]
+
+
+def reference_rows(result: dict[str, object], wall: float) -> list[str]:
+    """The machine's speed before and after the first ``main``, and that run's wall time in
+    reference steps (the mean of the two step times), which carries across machines."""
+    measured = result.get("reference")
+    if not isinstance(measured, list):
+        return []
+    before, after = measured
+    step = (float(before["step_ms"]) + float(after["step_ms"])) / 2000
+    return [
+        f"| machine speed, before / after: float32 matrix-product peak | {before['gflops']:.0f} / "
+        f"{after['gflops']:.0f} GFLOP/s |",
+        f"| machine speed, before / after: one training step of {before['set']}, {before['precision']} "
+        f"| {before['step_ms']:.0f} / {after['step_ms']:.0f} ms ({before['images_per_second']:.0f} / "
+        f"{after['images_per_second']:.0f} images/s) |",
+        f"| `main` wall time in reference steps (wall / step time: compare this across machines) "
+        f"| **{wall / step:.0f}** |",
     ]
 
 

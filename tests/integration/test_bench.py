@@ -121,3 +121,71 @@ def test_the_pipeline_benchmark_reports_a_rerun_beside_the_first_run():
     assert bench_pipeline.again_rows({}, 100.0) == []  # one run only (the end-to-end test's)
     (row,) = bench_pipeline.again_rows({"again": {"wall": 12.0, "reused": ["train", "eval"]}}, 100.0)
     assert row == "| `main` again, nothing changed (reused: train, eval) | 12 s, **0.120** of the first |"
+
+
+def test_the_pipeline_benchmark_reports_the_machine_speed_beside_the_wall_time():
+    bench_pipeline = benchmark("bench_pipeline")
+    speed = {"gflops": 150.0, "step_ms": 400.0, "images_per_second": 80.0, "set": "lite160", "precision": "float32"}
+
+    assert bench_pipeline.reference_rows({}, 600.0) == []  # not measured (the end-to-end test's run)
+    rows = bench_pipeline.reference_rows({"reference": [speed, {**speed, "step_ms": 600.0}]}, 600.0)
+    assert "150 / 150 GFLOP/s" in rows[0] and "400 / 600 ms" in rows[1]
+    assert rows[2].endswith("| **1200** |")  # 600 s over the mean step, 0.5 s
+
+
+def lever_runs(test_labels: np.ndarray, val_labels: np.ndarray) -> dict:
+    """Made-up probabilities: ``good`` right on every image, ``poor`` right on validation only."""
+    return {
+        "good": {"val_prob": val_labels * 0.8 + 0.1, "test_prob": test_labels * 0.8 + 0.1},
+        "poor": {"val_prob": val_labels * 0.6 + 0.2, "test_prob": 0.9 - test_labels * 0.8},
+    }
+
+
+def test_levers_benchmark_ensembles_picks_and_pairs_without_training(monkeypatch):
+    bench_levers = benchmark("bench_levers")
+    test_labels, labels = np.array([0.0, 1.0] * 10), np.array([0.0, 1.0] * 6)
+    made = lever_runs(test_labels, labels[:4])
+    data = {"test_labels": test_labels, "labels": labels, "val_rows": [0, 1, 2, 3]}
+    monkeypatch.setattr(bench_levers, "load_data", lambda config: data)
+    trained = []
+
+    def train_or_load(hp, seed, config, data, quick):
+        name = "good" if hp.soft_labels else "poor"
+        trained.append((name, seed))
+        return made[name] | {"seconds": 10.0, "best_epoch": 1}
+
+    monkeypatch.setattr(bench_levers, "train_or_load", train_or_load)
+    config = load_config()
+    specs = ["poor:set=lite128,seeds=1", "good:set=lite128,soft_labels=true"]
+    result = bench_levers.measure(config, specs, ["both:poor+good"], ["ship:poor+good+both"], seeds=2, quick=False)
+
+    assert sorted(trained) == [("good", 42), ("good", 43), ("poor", 42)]  # poor's own seeds=1
+    rows = {row["name"]: row for row in result["rows"]}
+    assert [f["accuracy"] for f in rows["good"]["per_seed"]] == [1.0, 1.0]
+    assert [f["accuracy"] for f in rows["poor"]["per_seed"]] == [0.0]
+    assert len(rows["both"]["per_seed"]) == 1  # the seeds every member has
+    # Validation ties (both right on it); the lower validation loss decides, as train's pick_best does.
+    assert rows["ship"]["picked"] == ["good"] and rows["ship"]["seconds"] == [20.0]  # each training counted once
+    (paired,) = rows["good"]["paired"]  # against the first variant, at the one seed both have
+    assert (paired.challenger_only, paired.other_only) == (20, 0) and paired.p_value < 0.001
+    text = bench_levers.report(result, "make bench-levers")
+    assert text.startswith(bench_levers.BEGIN) and text.endswith(bench_levers.END)
+    assert "| good, **mean of 2** |" in text and "+0, picked good" in text and "20 / 0, p 0.000" in text
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        (":set=lite160", "expects name:set=SET"),
+        ("x:set", "expects name:set=SET"),
+        ("x:set=nosuch", "no set 'nosuch'"),
+        ("x:set=lite160,colour=red", "HParams has no field colour"),
+        ("x:set=lite160,seeds=0", "seeds must be an integer >= 1"),
+    ],
+)
+def test_levers_benchmark_rejects_a_bad_variant_with_a_clear_error(spec, problem):
+    bench_levers = benchmark("bench_levers")
+    with pytest.raises(SystemExit, match=problem):
+        bench_levers.parse_variant(spec, load_config())
+    with pytest.raises(SystemExit, match="expects name:a\\+b"):
+        bench_levers.parse_group("pair:a+missing", ["a", "b"])
