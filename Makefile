@@ -20,7 +20,7 @@ ifneq ($(findstring @,$(MLFLOW_TRACKING_URI)),)
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
 endif
 
-.PHONY: venv run test test-fast lint mlproject bench bench-pipeline bench-accuracy bench-levers bench-pretrained bench-serving bench-memory bench-front bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
+.PHONY: venv run test test-fast lint mlproject bench bench-pipeline bench-accuracy bench-levers bench-drift bench-near-copies bench-pretrained bench-serving bench-memory bench-front bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,15 @@ bench-accuracy: venv
 ## Trainings are kept in bench-out/levers/. A smoke check: make bench-levers ARGS=--quick
 bench-levers: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_levers.py --write $(ARGS)
+
+## The drift check: false alarms on held-out batches, detection of changed images, infer's cost with it;
+## results go to BENCHMARKS.md. A smoke check: make bench-drift ARGS=--quick
+bench-drift: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_drift.py --write $(ARGS)
+
+## How label tells a changed copy of a test image from another image; results go to BENCHMARKS.md
+bench-near-copies: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_near_copies.py --write $(ARGS)
 
 ## What fine-tuning the pretrained backbone costs: training images/s by image size, frozen blocks and
 ## precision, side by side; results go to BENCHMARKS.md. A smoke check: make bench-pretrained ARGS=--quick

@@ -7,6 +7,9 @@ everything, unless ``allow_errors``. Both engines score with the registered mode
 (``steps/served/serving.py``): the local engine (``steps.inference.local``) runs this repository's
 copy of it on the version's Keras network, loaded in safe mode, so it never executes code from the
 registry; Spark workers (``steps.inference.spark``) load the registered model as MLflow does.
+With the local engine the batch is checked for drift against the version's reference profile
+(``steps.monitoring``; ``-P drift``): the verdict is the run's tag ``drift``, and with ``drift=fail`` an
+alert exits 6 after everything is written.
 Parameters: ``MLproject``. What the run holds: docs/mlflow.md.
 """
 
@@ -27,6 +30,7 @@ from steps.inference.local import (
     check_output,
     load_production_model,
     log_gradcam,
+    log_review,
     outside_input,
     resolve_inputs,
     score_local,
@@ -35,6 +39,7 @@ from steps.inference.outputs import Writer
 from steps.inference.spark import check_spark, score_spark, spark_rows
 from steps.mlflow_io.records import log_config
 from steps.mlflow_io.runs import name_run, stage_run
+from steps.monitoring.watch import enforce, judge, watcher
 from steps.network import accelerator
 
 logger = logging.getLogger(__name__)
@@ -62,6 +67,7 @@ def infer(config: Config) -> str:
     model_config = {"max_request_pixels": 0, "runtime": ic.runtime}
     max_bytes = ic.max_file_mb * 2**20
     good, defect = model.classes
+    collector, profile, why_not = watcher(model, uri, ic.engine) if ic.drift != "off" else (None, None, "")
 
     with stage_run(contract.STAGE_INFER, config.experiment) as run:
         name_run(f"infer with {uri}")
@@ -86,9 +92,10 @@ def infer(config: Config) -> str:
             refused = {p: reason for p in files if (reason := outside_input(p, root))}
             rows = spark_rows(uri, files, refused, spec, ic.spark_master, CHUNK, model_config)
         else:
-            rows = score_local(model, files, root, max_bytes)
-        writer = Writer(output, defect)
+            rows = score_local(model, files, root, max_bytes, observe=collector.add if collector else None)
+        writer = Writer(output, defect, ic.review_top)
         writer.write(rows, total=None if files is None else len(files))
+        report = judge(collector, profile, why_not) if ic.drift != "off" else None
         mlflow.log_metrics(
             {
                 contract.METRIC_N_IMAGES: writer.n_images,
@@ -101,6 +108,9 @@ def infer(config: Config) -> str:
         mlflow.set_tags({contract.TAG_OUTPUT: str(output.resolve()), contract.TAG_OUTPUT_SHA256: writer.sha256})
         if ic.gradcam_top:
             log_gradcam(model, writer.defects, ic.gradcam_top, root, uri, max_bytes)
+        if writer.nearest:
+            n_review = log_review(model, writer.nearest, root, uri, max_bytes, ic.review_dir, run.info.run_id)
+            mlflow.log_metric(contract.METRIC_N_REVIEW, n_review)
 
     n_errors = writer.n_errors
     print(
@@ -114,6 +124,8 @@ def infer(config: Config) -> str:
                 f"{n_errors} of {writer.n_images} images could not be read; every row is in {output} (see its "
                 "error column) and in the run's artifacts; pass -P allow_errors=true to exit 0 anyway"
             )
+    if report is not None:
+        enforce(report, ic.drift, f"every row is in {output}")
     return run.info.run_id
 
 

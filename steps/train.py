@@ -32,6 +32,7 @@ from steps.datasets.data import (
 from steps.datasets.elpv import ensure_data
 from steps.mlflow_io.records import log_config, log_dataset, log_skipped
 from steps.mlflow_io.runs import name_run, stage_run
+from steps.monitoring.profile import image_statistics, stack
 from steps.network import accelerator
 from steps.network.training import check_split, fit_one, pick_best, split_samples, split_train_val
 
@@ -65,6 +66,8 @@ def train(config: Config) -> str:
         logger.info(
             "soft_labels: %s/manifest.csv has no probability for every image; training on folder labels", data_dir
         )
+    # The drift check's reference: what the validation images look like (steps.monitoring.profile).
+    val_statistics = stack([image_statistics(s.path.read_bytes()) for s in val_samples])
     balance = {**class_balance(fit_samples, "train"), **class_balance(val_samples, "val")}
     logger.info("class balance: train %s; val %s", describe_balance(balance, "train"), describe_balance(balance, "val"))
 
@@ -85,7 +88,7 @@ def train(config: Config) -> str:
             targets = soft if hp.soft_labels and soft is not None else labels
             train_xy = (at_size[hp.image_size][fit_rows], targets[fit_rows])
             val_xy = (at_size[hp.image_size][val_rows], labels[val_rows])
-            run_id, val_accuracy, val_loss = fit_one(name, hp, config, train_xy, val_xy)
+            run_id, val_accuracy, val_loss = fit_one(name, hp, config, train_xy, val_xy, val_statistics)
             results[run_id] = (val_accuracy, val_loss)
             logger.info("%s: val_accuracy=%.4f val_loss=%.4f (run %s)", name, val_accuracy, val_loss, run_id)
 

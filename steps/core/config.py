@@ -213,6 +213,9 @@ class EvaluateConfig:
 # infer's output file: its suffix says the format.
 OUTPUT_FORMATS = (".csv", ".jsonl")
 ENGINES = ("local", "spark")
+# What infer does with the drift check: report it (log, tag, metrics, figure), also fail the stage on an
+# alert, or skip it.
+DRIFT_MODES = ("report", "fail", "off")
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,9 @@ class InferConfig:
     gradcam_top: int = 8
     runtime: str = "keras"
     max_file_mb: int = 256
+    drift: str = "report"
+    review_top: int = 16
+    review_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -242,6 +248,8 @@ class InferConfig:
         _check(self.gradcam_top >= 0, "infer.gradcam_top", "an integer >= 0", self.gradcam_top)
         _check(self.runtime in RUNTIMES, "infer.runtime", f"one of {', '.join(RUNTIMES)}", self.runtime)
         _check(self.max_file_mb >= 1, "infer.max_file_mb", "an integer >= 1 (megabytes)", self.max_file_mb)
+        _check(self.drift in DRIFT_MODES, "infer.drift", f"one of {', '.join(DRIFT_MODES)}", self.drift)
+        _check(self.review_top >= 0, "infer.review_top", "an integer >= 0", self.review_top)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ STAGE_TRAIN = "train"
 STAGE_EVAL = "eval"
 STAGE_INFER = "infer"
 STAGE_PROMOTE = "promote"  # moving prod by hand (a rollback)
+STAGE_MONITOR = "monitor"  # the drift check alone, on a folder
+STAGE_LABEL = "label"  # reviewed images added to the training data
 
 
 def experiment_name(stage: str, experiment: str) -> str:
@@ -216,3 +218,13 @@ MISCLASSIFIED_ARTIFACT = "misclassified.png"
 SKIPPED_ARTIFACT = "skipped_images.csv"  # path, class, reason of every image skipped
 EXPORTS_ARTIFACT = "exports"  # train child: model.onnx, model.tflite, preprocessing.json
 GRADCAM_ARTIFACT = "gradcam.png"  # infer: Grad-CAM heat maps of the most confident defects
+# infer's drift check (steps.monitoring.drift): its verdict (ok, alert, too_few, unavailable), what it
+# compared, each feature's figures as JSON, and the batch's histograms over the reference's.
+TAG_DRIFT = "drift"
+TAG_DRIFT_PARTS = "drift_parts"
+DRIFT_ARTIFACT = "drift.json"
+DRIFT_FIGURE = "drift.png"
+REVIEW_ARTIFACT = "review"  # infer: the images nearest the cut-off, review.csv to label, their Grad-CAM
+METRIC_N_REVIEW = "n_review"
+LABELLED_ARTIFACT = "labelled.json"  # label: each image added, its class, content hash and origin
+METRIC_N_LABELLED = "n_labelled"

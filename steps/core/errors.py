@@ -26,9 +26,10 @@ INPUT = Failure("input", 2, "a parameter, the configuration or the data is wrong
 MODEL = Failure("model", 3, "the model cannot be used: not one train logged, refused by the check of its files")
 STORE = Failure("store", 4, "the tracking store did not answer: locked by another writer, unreachable, lost")
 OUTPUT = Failure("output", 5, "an output could not be written: disk full, read-only, no permission")
+DRIFT = Failure("drift", 6, "the images do not look like the model's validation images and -P drift=fail (infer)")
 INTERRUPTED = Failure("interrupted", 130, "stopped by Ctrl-C (130) or SIGTERM (143); its runs end KILLED")
 BUG = Failure("bug", 70, "anything else: a bug, printed with its traceback")
-FAILURES = (PARTIAL, INPUT, MODEL, STORE, OUTPUT, INTERRUPTED, BUG)
+FAILURES = (PARTIAL, INPUT, MODEL, STORE, OUTPUT, DRIFT, INTERRUPTED, BUG)
 
 
 class PipelineError(RuntimeError):

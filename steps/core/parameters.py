@@ -95,6 +95,22 @@ PARAMS: dict[str, tuple[Param, ...]] = {
         Param("gradcam_top", "infer.gradcam_top", "int", help="Grad-CAM grid of the N most confident defects"),
         Param("runtime", "infer.runtime", help="keras, or the onnx or litert export"),
         Param("max_file_mb", "infer.max_file_mb", "int", help="larger files are not read (their row says why)"),
+        Param("drift", "infer.drift", help="report, fail (an alert fails the stage) or off"),
+        Param("review_top", "infer.review_top", "int", help="the N images nearest the cut-off, to label (0: none)"),
+        Param("review_dir", "infer.review_dir", help="also write the review queue to <review_dir>/<run ID>/"),
+        Param("experiment", "experiment"),
+    ),
+    "label": (
+        Param("review", None, required=True, help="required: a filled-in review.csv, or a folder per class"),
+        Param("data_dir", "data.dir"),
+        Param("experiment", "experiment"),
+    ),
+    "monitor": (
+        Param("input", "infer.input", help="a file, a directory (recursive) or a glob; default <data_dir>/test"),
+        Param("model_uri", "infer.model_uri", help="default models:/Production_Reg@prod"),
+        Param("runtime", "infer.runtime", help="keras (the embedding too), or the onnx or litert export"),
+        Param("drift", "infer.drift", help="fail: exit 6 on an alert; else only report"),
+        Param("max_file_mb", "infer.max_file_mb", "int", help="larger files are not read"),
         Param("experiment", "experiment"),
     ),
 }
@@ -175,6 +191,8 @@ PURPOSE = {
     "evaluate": "scores a train run's best model on data/test, registers it, moves prod by the rule",
     "promote": 'moves prod by hand (a rollback), on the record: -P version=3 -P reason="why"',
     "infer": "scores images with models:/Production_Reg@prod (or model_uri)",
+    "label": "adds reviewed images to data/train, all or nothing; refuses copies of test images",
+    "monitor": "checks a folder for drift against the model's reference profile, without predictions",
 }
 
 

@@ -1,6 +1,6 @@
 """The local engine of ``infer``: which files an input names, reading them without leaving it, loading the
-version it scores with (pinned, so a moving alias cannot change it mid-run), scoring a chunk at a time, and
-Grad-CAM of the most confident defects."""
+version it scores with (pinned, so a moving alias cannot change it mid-run), scoring a chunk at a time,
+Grad-CAM of the most confident defects, and the review queue of the least certain images."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,12 @@ import mlflow
 import pandas as pd
 
 from steps.core import contract
-from steps.core.errors import ModelError, PipelineError, first_line
+from steps.core.errors import ModelError, OutputError, PipelineError, first_line
 from steps.datasets.data import is_image
 from steps.inference.outputs import error_row, row
 from steps.mlflow_io.loading import load_keras, model_artifact, pipeline_model_problem
 from steps.mlflow_io.registry import alias_version
+from steps.monitoring import review
 from steps.network import plots
 from steps.served import packaging, serving
 from steps.served.serving import DefectModel, ImageError
@@ -173,10 +176,20 @@ def chunks(
         yield paths, sources, refused
 
 
-def score_local(model: DefectModel, files: list[Path], root: Path, max_bytes: int) -> Iterator[dict[str, Any]]:
-    """Rows in file order, a chunk at a time; an unreadable file gets its reason, not a crash."""
+def score_local(
+    model: DefectModel,
+    files: list[Path],
+    root: Path,
+    max_bytes: int,
+    observe: Callable[[list[bytes | None], list[float | None]], None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Rows in file order, a chunk at a time; an unreadable file gets its reason, not a crash.
+    ``observe`` sees each chunk's bytes and probabilities (None where not scored): the drift check's."""
     for paths, sources, refused in chunks(files, root, max_bytes):
         scored = model.predict(None, pd.DataFrame({"image": sources}), params={"on_error": "row"})
+        if observe is not None:
+            probs = scored[serving.DEFECT_PROBABILITY].tolist()
+            observe(sources, [None if scored[serving.ERROR].iat[i] else p for i, p in enumerate(probs)])
         for i, (path, scored_row) in enumerate(zip(paths, scored.to_dict("records"), strict=True)):
             yield error_row(path, refused[i]) if i in refused else row(path, scored_row)
 
@@ -184,7 +197,54 @@ def score_local(model: DefectModel, files: list[Path], root: Path, max_bytes: in
 def log_gradcam(
     model: DefectModel, defects: list[tuple[float, str]], top: int, root: Path | None, uri: str, max_bytes: int
 ) -> None:
-    """Grad-CAM of the ``top`` most confident defects, one PNG grid (``gradcam.png``).
+    """Grad-CAM of the ``top`` most confident defects, one PNG grid (``gradcam.png``)."""
+    chosen = sorted(defects, key=lambda d: -d[0])[:top]
+    fig = gradcam_figure(
+        model, chosen, root, uri, max_bytes, f"where the model sees a defect (Grad-CAM), top {len(chosen)}"
+    )
+    if fig is not None:
+        mlflow.log_figure(fig, contract.GRADCAM_ARTIFACT)
+        plots.close(fig)
+
+
+def log_review(
+    model: DefectModel,
+    rows: list[dict[str, Any]],
+    root: Path | None,
+    uri: str,
+    max_bytes: int,
+    review_dir: str | None,
+    run_id: str,
+) -> int:
+    """The review queue of ``rows`` (``steps.monitoring.review``), with their Grad-CAM: the infer run's
+    artifact ``review/``, and with ``review_dir`` a copy in ``<review_dir>/<run_id>/``. Returns its size."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / contract.REVIEW_ARTIFACT
+        n = review.write_queue(rows, folder, lambda path: read_again(path, root, max_bytes))
+        if not n:
+            return 0
+        chosen = [(r[serving.DEFECT_PROBABILITY], r[serving.PATH]) for r in rows]
+        fig = gradcam_figure(model, chosen, root, uri, max_bytes, f"nearest the cut-off, to review ({len(chosen)})")
+        if fig is not None:
+            fig.savefig(folder / review.GRADCAM_FILE, dpi=100)
+            plots.close(fig)
+        mlflow.log_artifacts(str(folder), contract.REVIEW_ARTIFACT)
+        where = f"the run's artifacts ({contract.REVIEW_ARTIFACT}/)"
+        if review_dir:
+            target = Path(review_dir) / run_id
+            try:
+                shutil.copytree(folder, target)
+            except OSError as err:
+                raise OutputError(f"cannot write the review queue to {target}: {err.strerror or err}") from None
+            where += f" and {target}"
+    logger.info("review queue: the %d images nearest the cut-off, to label, in %s", n, where)
+    return n
+
+
+def gradcam_figure(
+    model: DefectModel, chosen: list[tuple[float, str]], root: Path | None, uri: str, max_bytes: int, title: str
+) -> Any:
+    """A grid of the ``chosen`` ``(probability, path)`` images with their Grad-CAM heat maps; None if none is left.
 
     The files are read again, and checked against the input's ``root`` again as they are: one
     replaced by a link since scoring is not followed (its heat map is left out). Gradients need
@@ -192,24 +252,21 @@ def log_gradcam(
     """
     from steps.network.explain import gradcam
 
-    chosen = sorted(defects, key=lambda d: -d[0])[:top]
     if not chosen:
-        return
-    sources = [_read(path, root, max_bytes) for _, path in chosen]
+        return None
+    sources = [read_again(path, root, max_bytes) for _, path in chosen]
     images, errors = model.preprocess(sources)
     keep = [i for i in range(len(chosen)) if i not in errors]  # a file changed or gone since scoring
     if not keep:
-        return
+        return None
     network = model.network if model.runtime == "keras" else load_keras(uri)
     heat = gradcam(network, images[keep])
-    fig = plots.gradcam_grid(
-        images[keep], heat, [chosen[i][0] for i in keep], [chosen[i][1] for i in keep], model.threshold
+    return plots.gradcam_grid(
+        images[keep], heat, [chosen[i][0] for i in keep], [chosen[i][1] for i in keep], model.threshold, title
     )
-    mlflow.log_figure(fig, contract.GRADCAM_ARTIFACT)
-    plots.close(fig)
 
 
-def _read(path: str, root: Path | None, max_bytes: int) -> bytes | None:
+def read_again(path: str, root: Path | None, max_bytes: int) -> bytes | None:
     """A scored file's bytes again, local (inside ``root``) or (from Spark) any URI Spark read it from."""
     try:
         if root is None:

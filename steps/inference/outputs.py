@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import heapq
 import json
 import os
 from collections.abc import Iterable
@@ -40,11 +41,13 @@ class Writer:
     runs writing one path the last to finish wins whole.
     """
 
-    def __init__(self, path: Path, defect_class: str) -> None:
-        self.path, self.defect_class = path, defect_class
+    def __init__(self, path: Path, defect_class: str, review_top: int = 0) -> None:
+        self.path, self.defect_class, self.review_top = path, defect_class, review_top
         self.sha256 = ""  # of the file written
         self.n_images = self.n_scored = self.n_defect = self.n_errors = 0
         self.defects: list[tuple[float, str]] = []  # (probability, path) of every predicted defect
+        # The review_top scored rows nearest their cut-off, as a heap whose root is the farthest kept.
+        self._nearest: list[tuple[float, int, dict[str, Any]]] = []
 
     def write(self, rows: Iterable[dict[str, Any]], total: int | None = None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,9 +84,21 @@ class Writer:
             self.n_errors += 1
             return
         self.n_scored += 1
+        if self.review_top:
+            distance = abs(row[serving.DEFECT_PROBABILITY] - row[serving.DECISION_THRESHOLD])
+            entry = (-distance, -self.n_images, row)  # ties: the earlier row is kept
+            if len(self._nearest) < self.review_top:
+                heapq.heappush(self._nearest, entry)
+            elif entry > self._nearest[0]:
+                heapq.heapreplace(self._nearest, entry)
         if row[serving.PREDICTED_CLASS] == self.defect_class:
             self.n_defect += 1
             self.defects.append((row[serving.DEFECT_PROBABILITY], row[serving.PATH]))
+
+    @property
+    def nearest(self) -> list[dict[str, Any]]:
+        """The ``review_top`` scored rows nearest their cut-off, nearest first (ties in input order)."""
+        return [row for _, _, row in sorted(self._nearest, key=lambda e: (-e[0], -e[1]))]
 
 
 def _csv_numbers(row: dict[str, Any]) -> dict[str, str]:

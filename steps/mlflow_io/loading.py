@@ -1,5 +1,6 @@
 """Loading a registered model's network safely: only from this store, only the layout ``train`` logs, Keras in
-safe mode, no file outside the model's folder (``load_keras``, ``pipeline_model_problem``, ``model_artifact``)."""
+safe mode, no file outside the model's folder (``load_keras``, ``pipeline_model_problem``, ``model_artifact``), and
+the drift check's reference profile (``load_profile``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path, PurePosixPath
 import mlflow
 
 from steps.core.errors import ModelError
+from steps.monitoring.profile import PROFILE_ARTIFACT, Profile
 from steps.served import serving
 from steps.served.provenance import flavor_problem
 
@@ -93,3 +95,13 @@ def pipeline_model_problem(info) -> str | None:
     metadata = info.metadata or {}
     missing = [key for key in (serving.IMAGE_SIZE, serving.CLASSES) if key not in metadata]
     return f"its metadata has no {', '.join(missing)}" if missing else None
+
+
+def load_profile(model_uri: str, flavors: dict) -> Profile | None:
+    """The reference profile stored inside a served model (``steps.monitoring.profile``); None for a
+    version logged without one. A profile that cannot be read raises ``ValueError`` saying why."""
+    artifacts = flavors.get("python_function", {}).get("artifacts", {})
+    if PROFILE_ARTIFACT not in artifacts:
+        return None
+    path = model_artifact(model_uri, PROFILE_ARTIFACT, "has no reference profile", flavors)
+    return Profile.from_json(path.read_text())

@@ -24,6 +24,9 @@ from steps.core.config import ARCHS, HParams
 from steps.network import pretrained
 from steps.served.serving import RESIZE  # the one resize, shared with the loader and the served model
 
+# The pooled features, the network's embedding of an image (the drift check summarises it).
+EMBEDDING_LAYER = "gap"
+
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and TensorFlow for repeatable initialisation, shuffling and augmentation."""
@@ -41,7 +44,7 @@ def make_model(hp: HParams, seed: int) -> keras.Model:
     inputs = keras.Input(shape=(None, None, 1), name="image")
     x = layers.Resizing(hp.image_size, hp.image_size, name="resize", **RESIZE)(inputs)
     x = FEATURES[hp.arch](hp, x, seed)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.GlobalAveragePooling2D(name=EMBEDDING_LAYER)(x)
     x = layers.Dropout(hp.dropout, seed=seed, name="dropout0")(x)
     if hp.dense_units:
         x = layers.Dense(hp.dense_units, activation="relu", name="dense")(x)
@@ -63,6 +66,15 @@ def make_model(hp: HParams, seed: int) -> keras.Model:
     batch = (np.zeros((1, hp.image_size, hp.image_size, 1), "float32"), np.zeros(1, "float32"))
     model._symbolic_build(data_batch=batch)
     return model
+
+
+def embedding_model(network: keras.Model) -> keras.Model:
+    """The network's pooled features of an image, one view (inside a test-time-augmentation wrapper, the
+    network it averages): ``(batch, features)``."""
+    from steps.network.explain import unwrap
+
+    inner = unwrap(network)
+    return keras.Model(inner.inputs, inner.get_layer(EMBEDDING_LAYER).output, name=f"{inner.name}_embedding")
 
 
 def cnn_features(hp: HParams, x, seed: int):

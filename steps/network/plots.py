@@ -1,4 +1,5 @@
-"""Figures for people to look at: how the model does on the test set. Each returns a matplotlib figure."""
+"""Figures for people to look at: how the model does on the test set, where it looks, and how a batch it
+scores compares with its reference. Each returns a matplotlib figure."""
 
 from __future__ import annotations
 
@@ -98,9 +99,14 @@ def close(fig: Figure) -> None:
 
 
 def gradcam_grid(
-    images: np.ndarray, heatmaps: np.ndarray, prob: Sequence[float], names: Sequence[str], threshold: float
+    images: np.ndarray,
+    heatmaps: np.ndarray,
+    prob: Sequence[float],
+    names: Sequence[str],
+    threshold: float,
+    title: str = "where the model sees a defect (Grad-CAM)",
 ) -> Figure:
-    """Each image with its Grad-CAM heat map over it, most confident first; titled by file and probability."""
+    """Each image with its Grad-CAM heat map over it, in the order given; titled by file and probability."""
     fig, axes = _image_grid(len(images), (2.4, 2.9))
     for ax, image, heat, p, name in zip(axes.ravel(), images, heatmaps, prob, names, strict=False):
         ax.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=255)
@@ -108,6 +114,32 @@ def gradcam_grid(
         ax.imshow(heat, cmap="jet", alpha=0.6 * np.clip(heat, 0.0, 1.0), vmin=0, vmax=1)
         short = "/".join(name.replace("\\", "/").split("/")[-2:])  # class folder and file
         ax.set_title(f"{short}\np(defect) {p:.2f}", fontsize=7)
-    fig.suptitle(f"where the model sees a defect (Grad-CAM), top {len(images)}, cut-off {threshold:.2f}", fontsize=9)
+    fig.suptitle(f"{title}, cut-off {threshold:.2f}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def drift_histograms(
+    reference: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray], p_values: Mapping[str, float], alpha: float
+) -> Figure:
+    """Each feature the drift check compared: the batch's histogram over the reference's (each as a
+    density, on the same bins), titled with its Holm-adjusted p-value; features in alert in red."""
+    names = [n for n in reference if n in batch]
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.ravel()[len(names) :]:
+        ax.axis("off")
+    for ax, name in zip(axes.ravel(), names, strict=False):
+        ref, new = np.asarray(reference[name], float), np.asarray(batch[name], float)
+        low, high = float(min(ref.min(), new.min())), float(max(ref.max(), new.max()))
+        bins = np.linspace(low, high if high > low else low + 1, 25)
+        ax.hist(ref, bins=bins, density=True, alpha=0.5, color="tab:blue", label="reference (validation)")
+        ax.hist(new, bins=bins, density=True, alpha=0.5, color="tab:orange", label="this batch")
+        p = p_values.get(name, 1.0)
+        ax.set_title(f"{name}: p {p:.2g}", fontsize=8, color="tab:red" if p < alpha else "black")
+        ax.tick_params(labelsize=6)
+    axes.ravel()[0].legend(fontsize=6)
+    fig.suptitle(f"this batch ({len(next(iter(batch.values())))} images) over the model's reference", fontsize=9)
     fig.tight_layout()
     return fig

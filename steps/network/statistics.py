@@ -68,6 +68,17 @@ def accuracy_interval(right: int, n: int) -> tuple[float, float]:
     return intervals(right, n - right, 0, 0)[contract.METRIC_TEST_ACCURACY]
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion of ``k`` in ``n``: sound at 0 and n too, where the
+    normal approximation collapses to a point."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def interval_metrics(counts: tuple[int, int, int, int], prefix: str = "") -> dict[str, float]:
     """The intervals as MLflow metrics: ``<prefix><figure>_ci_low`` and ``_ci_high``."""
     return {

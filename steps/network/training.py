@@ -1,5 +1,6 @@
 """Training one hyperparameter set: the validation split, the Keras fit with its callbacks, and the nested
-run that logs the set's metrics, cut-off, exports and served model (``fit_one``); ``fit`` alone has no MLflow."""
+run that logs the set's metrics, cut-off, exports and served model with its drift reference (``fit_one``);
+``fit`` alone has no MLflow."""
 
 from __future__ import annotations
 
@@ -24,8 +25,18 @@ from steps.datasets.data import (
     stratified_split,
 )
 from steps.mlflow_io.runs import nested_run
+from steps.monitoring.profile import Profile, build_profile
 from steps.network import exports
-from steps.network.model import float32_copy, forward_flops, make_model, resolve_precision, schedule, set_seed, with_tta
+from steps.network.model import (
+    embedding_model,
+    float32_copy,
+    forward_flops,
+    make_model,
+    resolve_precision,
+    schedule,
+    set_seed,
+    with_tta,
+)
 from steps.network.scoring import keras_loss_and_accuracy, objective, operating_point, parse_target
 from steps.served import packaging, serving
 
@@ -135,8 +146,12 @@ def fit_one(
     config: Config,
     train_xy: tuple[np.ndarray, np.ndarray],
     val_xy: tuple[np.ndarray, np.ndarray],
+    val_statistics: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[str, float, float]:
-    """Train one set in a nested run; return ``(run_id, val_accuracy, val_loss)`` of its best epoch."""
+    """Train one set in a nested run; return ``(run_id, val_accuracy, val_loss)`` of its best epoch.
+
+    ``val_statistics``: the validation images' statistics (``steps.monitoring.profile.stack``); with
+    them the logged model carries its reference profile for the drift check, else none."""
     parent = mlflow.active_run()
     assert parent is not None, "fit_one runs inside train's parent run"
     with nested_run(name, parent.info.experiment_id) as child:
@@ -228,5 +243,31 @@ def fit_one(
                 mlflow.log_metrics({contract.export_diff_metric(runtime): diff for runtime, diff in diffs.items()})
                 mlflow.log_metric(contract.METRIC_EXPORT_SECONDS, time.perf_counter() - started)
                 mlflow.log_artifacts(tmp, contract.EXPORTS_ARTIFACT)
-            packaging.log_model(model, config, metadata, example=val_xy[0][0], exports=paths)
+            profile = None
+            if val_statistics is not None:
+                profile = reference_profile(network, val_statistics, val_prob, train_xy[0], val_xy[0], config)
+            packaging.log_model(model, config, metadata, example=val_xy[0][0], exports=paths, profile=profile)
         return child.info.run_id, val_accuracy, val_loss
+
+
+# Training images whose embeddings fit the profile's principal directions: spread over the split.
+BASIS_IMAGES = 512
+
+
+def reference_profile(
+    network: keras.Model,
+    val_statistics: Mapping[str, np.ndarray],
+    val_prob: np.ndarray,
+    train_images: np.ndarray,
+    val_images: np.ndarray,
+    config: Config,
+) -> Profile:
+    """The drift check's reference: the validation images' statistics, scores and embeddings, the
+    embeddings on directions fitted to training images (so that validation images are as new to them
+    as a later batch will be)."""
+    embed = embedding_model(network)
+    batch = config.evaluate.batch_size
+    every = max(1, len(train_images) // BASIS_IMAGES)
+    basis = embed.predict(train_images[::every].astype("float32"), batch_size=batch, verbose=0)
+    embeddings = embed.predict(val_images.astype("float32"), batch_size=batch, verbose=0)
+    return build_profile(val_statistics, val_prob, embeddings, basis)

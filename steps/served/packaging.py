@@ -1,8 +1,9 @@
-"""The served model as train logs it: ``steps/served/serving.py`` as the model's code, the Keras network and
-its ONNX and LiteRT exports with their preprocessing spec as its artifacts (model config ``runtime``
-picks what scores), the model config built from the metadata (``model_config``), the signature, a
-PNG serving example and the pinned requirements of a serving environment; and the preprocessing spec
-written beside the exports. What the model computes is ``serving``'s alone.
+"""The served model as train logs it: ``steps/served/serving.py`` as the model's code; as its artifacts the
+Keras network, its ONNX and LiteRT exports with their preprocessing spec (model config ``runtime`` picks
+what scores) and the drift check's reference profile; the model config built from the metadata
+(``model_config``), the signature, a PNG serving example and the pinned requirements of a serving
+environment; and the preprocessing spec written beside the exports. What the model computes is
+``serving``'s alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from PIL import Image
 
 from steps.core import contract
 from steps.core.config import Config
+from steps.monitoring.profile import PROFILE_ARTIFACT, PROFILE_FILE, Profile
 from steps.served import serving
 
 # What a serving environment installs (these versions of what steps/served/serving.py imports); the Metal
@@ -57,7 +59,12 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def log_model(
-    network: Any, config: Config, metadata: dict[str, Any], example: np.ndarray, exports: Mapping[str, Path] | None
+    network: Any,
+    config: Config,
+    metadata: dict[str, Any],
+    example: np.ndarray,
+    exports: Mapping[str, Path] | None,
+    profile: Profile | None = None,
 ) -> Any:
     """Log the network as the served model (``steps/served/serving.py``): bytes in, predictions out; its ModelInfo.
 
@@ -65,6 +72,8 @@ def log_model(
     needs no file of this repository. ``example``: one preprocessed image, the serving example.
     ``exports``: ``steps.network.exports.write_exports``'s files, by runtime and ``spec``; None (or none
     of them: ``train.exports`` none) logs a model without exports, as models were logged before them.
+    ``profile``: the validation images' reference for the drift check (``steps.monitoring.profile``),
+    stored as the artifact ``PROFILE_ARTIFACT``; None logs a model without one.
     """
     # predict_batch_size, not batch_size: MLflow logs the config's keys as params too.
     served_config = model_config(metadata, predict_batch_size=config.infer.batch_size)
@@ -75,6 +84,10 @@ def log_model(
         if exports:
             artifacts |= {key: str(exports[r]) for r, key in serving.EXPORT_ARTIFACTS.items() if r in exports}
             artifacts[serving.SPEC_ARTIFACT] = str(exports["spec"])
+        if profile is not None:
+            profile_file = Path(tmp) / PROFILE_FILE
+            profile_file.write_text(profile.to_json())
+            artifacts[PROFILE_ARTIFACT] = str(profile_file)
         return mlflow.pyfunc.log_model(
             name=contract.MODEL_ARTIFACT,
             python_model=str(Path(serving.__file__)),

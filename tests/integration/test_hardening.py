@@ -359,7 +359,7 @@ def test_every_input_form_refuses_links_out_of_its_root(tmp_path):
     # Grad-CAM reads a file again: a file swapped for a link since scoring is not followed.
     (incoming / "a" / "mine.png").unlink()
     (incoming / "a" / "mine.png").symlink_to(elsewhere / "private.png")
-    assert local._read(str(incoming / "a" / "mine.png"), incoming, 2**20) is None
+    assert local.read_again(str(incoming / "a" / "mine.png"), incoming, 2**20) is None
 
 
 # --- Data: all or nothing -----------------------------------------------------------------------

@@ -260,6 +260,7 @@ def test_infer_writes_one_row_per_image_and_survives_a_bad_file(trained_store, t
         "n_scored": n_images - 1,
         "n_errors": 1,
         "n_defect": sum(r["predicted_class"] == "def_front" for r in rows),
+        "n_review": n_images - 1,  # every scored image: fewer than review_top
     }
     assert run.data.tags[contract.TAG_MODEL_URI] == "models:/Production_Reg@prod"
     assert run.data.tags[contract.TAG_MODEL_VERSION] == "1"

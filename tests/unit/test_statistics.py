@@ -131,3 +131,13 @@ def test_a_bad_operating_point_fails_with_a_clear_error(spec):
 def test_a_promotion_other_than_highest_or_significant_is_refused():
     with pytest.raises(ConfigError, match=r"^evaluate\.promotion: expected one of highest, significant, got 'best'"):
         load_config({"evaluate.promotion": "best"})
+
+
+def test_the_wilson_interval_is_sound_at_the_ends_and_brackets_the_rate():
+    from steps.network.statistics import wilson_interval
+
+    low, high = wilson_interval(0, 200)
+    assert low == 0.0 and 0.015 < high < 0.02  # not the point [0, 0] of the normal approximation
+    low, high = wilson_interval(10, 200)
+    assert low < 0.05 < high and high - low < 0.07
+    assert wilson_interval(0, 0) == (0.0, 1.0)
