@@ -20,7 +20,7 @@ ifneq ($(findstring @,$(MLFLOW_TRACKING_URI)),)
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
 endif
 
-.PHONY: venv run test test-fast lint mlproject bench bench-pipeline bench-accuracy bench-levers bench-drift bench-near-copies bench-pretrained bench-serving bench-memory bench-front bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
+.PHONY: venv run test test-fast lint mlproject bench bench-pipeline bench-accuracy bench-levers bench-drift bench-near-copies bench-spark bench-pretrained bench-serving bench-memory bench-front bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,11 @@ bench-drift: venv
 ## How label tells a changed copy of a test image from another image; results go to BENCHMARKS.md
 bench-near-copies: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_near_copies.py --write $(ARGS)
+
+## infer's Spark engine on a standalone cluster of 1 and 2 workers against local mode; results go to
+## BENCHMARKS.md. A smoke check: make bench-spark ARGS=--quick
+bench-spark: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_spark.py --write $(ARGS)
 
 ## What fine-tuning the pretrained backbone costs: training images/s by image size, frozen blocks and
 ## precision, side by side; results go to BENCHMARKS.md. A smoke check: make bench-pretrained ARGS=--quick

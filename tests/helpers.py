@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import pytest
@@ -406,3 +407,65 @@ def benchmark(name: str):
     finally:
         sys.path.remove(str(folder))
     return module
+
+
+class SparkCluster(NamedTuple):
+    master: str  # spark://127.0.0.1:<port>
+    work_dirs: list[Path]  # one per worker: work/<app ID>/<executor ID>/stderr
+
+
+@contextlib.contextmanager
+def spark_cluster(root: Path, workers: int = 2, cores: int = 1, memory: str = "2g"):
+    """A standalone Spark master and ``workers`` workers on 127.0.0.1, started from the jars and
+    ``bin/spark-class`` that the pyspark package ships; stopped (and waited for) on exit."""
+    import json
+
+    import pyspark
+
+    home = Path(pyspark.__file__).parent
+    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(root / "logs")}
+    spark_class = [str(home / "bin" / "spark-class")]
+    port, ui = free_port(), free_port()
+    started: list[subprocess.Popen] = []
+
+    def start(args: list[str], log: str) -> subprocess.Popen:
+        handle = (root / f"{log}.log").open("w")
+        process = subprocess.Popen(spark_class + args, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        started.append(process)
+        return process
+
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        master = start(["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+                        "--webui-port", str(ui)], "master")  # fmt: skip
+        if not wait_until_up(f"http://127.0.0.1:{ui}/json/", master, 120):
+            raise RuntimeError(f"the Spark master did not start: {(root / 'master.log').read_text()[-2000:]}")
+        work_dirs = [root / f"worker{i}" for i in range(workers)]
+        for i, work in enumerate(work_dirs):
+            start(["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", str(cores),
+                   "--memory", memory, "--work-dir", str(work), "--webui-port", str(free_port()),
+                   f"spark://127.0.0.1:{port}"], f"worker{i}")  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:  # until every worker has registered with the master
+            with urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=5) as answer:
+                alive = json.load(answer).get("aliveworkers", 0)
+            if alive >= workers:
+                break
+            if time.monotonic() > deadline or any(p.poll() is not None for p in started):
+                raise RuntimeError(f"{alive} of {workers} Spark workers registered; see {root}/worker*.log")
+            time.sleep(0.5)
+        yield SparkCluster(f"spark://127.0.0.1:{port}", work_dirs)
+    finally:
+        for process in reversed(started):
+            process.terminate()
+        for process in started:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def tasks_run(work_dir: Path) -> int:
+    """How many tasks the executors a Spark worker started ran (their logs' "Running task" lines)."""
+    return sum(log.read_text(errors="replace").count("Running task") for log in work_dir.glob("*/*/stderr"))
