@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from steps.datasets.data import DataError, is_image, scan_split
+from steps.datasets.data import DataError, file_sha256, is_image, scan_split
 from steps.monitoring import review
 from steps.served import serving
 
@@ -110,8 +110,8 @@ def _sha256(data: bytes) -> str:
 def plan(items: Sequence[Item], data_dir: Path, classes: Sequence[str]) -> list[Planned]:
     """Check every image of a review against the data; ``DataError`` listing every problem, nothing changed."""
     train, test = scan_split(data_dir, "train", classes), scan_split(data_dir, "test", classes)
-    known = {_sha256(s.path.read_bytes()): ("train", s.path) for s in train}
-    known |= {_sha256(s.path.read_bytes()): ("test", s.path) for s in test}
+    known = {file_sha256(s.path): ("train", s.path) for s in train}
+    known |= {file_sha256(s.path): ("test", s.path) for s in test}
     problems: dict[int, str] = {}  # by the item's index: one reason each
     planned: list[Planned] = []
     thumbs: list[np.ndarray] = []

@@ -4,13 +4,11 @@ principal directions."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
-from steps.monitoring.profile import SCORE, Embedding, embedding_features, stack, statistics_of
+from steps.monitoring.profile import SCORE, Embedding, decode, embedding_features, stack, statistics_of
 from steps.served import serving
 
 Embedder = Callable[[np.ndarray], np.ndarray]  # (n, size, size, 1) pixels -> (n, d) embeddings
@@ -43,9 +41,7 @@ class BatchFeatures:
             if source is None or prob is None or not np.isfinite(prob):
                 continue
             try:
-                gray = serving.decode_gray(source)
-                with Image.open(io.BytesIO(source)) as image:
-                    channels = len(image.getbands())
+                gray, channels = decode(source)
             except (serving.ImageError, OSError):  # scored moments ago; changed since: left out
                 continue
             self.rows.append(statistics_of(gray, channels))

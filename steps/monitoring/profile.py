@@ -42,12 +42,17 @@ PROFILE_VERSION = 1
 EMBEDDING_LAYER = "gap"
 
 
-def image_statistics(data: bytes) -> dict[str, float]:
-    """The statistics of one encoded image; ``serving.ImageError`` when it cannot be decoded."""
+def decode(data: bytes) -> tuple[np.ndarray, int]:
+    """An encoded image as the served model decodes it, and the number of bands its file stores;
+    ``serving.ImageError`` when it cannot be decoded."""
     gray = serving.decode_gray(data)
     with Image.open(io.BytesIO(data)) as image:
-        channels = len(image.getbands())
-    return statistics_of(gray, channels)
+        return gray, len(image.getbands())
+
+
+def image_statistics(data: bytes) -> dict[str, float]:
+    """The statistics of one encoded image; ``serving.ImageError`` when it cannot be decoded."""
+    return statistics_of(*decode(data))
 
 
 def statistics_of(gray: np.ndarray, channels: int) -> dict[str, float]:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from helpers import TINY_SIZE, empty_store, in_process_stages, make_tiny_elpv, mlflow_run
+from helpers import TINY_SIZE, empty_store, in_process_stages, make_tiny_elpv
 from steps import infer, label, main
 from steps.core import contract
 from steps.core.loader import load_config
@@ -50,10 +50,12 @@ def test_a_shifted_batch_is_flagged_reviewed_learned_from_and_the_next_model_fac
     import mlflow
 
     mlflow.set_tracking_uri(store)
-    params = {"data_dir": str(data), "hparams": "small", "epochs": "1", "image_size": "32", "threshold": "0.0",
-              "experiment": "loop", "output": str(tmp_path / "main.csv")}  # fmt: skip
-    first = mlflow_run("main", params, store)
-    assert first.returncode == 0, first.stderr[-3000:]
+    # Both mains in this process, their stages too (tests/e2e/test_e2e.py runs main through `mlflow run`).
+    in_process_stages(monkeypatch)
+    pipeline = {"data.dir": str(data), "train.hparams": "small", "train.epochs": "1", "train.image_size": "32",
+                "evaluate.threshold": "0.0", "experiment": "loop",
+                "infer.output": str(tmp_path / "main.csv")}  # fmt: skip
+    main.main(load_config(pipeline))
 
     truth = outside_images(tmp_path / "dark", 0.4)
     outside_images(tmp_path / "plain", 1.0)
@@ -70,11 +72,7 @@ def test_a_shifted_batch_is_flagged_reviewed_learned_from_and_the_next_model_fac
     added = label.label(load_config(config), str(queue))
     assert len(added) == 30
 
-    # The second main in this process (its stages too): the command line is the first's.
-    in_process_stages(monkeypatch)
-    main.main(load_config({"data.dir": str(data), "train.hparams": "small", "train.epochs": "1",
-                           "train.image_size": "32", "evaluate.threshold": "0.0", "experiment": "loop",
-                           "infer.output": str(tmp_path / "main.csv")}))  # fmt: skip
+    main.main(load_config(pipeline))
     runs = mlflow.search_runs(experiment_names=["train/loop"], output_format="list")
     trains = [r for r in runs if contract.TAG_BEST_RUN_ID in r.data.tags]  # the stage runs, not the sets
     assert len(trains) == 2  # the new training data made train run again, not reuse the first

@@ -156,7 +156,7 @@ def test_levers_benchmark_ensembles_picks_and_pairs_without_training(monkeypatch
 
     monkeypatch.setattr(bench_levers, "train_or_load", train_or_load)
     config = load_config()
-    specs = ["poor:set=lite128,seeds=1", "good:set=lite128,soft_labels=true"]
+    specs = ["poor:set=lite128,soft_labels=false,seeds=1", "good:set=lite128,soft_labels=true"]
     result = bench_levers.measure(config, specs, ["both:poor+good"], ["ship:poor+good+both"], seeds=2, quick=False)
 
     assert sorted(trained) == [("good", 42), ("good", 43), ("poor", 42)]  # poor's own seeds=1
