@@ -20,7 +20,7 @@ ifneq ($(findstring @,$(MLFLOW_TRACKING_URI)),)
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
 endif
 
-.PHONY: venv run test test-fast lint mlproject bench bench-pipeline bench-accuracy bench-levers bench-drift bench-near-copies bench-spark bench-pretrained bench-serving bench-memory bench-front bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
+.PHONY: venv run test test-fast lint mlproject bench bench-pipeline bench-accuracy bench-levers bench-drift bench-near-copies bench-spark bench-streaming bench-workers bench-pretrained bench-serving bench-memory bench-front bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -108,6 +108,16 @@ bench-pretrained: venv
 ## time. Results go to BENCHMARKS.md. A smoke check: make bench-serving ARGS=--quick
 bench-serving: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_serving.py --write $(ARGS)
+
+## Training from images streamed off disk at 1x and 10x the data against the in-memory input: anonymous
+## memory and images/s, side by side; results go to BENCHMARKS.md. A smoke check: make bench-streaming ARGS=--quick
+bench-streaming: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_streaming.py --write $(ARGS)
+
+## Training images/s with one and two local workers (-P workers=N), alternated; results go to
+## BENCHMARKS.md. A smoke check on the tiny set: make bench-workers ARGS=--quick
+bench-workers: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_workers.py --write $(ARGS)
 
 ## Peak memory of scoring 64-megapixel frames, infer's way against a stacked batch, side by side;
 ## results go to BENCHMARKS.md. A smoke check on small frames: make bench-memory ARGS=--quick

@@ -156,6 +156,11 @@ class TrainConfig:
     deterministic: bool = False
     # Which exports to log with each model, of EXPORT_FORMATS; ("none",): none.
     exports: tuple[str, ...] = EXPORT_FORMATS
+    # Training processes on this machine (steps.network.distributed): 1 trains as always; N > 1 starts
+    # N - 1 more on 127.0.0.1. On several machines, TF_CONFIG names the cluster instead.
+    workers: int = 1
+    # Seconds any worker may wait for the others (at start, at a step, between sets) before the run fails.
+    worker_timeout: float = 600.0
 
     @property
     def export_formats(self) -> tuple[str, ...]:
@@ -174,6 +179,8 @@ class TrainConfig:
             parse_target(self.threshold_objective)
         except ValueError as err:
             raise ConfigError("train.threshold_objective", str(err)) from None
+        _check(1 <= self.workers <= 64, "train.workers", "an integer in [1, 64]", self.workers)
+        _check(self.worker_timeout > 0, "train.worker_timeout", "a number of seconds > 0", self.worker_timeout)
         _check(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
         _check(
             self.exports == ("none",)

@@ -171,6 +171,14 @@ def export_diff_metric(runtime: str) -> str:
 
 # What the exports cost: making and checking them (train child), checking them (evaluate), in seconds.
 METRIC_EXPORT_SECONDS = "export_seconds"
+# Memory, on every stage run and train child that finishes (steps.core.memory): the highest anonymous
+# resident memory sampled while the run was open, and the process's peak resident set so far, in MiB.
+METRIC_PEAK_ANON_MB = "peak_rss_anon_mb"
+METRIC_PEAK_RSS_MB = "peak_rss_mb"
+# A train child's parts of peak_rss_anon_mb: training (fit), and the exports, their checks, the drift
+# reference and logging the model.
+METRIC_PEAK_ANON_FIT_MB = "peak_rss_anon_mb_fit"
+METRIC_PEAK_ANON_LOGGING_MB = "peak_rss_anon_mb_logging"
 
 
 TAG_VERSIONS_PREFIX = "versions."

@@ -26,6 +26,12 @@ def load_config(overrides: Mapping[str, str] | None = None, conf_dir: Path = CON
     return _build(Config, {**raw, "hparam_sets": hparam_sets}, "")
 
 
+def config_from_dict(values: Mapping[str, Any]) -> Config:
+    """The configuration ``Config.as_dict`` gave, checked as a loaded one is (a worker gets its chief's so)."""
+    sets = {name: _build(HParams, v, f"hparams.yaml: {name}") for name, v in values.get("hparam_sets", {}).items()}
+    return _build(Config, {**values, "hparam_sets": sets}, "")
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())

@@ -71,6 +71,8 @@ PARAMS: dict[str, tuple[Param, ...]] = {
         *TRAINING,
         Param("precision", "train.precision", help="auto, float32, mixed_bfloat16, mixed_float16"),
         Param("deterministic", "train.deterministic", help="true: same seed, same metrics (slower)"),
+        Param("workers", "train.workers", "int", help="training processes on this machine (docs/distributed.md)"),
+        Param("worker_timeout", "train.worker_timeout", "float", help="seconds a worker waits for the others"),
         Param("experiment", "experiment"),
     ),
     "evaluate": (

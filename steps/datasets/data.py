@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import tempfile
-import zipfile
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from steps.core import contract
+from steps.datasets import stored
 
 # The decoder is the registered model's own, so training and serving decode alike.
 from steps.served.serving import SUFFIXES, ImageError, decode_gray
@@ -149,7 +149,8 @@ def check_every_class_in(parts: dict[str, Sequence[Sample]], classes: Sequence[s
 def load_images(
     paths: Sequence[Path], image_size: int, progress: bool | None = None, cache: bool = False
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """Decode and resize every image once: ``(n, image_size, image_size, 1)`` float32 in 0..255.
+    """Decode and resize every image once: ``(n, image_size, image_size, 1)`` float32 in 0..255,
+    held in a file and memory-mapped (``steps.datasets.stored``), so a split larger than memory decodes.
 
     Also returns ``{index: reason}`` for the images that could not be decoded (their slots are
     zeros): every file is tried, so one pass reports all the bad ones. Resizing uses the model's own
@@ -157,42 +158,62 @@ def load_images(
     model give the same pixels.
 
     ``cache``: keep the result in ``cache_dir()``, keyed by the files' contents (not their names or
-    times), the size and the decoder; a rerun on the same files reads it back instead of decoding.
+    times), the size and the decoder; a rerun on the same files maps it instead of decoding.
     The cache's contract, whatever its format: an entry is used only when it holds one image per
     file, of the key's size, shape and dtype, and when every file it lists as failed still fails
     to decode (``cache_problem``); otherwise the files are decoded again and the entry replaced.
+    Without ``cache`` the images go to a nameless scratch file in the same place.
     """
+    shape = (len(paths), image_size, image_size, 1)
+    if not paths:
+        return np.zeros(shape, np.float32), {}
     if not cache:
-        return _decode_all(paths, image_size, progress)
+        return _decode_all(paths, image_size, progress, stored.scratch(shape, cache_dir()))
     key = _cache_key(paths, image_size)
-    path = cache_dir() / f"images-{image_size}-{key}.npz"
+    path = cache_dir() / f"images-{image_size}-{key}.npy"
+    listed = path.with_suffix(".json")  # the failures, written before the images
     try:
-        with np.load(path) as stored:
-            images, failures = stored["images"], json.loads(str(stored["failures"]))
-        failures = {int(i): str(reason) for i, reason in failures.items()}
+        images = np.load(path, mmap_mode="r")
+        failures = {int(i): str(reason) for i, reason in json.loads(listed.read_text()).items()}
         problem = cache_problem(images, failures, paths, image_size)
         if problem is None:
-            logger.info("read %d decoded images from the cache %s", len(images), path)
+            logger.info("mapped %d decoded images from the cache %s", len(images), path)
             return images, failures
         logger.warning("ignoring the cache file %s: %s; decoding again", path, problem)
     except FileNotFoundError:
         pass
-    except (OSError, ValueError, KeyError, EOFError, AttributeError, zipfile.BadZipFile) as err:  # damaged
+    except (OSError, ValueError, KeyError, EOFError, AttributeError) as err:  # damaged or truncated
         logger.warning("ignoring the unreadable cache file %s: %s", path, err)
-    images, failures = _decode_all(paths, image_size, progress)
     part = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Written aside and renamed: a reader in another process sees the whole file or none.
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.part", delete=False) as tmp:
-            part = Path(tmp.name)
-            np.savez(tmp, images=images, failures=np.array(json.dumps(failures)))
+        # Decoded into a file aside and renamed: a reader in another process sees the whole file or none.
+        handle, name = tempfile.mkstemp(dir=path.parent, suffix=".npy.part")
+        os.close(handle)
+        part = Path(name)
+        out = np.lib.format.open_memmap(part, mode="w+", dtype=np.float32, shape=shape)
+        _, failures = _decode_all(paths, image_size, progress, out)
+        out.flush()
+        del out
+        _write_atomically(listed, json.dumps(failures))
         os.replace(part, path)
-    except OSError as err:  # a full or read-only disk: train on, uncached, and leave no partial file
+        return np.load(path, mmap_mode="r"), failures
+    except OSError as err:  # a full or read-only disk: train on, uncached
         logger.warning("could not cache the decoded images in %s: %s", path.parent, err)
+    finally:  # interrupted or failed, no partial file stays
         if part is not None:
             part.unlink(missing_ok=True)
-    return images, failures
+    return _decode_all(paths, image_size, progress, stored.scratch(shape, cache_dir()))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".part", delete=False) as tmp:
+        try:
+            tmp.write(text)
+        except OSError:
+            Path(tmp.name).unlink(missing_ok=True)
+            raise
+    os.replace(tmp.name, path)
 
 
 def cache_problem(images: np.ndarray, failures: dict[int, str], paths: Sequence[Path], size: int) -> str | None:
@@ -236,11 +257,13 @@ def _cache_key(paths: Sequence[Path], image_size: int) -> str:
     return h.hexdigest()[:24]
 
 
-def _decode_all(paths: Sequence[Path], image_size: int, progress: bool | None) -> tuple[np.ndarray, dict[int, str]]:
+def _decode_all(
+    paths: Sequence[Path], image_size: int, progress: bool | None, out: np.ndarray
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode ``paths`` into ``out``, zeroed ``(len(paths), image_size, image_size, 1)`` float32."""
     from steps.core.progress import Progress
     from steps.served.serving import resize
 
-    out = np.zeros((len(paths), image_size, image_size, 1), dtype=np.float32)
     failures: dict[int, str] = {}
     with Progress(len(paths), verb="decoded", bar=progress) as bar:
         for i, path in enumerate(paths):
@@ -259,8 +282,9 @@ class Rejected(NamedTuple):
 
 def load_split(
     samples: Sequence[Sample], image_size: int, split: str, skip_bad: bool, cache: bool = False
-) -> tuple[np.ndarray, list[Sample], list[Rejected]]:
-    """Every image of a split, checked before any work: ``(images, kept samples, rejected)``.
+) -> tuple[stored.Rows, list[Sample], list[Rejected]]:
+    """Every image of a split, checked before any work: ``(images, kept samples, rejected)``; the
+    images are the kept samples' rows of the decoded file, read as they are used.
 
     Images that cannot be decoded fail the stage with the full list of paths and reasons, unless
     ``skip_bad``: then they are left out and returned, to be counted and logged. Either way, a
@@ -283,7 +307,7 @@ def load_split(
             raise DataError(f"{split}: class {cls!r} has no usable image: all {n_class} skipped")
     if rejected:
         logger.warning("%s: skipped %d unreadable images of %d", split, len(rejected), len(samples))
-    return images[keep], kept, rejected
+    return stored.Rows(images, keep), kept, rejected
 
 
 def class_balance(samples: Sequence[Sample], split: str) -> dict[str, float]:

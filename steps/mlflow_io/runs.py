@@ -19,7 +19,7 @@ import mlflow
 from mlflow.entities import Run, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from steps.core import contract, errors, signals
+from steps.core import contract, errors, memory, signals
 from steps.core.errors import PipelineError, redact
 from steps.mlflow_io import mlflow_errors
 from steps.mlflow_io.records import library_versions
@@ -118,8 +118,10 @@ def _closing(under_mlflow_run: bool = False) -> Iterator[None]:
     FAILED otherwise, with its kind (``steps.core.errors``) as the tag ``failure_kind``.
     ``under_mlflow_run``: the run was created by the `mlflow run` command that started this process."""
     try:
-        yield
+        with memory.watch() as window:
+            yield
         signals.check()
+        _log_memory(window)
     except KeyboardInterrupt:
         # mlflow.start_run's own exit would say FAILED; an interrupted run was killed.
         _killed(under_mlflow_run)
@@ -136,6 +138,14 @@ def _closing(under_mlflow_run: bool = False) -> Iterator[None]:
         else:
             _record_failure(failure)
         raise
+
+
+def _log_memory(window: memory.Window) -> None:
+    """What the run held at most: its anonymous memory, and the process's resident peak so far."""
+    metrics = {contract.METRIC_PEAK_RSS_MB: memory.peak_rss_mb()}
+    if window.peak is not None:
+        metrics[contract.METRIC_PEAK_ANON_MB] = window.peak
+    mlflow.log_metrics(metrics)
 
 
 # `mlflow run` (MLflow 3.17, projects._maybe_set_run_terminated) marks its run FAILED once its

@@ -11,11 +11,13 @@ import mlflow
 import numpy as np
 
 from steps.core import contract
+from steps.datasets.batches import image_batches
 from steps.datasets.data import (
     DataError,
     Sample,
     load_images,
 )
+from steps.datasets.stored import Rows
 from steps.mlflow_io import loading
 from steps.mlflow_io.loading import load_keras
 from steps.network import plots, statistics
@@ -56,7 +58,7 @@ def caption(counts: tuple[int, int, int, int]) -> str:
 
 
 def log_figures(
-    images: np.ndarray,
+    images: np.ndarray | Rows,
     y: np.ndarray,
     prob: np.ndarray,
     confusions: Mapping[str, list[list[int]]],
@@ -77,7 +79,7 @@ def log_figures(
 
 
 def check_exports(
-    info, model_uri: str, model_run_id: str, images: np.ndarray, prob: np.ndarray, cutoff: float, batch_size: int
+    info, model_uri: str, model_run_id: str, images: np.ndarray | Rows, prob: np.ndarray, cutoff: float, batch_size: int
 ) -> dict[str, str]:
     """Score the model's ONNX and LiteRT exports on the test images against its Keras ``prob``
     (``steps.network.exports.check_parity``: a mismatch fails the stage), log each one's largest difference,
@@ -110,7 +112,7 @@ class TestSet:
     __test__ = False  # not a pytest class
 
     def __init__(
-        self, samples: Sequence[Sample], batch_size: int, images: Mapping[int, np.ndarray], cache: bool = False
+        self, samples: Sequence[Sample], batch_size: int, images: Mapping[int, Rows], cache: bool = False
     ) -> None:
         """``samples`` checked by ``load_split``; ``images`` what it decoded, by image size."""
         self.samples = samples
@@ -119,14 +121,15 @@ class TestSet:
         self.batch_size = batch_size
         self._images = dict(images)
 
-    def images(self, size: int) -> np.ndarray:
+    def images(self, size: int) -> Rows:
+        """The test images at ``size``, rows of the decoded file (read as they are used)."""
         if size not in self._images:
             images, failures = load_images([s.path for s in self.samples], size, cache=self.cache)
             if failures:  # they all decoded a moment ago: a file changed under us
                 raise DataError(f"test images changed during evaluation: {sorted(failures.values())[0]}")
-            self._images[size] = images
+            self._images[size] = Rows(images)
         return self._images[size]
 
     def predict(self, model_uri: str, image_size: int) -> np.ndarray:
         model = load_keras(model_uri)
-        return model.predict(self.images(image_size), batch_size=self.batch_size, verbose=0).reshape(-1)
+        return model.predict(image_batches(self.images(image_size), self.batch_size), verbose=0).reshape(-1)

@@ -36,6 +36,7 @@ import numpy as np
 from keras import layers
 
 from steps.core.errors import PipelineError, first_line
+from steps.datasets.stored import Rows
 from steps.network.model import TTA_VIEWS
 from steps.served import packaging, serving
 
@@ -129,7 +130,7 @@ def write_exports(
 
 
 def check_parity(
-    paths: Mapping[str, Path], images: np.ndarray, keras_prob: np.ndarray, threshold: float, batch_size: int
+    paths: Mapping[str, Path], images: np.ndarray | Rows, keras_prob: np.ndarray, threshold: float, batch_size: int
 ) -> dict[str, float]:
     """Each export's largest difference from Keras's defect probabilities on ``images`` (resized,
     0..255), by runtime; ``PipelineError`` naming the export when one is over the tolerance or

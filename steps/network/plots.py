@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from steps.core import contract  # noqa: E402
+from steps.datasets.stored import Rows
 from steps.network.scoring import score  # noqa: E402
 
 
@@ -63,7 +64,7 @@ def curves(y_true: np.ndarray, prob: np.ndarray, cutoffs: Sequence[float] = (0.5
 
 
 def misclassified(
-    images: np.ndarray,
+    images: np.ndarray | Rows,
     y_true: np.ndarray,
     prob: np.ndarray,
     classes: Sequence[str],

@@ -5,6 +5,7 @@ run that logs the set's metrics, cut-off, exports and served model with its drif
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import tempfile
@@ -16,17 +17,18 @@ import keras
 import mlflow
 import numpy as np
 
-from steps.core import contract, signals
+from steps.core import contract, memory, signals
 from steps.core.config import Config, HParams
-from steps.datasets.batches import eval_batches, training_batches
+from steps.datasets.batches import eval_batches, image_batches, training_batches
 from steps.datasets.data import (
     Sample,
     check_every_class_in,
     stratified_split,
 )
+from steps.datasets.stored import Rows
 from steps.mlflow_io.runs import nested_run
 from steps.monitoring.profile import Profile, build_profile
-from steps.network import exports
+from steps.network import distributed, exports
 from steps.network.model import (
     embedding_model,
     float32_copy,
@@ -103,12 +105,20 @@ class StopOnSignal(keras.callbacks.Callback):
         signals.check()
 
 
+def early_stopping(hp: HParams) -> keras.callbacks.EarlyStopping:
+    """Stops after ``patience`` epochs without a better validation accuracy; the best epoch's
+    weights are kept whether or not training stops early."""
+    return keras.callbacks.EarlyStopping(
+        monitor=contract.METRIC_VAL_ACCURACY, mode="max", patience=hp.patience or hp.epochs, restore_best_weights=True
+    )
+
+
 def fit(
     hp: HParams,
     seed: int,
     precision: str,
-    train_xy: tuple[np.ndarray, np.ndarray],
-    val_xy: tuple[np.ndarray, np.ndarray],
+    train_xy: tuple[np.ndarray | Rows, np.ndarray],
+    val_xy: tuple[np.ndarray | Rows, np.ndarray],
     eval_batch_size: int,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, int, int]:
@@ -124,10 +134,7 @@ def fit(
     finally:
         keras.mixed_precision.set_global_policy("float32")  # the policy is global; the model keeps its own
     logger.info("training (%s, %d steps an epoch): %s", precision, steps, hp)
-    # The best epoch's weights are kept whether or not training stops early.
-    best = keras.callbacks.EarlyStopping(
-        monitor=contract.METRIC_VAL_ACCURACY, mode="max", patience=hp.patience or hp.epochs, restore_best_weights=True
-    )
+    best = early_stopping(hp)
     history = model.fit(
         batches,
         steps_per_epoch=steps,
@@ -144,14 +151,16 @@ def fit_one(
     name: str,
     hp: HParams,
     config: Config,
-    train_xy: tuple[np.ndarray, np.ndarray],
-    val_xy: tuple[np.ndarray, np.ndarray],
+    train_xy: tuple[np.ndarray | Rows, np.ndarray],
+    val_xy: tuple[np.ndarray | Rows, np.ndarray],
     val_statistics: Mapping[str, np.ndarray] | None = None,
+    session: distributed.Session | None = None,
 ) -> tuple[str, float, float]:
     """Train one set in a nested run; return ``(run_id, val_accuracy, val_loss)`` of its best epoch.
 
     ``val_statistics``: the validation images' statistics (``steps.monitoring.profile.stack``); with
-    them the logged model carries its reference profile for the drift check, else none."""
+    them the logged model carries its reference profile for the drift check, else none. ``session``:
+    train on the cluster (``steps.network.distributed``; this process is its chief)."""
     parent = mlflow.active_run()
     assert parent is not None, "fit_one runs inside train's parent run"
     with nested_run(name, parent.info.experiment_id) as child:
@@ -165,15 +174,19 @@ def fit_one(
             }
         )
         logger.info("training %r", name)
-        model, best_epoch, _ = fit(
-            hp,
-            config.seed,
-            precision,
-            train_xy,
-            val_xy,
-            config.evaluate.batch_size,
-            callbacks=[EpochLogger(len(train_xy[0]))],
-        )
+        trainer = fit if session is None else functools.partial(distributed.fit_distributed, session)
+        with memory.watch() as training:
+            model, best_epoch, _ = trainer(
+                hp,
+                config.seed,
+                precision,
+                train_xy,
+                val_xy,
+                config.evaluate.batch_size,
+                callbacks=[EpochLogger(len(train_xy[0]))],
+            )
+        if training.peak is not None:
+            mlflow.log_metric(contract.METRIC_PEAK_ANON_FIT_MB, training.peak)
         flops = forward_flops(model)  # of one view: test-time augmentation runs it once a view
         network, model = model, with_tta(model, hp)  # what is logged and scored
         # One pass over the validation images: loss and accuracy come from the same predictions the
@@ -227,7 +240,7 @@ def fit_one(
             contract.META_VAL_RECALL: point.recall,
             contract.META_OBJECTIVE_MET: point.met,
         }
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, memory.watch() as logging_model:
             started = time.perf_counter()
             formats = config.train.export_formats
             paths = (
@@ -247,6 +260,8 @@ def fit_one(
             if val_statistics is not None:
                 profile = reference_profile(network, val_statistics, val_prob, train_xy[0], val_xy[0], config)
             packaging.log_model(model, config, metadata, example=val_xy[0][0], exports=paths, profile=profile)
+        if logging_model.peak is not None:
+            mlflow.log_metric(contract.METRIC_PEAK_ANON_LOGGING_MB, logging_model.peak)
         return child.info.run_id, val_accuracy, val_loss
 
 
@@ -258,8 +273,8 @@ def reference_profile(
     network: keras.Model,
     val_statistics: Mapping[str, np.ndarray],
     val_prob: np.ndarray,
-    train_images: np.ndarray,
-    val_images: np.ndarray,
+    train_images: np.ndarray | Rows,
+    val_images: np.ndarray | Rows,
     config: Config,
 ) -> Profile:
     """The drift check's reference: the validation images' statistics, scores and embeddings, the
@@ -269,5 +284,5 @@ def reference_profile(
     batch = config.evaluate.batch_size
     every = max(1, len(train_images) // BASIS_IMAGES)
     basis = embed.predict(train_images[::every].astype("float32"), batch_size=batch, verbose=0)
-    embeddings = embed.predict(val_images.astype("float32"), batch_size=batch, verbose=0)
+    embeddings = embed.predict(image_batches(val_images, batch), verbose=0)
     return build_profile(val_statistics, val_prob, embeddings, basis)

@@ -108,14 +108,34 @@ def run(params: dict[str, str], store: str | None = None, experiment: str = "ben
                 int(c.data.params["epochs"]),
                 seconds(c.info.run_id),
                 c.data.metrics.get(contract.METRIC_EXPORT_SECONDS, 0.0),
+                c.data.metrics.get(contract.METRIC_PEAK_ANON_MB, float("nan")),
+                c.data.metrics.get(contract.METRIC_PEAK_ANON_FIT_MB, float("nan")),
+                c.data.metrics.get(contract.METRIC_PEAK_ANON_LOGGING_MB, float("nan")),
             )
             for c in children
         ),
+        "memory": {
+            stage: memory_of(client.get_run(tags[tag]))
+            for stage, tag in (
+                ("train", contract.TAG_TRAIN_RUN_ID),
+                ("evaluate", contract.TAG_EVAL_RUN_ID),
+                ("infer", contract.TAG_INFER_RUN_ID),
+            )  # fmt: skip
+            if tag in tags
+        },
         "best": train.data.tags[contract.TAG_BEST_RUN_ID],
         "best_set": client.get_run(train.data.tags[contract.TAG_BEST_RUN_ID]).data.tags[contract.TAG_HPARAM_SET],
         "metrics": evaluation.data.metrics,
         "registered": f"{tags[contract.TAG_REGISTERED_MODEL]} v{tags[contract.TAG_REGISTERED_VERSION]}",
     }
+
+
+def memory_of(stage_run) -> tuple[float, float]:
+    """A stage run's peak anonymous memory while it was open, and its process's peak resident set, MiB."""
+    metrics = stage_run.data.metrics
+    return metrics.get(contract.METRIC_PEAK_ANON_MB, float("nan")), metrics.get(
+        contract.METRIC_PEAK_RSS_MB, float("nan")
+    )
 
 
 def run_twice(params: dict[str, str]) -> dict[str, object]:
@@ -144,7 +164,8 @@ def with_ci(m: dict[str, float], key: str) -> str:
 def report(result: dict[str, object], params: dict[str, str], quick: bool = False) -> str:
     m = result["metrics"]
     wall, stages = result["wall"], (result["train"], result["evaluate"], result["infer"])
-    exported = sum(child[-1] for child in result["children"])
+    exported = sum(child[5] for child in result["children"])
+    held = result.get("memory", {})
     keys = (contract.METRIC_PRECISION, contract.METRIC_RECALL, contract.METRIC_F1)
     prf = " / ".join(with_ci(m, k) for k in keys)
     tuned_prf = " / ".join(with_ci(m, contract.TUNED_PREFIX + k) for k in keys)
@@ -165,6 +186,11 @@ def report(result: dict[str, object], params: dict[str, str], quick: bool = Fals
         f"| of which the exports: made and checked in train / checked in evaluate | {exported:.0f} s / "
         f"{m.get(contract.METRIC_EXPORT_SECONDS, 0.0):.0f} s |",
         f"| best set (by val_accuracy) | {result['best_set']} |",
+        "| peak memory, RssAnon while the run was open / the process's peak RSS: "
+        + " / ".join(held)
+        + " | "
+        + " / ".join(f"{anon:.0f} / {rss:.0f} MiB" for anon, rss in held.values())
+        + " |",
         *again_rows(result, wall),
         *reference_rows(result, wall),
         "",
@@ -180,11 +206,13 @@ def report(result: dict[str, object], params: dict[str, str], quick: bool = Fals
         "| --- | --- |",
         f"| registered as | {result['registered']} |",
         "",
-        "| hyperparameter set | best val_accuracy | at epoch (of) | run time | of which the exports |",
-        "| --- | --- | --- | --- | --- |",
+        "| hyperparameter set | best val_accuracy | at epoch (of) | run time | of which the exports "
+        "| peak RssAnon: the set / training / exports and logging |",
+        "| --- | --- | --- | --- | --- | --- |",
         *[
-            f"| {name} | {acc:.4f} | {epoch} ({epochs}) | {secs:.0f} s | {export:.0f} s |"
-            for name, acc, epoch, epochs, secs, export in result["children"]
+            f"| {name} | {acc:.4f} | {epoch} ({epochs}) | {secs:.0f} s | {export:.0f} s "
+            f"| {anon:.0f} / {fit:.0f} / {logged:.0f} MiB |"
+            for name, acc, epoch, epochs, secs, export, anon, fit, logged in result["children"]
         ],
         END,
     ]

@@ -182,7 +182,7 @@ def test_a_set_with_soft_labels_trains_on_the_experts_probabilities(tiny_data, t
     frame.to_csv(data / "manifest.csv", index=False)
     seen = {}
 
-    def fake_fit_one(name, hp, config, train_xy, val_xy, val_statistics=None):
+    def fake_fit_one(name, hp, config, train_xy, val_xy, val_statistics=None, session=None):
         seen[name] = (train_xy[1].copy(), val_xy[1].copy())
         return f"{len(seen):032x}", 0.5, 0.5
 
