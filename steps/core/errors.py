@@ -27,7 +27,7 @@ MODEL = Failure("model", 3, "the model cannot be used: not one train logged, ref
 STORE = Failure("store", 4, "the tracking store did not answer: locked by another writer, unreachable, lost")
 OUTPUT = Failure("output", 5, "an output could not be written: disk full, read-only, no permission")
 DRIFT = Failure("drift", 6, "the images do not look like the model's validation images and -P drift=fail (infer)")
-WORKERS = Failure("workers", 7, "a training worker died, hung past train.worker_timeout or never joined (workers > 1)")
+WORKERS = Failure("workers", 7, "a training worker died or hung past train.worker_timeout (workers > 1)")
 INTERRUPTED = Failure("interrupted", 130, "stopped by Ctrl-C (130) or SIGTERM (143); its runs end KILLED")
 BUG = Failure("bug", 70, "anything else: a bug, printed with its traceback")
 FAILURES = (PARTIAL, INPUT, MODEL, STORE, OUTPUT, DRIFT, WORKERS, INTERRUPTED, BUG)

@@ -12,9 +12,10 @@ step's global batch is split between the workers (``steps.datasets.batches.shard
 gradients and the batch-norm statistics are summed over them, so a step is the one a single process
 takes on that global batch, dropout masks aside (each worker draws its own).
 
-Every collective has a deadline, ``train.worker_timeout``: a worker that dies drops its connections,
-and the others fail at their next collective at once; one that hangs, or never joins, fails them
-after the timeout. The failure is one line (``WorkerError``, exit 7), and the chief's run ends FAILED.
+Every collective has a deadline, ``train.worker_timeout``. TensorFlow's heartbeats notice a worker
+that died or stopped within about ten seconds; one that hangs fails the others at the deadline.
+Either way the failure is one line (``WorkerError``, exit 7), and the chief's run ends FAILED. A
+cluster that never forms is killed by a watchdog process after the timeout (``_deadline``).
 """
 
 from __future__ import annotations
