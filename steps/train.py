@@ -64,6 +64,10 @@ class Prepared(NamedTuple):
     labels: np.ndarray
     soft: np.ndarray | None
 
+    def parts(self) -> tuple[list[Sample], list[Sample]]:
+        """The training and the validation samples."""
+        return [self.samples[i] for i in self.fit_rows], [self.samples[i] for i in self.val_rows]
+
     def xy(self, hp: HParams) -> tuple[tuple[Rows, np.ndarray], tuple[Rows, np.ndarray]]:
         """One set's training and validation images (rows of the decoded file) and targets."""
         targets = self.soft if hp.soft_labels and self.soft is not None else self.labels
@@ -91,7 +95,7 @@ def prepare(config: Config) -> Prepared:
         at_size[size] = Rows(load_images([s.path for s in samples], size, cache=config.data.cache)[0])
     check_not_shared({"train": samples, **other_split(data_dir, "test", classes)})
     fit_rows, val_rows = split_train_val(samples, config.data.val_fraction, config.seed)
-    check_split(*split_samples(samples, config), config, data_dir)
+    check_split([samples[i] for i in fit_rows], [samples[i] for i in val_rows], config, data_dir)
     labels = np.array([s.label for s in samples], "float32")
     # The experts' probabilities, for the sets that train on them (soft_labels); else the folder labels.
     soft = expert_probabilities(data_dir, samples) if any(hp.soft_labels for hp in sets.values()) else None
@@ -128,10 +132,7 @@ def _train(config: Config, session: distributed.Session | None) -> str:
     logger.info("%s", accelerator.describe())
     data = prepare(config)
     sets = config.selected_hparams()
-    fit_samples, val_samples = (
-        [data.samples[i] for i in data.fit_rows],
-        [data.samples[i] for i in data.val_rows],
-    )
+    fit_samples, val_samples = data.parts()
     # The drift check's reference: what the validation images look like (steps.monitoring.profile).
     val_statistics = stack([image_statistics(s.path.read_bytes()) for s in val_samples])
     balance = {**class_balance(fit_samples, "train"), **class_balance(val_samples, "val")}
