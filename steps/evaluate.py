@@ -82,9 +82,7 @@ def evaluate(config: Config, run_id: str) -> str:
         prob = test.predict(model_uri, image_size)
         metrics, confusions = report(test.y, prob, cutoff)
         mlflow.log_metrics(metrics)
-        export_tags = check_exports(
-            info, model_uri, model_run_id, test.images(image_size), prob, cutoff, test.batch_size
-        )
+        export_tags = check_exports(info, model_uri, model_run_id, test.images(image_size), prob, cutoff)
         log_figures(test.images(image_size), test.y, prob, confusions, cutoff, classes)
         accuracy = metrics[contract.METRIC_TEST_ACCURACY]
         frame = paired.predictions_frame(test.samples, test.y, prob, data_dir)

@@ -79,7 +79,7 @@ def log_figures(
 
 
 def check_exports(
-    info, model_uri: str, model_run_id: str, images: np.ndarray | Rows, prob: np.ndarray, cutoff: float, batch_size: int
+    info, model_uri: str, model_run_id: str, images: np.ndarray | Rows, prob: np.ndarray, cutoff: float
 ) -> dict[str, str]:
     """Score the model's ONNX and LiteRT exports on the test images against its Keras ``prob``
     (``steps.network.exports.check_parity``: a mismatch fails the stage), log each one's largest difference,
@@ -96,7 +96,7 @@ def check_exports(
         runtime: loading.model_artifact(model_uri, serving.EXPORT_ARTIFACTS[runtime], "", info.flavors)
         for runtime in present
     }
-    diffs = exports.check_parity(paths, images, prob, cutoff, batch_size)
+    diffs = exports.check_parity(paths, images, prob, cutoff)
     mlflow.log_metrics({contract.export_diff_metric(runtime): diff for runtime, diff in diffs.items()})
     mlflow.log_metric(contract.METRIC_EXPORT_SECONDS, time.perf_counter() - started)
     files = {**{runtime: exports.FILES[runtime] for runtime in present}, "spec": exports.SPEC_FILE}

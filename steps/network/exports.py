@@ -47,6 +47,10 @@ PARITY_TOLERANCE = 1e-4
 # Validation images train checks each export on: 64 take 5 s with EfficientNet-Lite0 and eight
 # views on 2 cores, all 394 of ELPV took 30 s a set; evaluate checks every test image.
 PARITY_SAMPLE = 64
+# Images per batch of the parity check, whatever the stages' batch size. The views multiply a batch
+# by eight, and onnxruntime's arena keeps the largest batch's activations while its session lives:
+# 32 images at 192 px held 3.0 GiB, 8 held 0.7 GiB and ran no slower (BENCHMARKS.md, "Memory").
+PARITY_BATCH = 8
 # The files in an export folder, by runtime; the spec beside them.
 FILES = {runtime: export.file for runtime, export in serving.EXPORTS.items()}
 SPEC_FILE = "preprocessing.json"
@@ -130,7 +134,7 @@ def write_exports(
 
 
 def check_parity(
-    paths: Mapping[str, Path], images: np.ndarray | Rows, keras_prob: np.ndarray, threshold: float, batch_size: int
+    paths: Mapping[str, Path], images: np.ndarray | Rows, keras_prob: np.ndarray, threshold: float
 ) -> dict[str, float]:
     """Each export's largest difference from Keras's defect probabilities on ``images`` (resized,
     0..255), by runtime; ``PipelineError`` naming the export when one is over the tolerance or
@@ -141,8 +145,8 @@ def check_parity(
         network = serving.load_export(runtime, paths[runtime])
         prob = np.concatenate(
             [
-                network.predict_on_batch(images[i : i + batch_size]).reshape(-1)
-                for i in range(0, len(images), batch_size)
+                network.predict_on_batch(images[i : i + PARITY_BATCH]).reshape(-1)
+                for i in range(0, len(images), PARITY_BATCH)
             ]
         ).astype("float64")
         worst[runtime] = float(np.max(np.abs(prob - keras_prob))) if len(prob) else 0.0

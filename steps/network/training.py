@@ -250,9 +250,7 @@ def fit_one(
                 # The exports score validation images as the Keras model did, or the run fails: a
                 # sample of them here (evaluate checks every test image before registering).
                 sample = slice(0, exports.PARITY_SAMPLE)
-                diffs = exports.check_parity(
-                    paths, val_xy[0][sample], val_prob[sample], cutoff, config.evaluate.batch_size
-                )
+                diffs = exports.check_parity(paths, val_xy[0][sample], val_prob[sample], cutoff)
                 mlflow.log_metrics({contract.export_diff_metric(runtime): diff for runtime, diff in diffs.items()})
                 mlflow.log_metric(contract.METRIC_EXPORT_SECONDS, time.perf_counter() - started)
                 mlflow.log_artifacts(tmp, contract.EXPORTS_ARTIFACT)

@@ -79,9 +79,9 @@ def test_a_parity_check_that_fails_says_which_export_in_one_line(store_copy, tmp
     size = json.loads(paths["spec"].read_text())["input"]["height"]
     images = np.random.default_rng(0).uniform(0, 255, (6, size, size, 1)).astype("float32")
     prob = serving.load_export("onnx", paths["onnx"]).predict_on_batch(images).reshape(-1)
-    assert exports.check_parity(paths, images, prob, 0.5, 4)["onnx"] < 1e-6  # the same numbers pass
+    assert exports.check_parity(paths, images, prob, 0.5)["onnx"] < 1e-6  # the same numbers pass
     with pytest.raises(PipelineError) as err:
-        exports.check_parity(paths, images, prob + 1e-3, 0.5, 4)
+        exports.check_parity(paths, images, prob + 1e-3, 0.5)
     message = str(err.value)
     assert "\n" not in message
     assert re.match(
