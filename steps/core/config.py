@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steps.network.pretrained import BLOCKS
 from steps.network.scoring import parse_target
 from steps.served.serving import EXPORTS, RUNTIMES
 
@@ -38,7 +39,7 @@ class ConfigError(ValueError):
 
 AUGMENTATIONS = ("none", "flips", "dihedral")
 # The networks make_model builds: each name's ``<name>_features`` in steps.network.model builds it.
-ARCHS = ("cnn", "efficientnet_lite0")
+ARCHS = ("cnn", *BLOCKS)
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 # The exports train can make of each model: the table of steps.served.serving.EXPORTS.
 EXPORT_FORMATS = tuple(EXPORTS)
@@ -51,8 +52,8 @@ class HParams:
     learning_rate: float
     batch_size: int
     epochs: int
-    # The network: one of steps.network.model.ARCHS ("cnn": trained from scratch; "efficientnet_lite0": an
-    # ImageNet-trained EfficientNet-Lite0, fine-tuned) and the size images are resized to.
+    # The network: one of ARCHS ("cnn": trained from scratch; "efficientnet_lite0" or "efficientnet_lite1":
+    # an ImageNet-trained EfficientNet-Lite, fine-tuned) and the size images are resized to.
     arch: str = "cnn"
     image_size: int = 128
     # cnn: 3x3 stages of these widths, after a patchify stem (a stem_stride x stem_stride
@@ -63,7 +64,7 @@ class HParams:
     stem_filters: int = 0
     stem_stride: int = 1
     convs_per_stage: int = 1
-    # efficientnet_lite0: the stem and this many of its 16 blocks keep their ImageNet weights
+    # efficientnet_lite*: the stem and this many of its blocks (Lite0 16, Lite1 21) keep their ImageNet weights
     # (no gradient through them; -1: nothing frozen, the stem trains too); the stochastic-depth rate.
     freeze_blocks: int = 0
     drop_connect: float = 0.0
@@ -83,6 +84,10 @@ class HParams:
     # (ELPV: 0, 1/3, 2/3, 1) instead of the 0/1 folder label; the folder labels where it has none.
     # Validation, the cut-off and every score still use the folder labels.
     soft_labels: bool = False
+    # The momentum of an average of the weights kept at every step (0: none). Validation scores the
+    # average, so the best epoch and the logged model are the average's; 0.99 averages about the
+    # last 100 steps.
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, "arch", f"one of {', '.join(ARCHS)}", self.arch)
@@ -93,7 +98,8 @@ class HParams:
             "one or more positive integers (arch cnn)",
             self.filters,
         )
-        _check(-1 <= self.freeze_blocks <= 16, "freeze_blocks", "an integer in [-1, 16]", self.freeze_blocks)
+        blocks = BLOCKS.get(self.arch, 16)
+        _check(-1 <= self.freeze_blocks <= blocks, "freeze_blocks", f"an integer in [-1, {blocks}]", self.freeze_blocks)
         _check(0.0 <= self.drop_connect < 1.0, "drop_connect", "a number in [0, 1)", self.drop_connect)
         _check(self.dense_units >= 0, "dense_units", "an integer >= 0", self.dense_units)
         _check(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)", self.dropout)
@@ -109,6 +115,7 @@ class HParams:
         _check(self.augment in AUGMENTATIONS, "augment", f"one of {', '.join(AUGMENTATIONS)}", self.augment)
         _check(self.tta in AUGMENTATIONS, "tta", f"one of {', '.join(AUGMENTATIONS)}", self.tta)
         _check(self.patience >= 0, "patience", "an integer >= 0", self.patience)
+        _check(0.0 <= self.ema < 1.0, "ema", "a number in [0, 1)", self.ema)
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,18 @@ def resolve(config: Config, environ: Mapping[str, str] = os.environ) -> Cluster 
     """This process's cluster: ``TF_CONFIG``'s, or ``train.workers`` local ones (this one the chief);
     None for one worker, which trains exactly as without this module."""
     text = environ.get("TF_CONFIG", "")
+    cluster = _resolve(config, text)
+    averaged = [name for name, hp in config.selected_hparams().items() if hp.ema]
+    if cluster is not None and averaged:
+        raise ConfigError(
+            "train.hparams",
+            f"set {', '.join(map(repr, averaged))} keeps an average of its weights (ema), which training "
+            f"on {len(cluster.workers)} workers does not; train it on one, or set its ema to 0",
+        )
+    return cluster
+
+
+def _resolve(config: Config, text: str) -> Cluster | None:
     if text:
         if config.train.workers > 1:
             raise ConfigError(

@@ -54,7 +54,12 @@ def make_model(hp: HParams, seed: int) -> keras.Model:
     if hp.arch in pretrained.WEIGHTS:
         pretrained.load_imagenet_weights(model, pretrained.load_state_dict(hp.arch))
     model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=learning_rate(hp, 0), weight_decay=hp.weight_decay),
+        optimizer=keras.optimizers.AdamW(
+            learning_rate=learning_rate(hp, 0),
+            weight_decay=hp.weight_decay,
+            use_ema=hp.ema > 0,
+            ema_momentum=hp.ema or 0.99,
+        ),
         loss=keras.losses.BinaryCrossentropy(label_smoothing=hp.label_smoothing),
         metrics=["accuracy"],  # by keyword: Keras 3 compile's positional order is not (opt, loss, metrics)
     )
@@ -100,14 +105,17 @@ def cnn_features(hp: HParams, x, seed: int):
     return x
 
 
-def efficientnet_lite0_features(hp: HParams, x, seed: int):
-    """EfficientNet-Lite0 with ImageNet weights (``steps.network.pretrained``): the gray image as the three
-    equal channels of an RGB one, normalised as the weights expect, inside the model so that serving
-    does the same."""
+def _lite_features(hp: HParams, x, seed: int):
+    """EfficientNet-Lite ``hp.arch`` with ImageNet weights (``steps.network.pretrained``): the gray image as
+    the three equal channels of an RGB one, normalised as the weights expect, inside the model so that
+    serving does the same."""
     x = layers.Concatenate(name="gray_to_rgb")([x, x, x])
     mean, std = pretrained.INPUT_MEAN, pretrained.INPUT_STD
     x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalise")(x)
-    return pretrained.lite0_features(x, hp.freeze_blocks, hp.drop_connect, seed)
+    return pretrained.lite_features(x, hp.arch, hp.freeze_blocks, hp.drop_connect, seed)
+
+
+efficientnet_lite0_features = efficientnet_lite1_features = _lite_features
 
 
 # Every network make_model can build: ``<arch>_features`` above for each name of steps.core.config.ARCHS

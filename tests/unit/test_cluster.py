@@ -30,3 +30,16 @@ def test_tf_config_is_checked_and_not_given_with_local_workers():
     local = distributed.resolve(load_config({"train.workers": "3"}), {})
     assert local is not None and local.chief and len(set(local.workers)) == 3
     assert distributed.is_worker({"TF_CONFIG": local.tf_config(2)}) and not distributed.is_worker({})
+
+
+def test_a_set_that_averages_its_weights_is_refused_on_several_workers_only():
+    import dataclasses
+
+    config = load_config({"train.workers": "2"})
+    name = config.train.hparams[0]
+    averaged = dataclasses.replace(config.hparam_sets[name], ema=0.99)
+    config = dataclasses.replace(config, hparam_sets={**config.hparam_sets, name: averaged})
+    with pytest.raises(ConfigError, match=f"train.hparams: set '{name}' keeps an average of its weights"):
+        distributed.resolve(config, {})
+    one = dataclasses.replace(config, train=dataclasses.replace(config.train, workers=1))
+    assert distributed.resolve(one, {}) is None

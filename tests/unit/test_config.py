@@ -113,9 +113,14 @@ def test_unknown_key_in_a_conf_file_is_rejected(conf_copy):
         ("label_smoothing", 0.5, "hparams.yaml: small.label_smoothing: expected a number in [0, 0.5), got 0.5"),
         ("patience", -1, "hparams.yaml: small.patience: expected an integer >= 0, got -1"),
         ("filters", [], "hparams.yaml: small.filters: expected one or more positive integers (arch cnn), got ()"),
-        ("arch", "resnet", "hparams.yaml: small.arch: expected one of cnn, efficientnet_lite0, got 'resnet'"),
+        (
+            "arch",
+            "resnet",
+            "hparams.yaml: small.arch: expected one of cnn, efficientnet_lite0, efficientnet_lite1, got 'resnet'",
+        ),
         ("image_size", 8, "hparams.yaml: small.image_size: expected an integer in [16, 1024], got 8"),
         ("freeze_blocks", 17, "hparams.yaml: small.freeze_blocks: expected an integer in [-1, 16], got 17"),
+        ("ema", 1.0, "hparams.yaml: small.ema: expected a number in [0, 1), got 1.0"),
         ("warmup", 2, "hparams.yaml: small.warmup: unknown key; expected one of arch, augment, batch_size,"),
     ],
 )
