@@ -20,7 +20,7 @@ ifneq ($(findstring @,$(MLFLOW_TRACKING_URI)),)
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
 endif
 
-.PHONY: venv run test test-fast lint mlproject bench bench-pipeline bench-accuracy bench-levers bench-drift bench-near-copies bench-spark bench-streaming bench-workers bench-pretrained bench-serving bench-memory bench-front bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
+.PHONY: venv run test test-fast lint mlproject bench bench-pipeline bench-accuracy bench-levers bench-drift bench-near-copies bench-spark bench-streaming bench-workers bench-pretrained bench-serving bench-memory bench-parity bench-front bench-first-epoch bench-store bench-startup server serve ui verify-registry prod-history clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -123,6 +123,11 @@ bench-workers: venv
 ## results go to BENCHMARKS.md. A smoke check on small frames: make bench-memory ARGS=--quick
 bench-memory: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_memory.py --write $(ARGS)
+
+## The exports' parity check: its peak memory and time at the stages' batch size against its own;
+## results go to BENCHMARKS.md. A smoke check: make bench-parity ARGS=--quick
+bench-parity: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/benchmarks/bench_parity.py --write $(ARGS)
 
 ## The scoring front: its peak memory under each attack the review posted, and its images/s and
 ## latency against bare `mlflow models serve`, side by side; results go to BENCHMARKS.md. ARGS=--quick

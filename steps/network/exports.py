@@ -48,8 +48,8 @@ PARITY_TOLERANCE = 1e-4
 # views on 2 cores, all 394 of ELPV took 30 s a set; evaluate checks every test image.
 PARITY_SAMPLE = 64
 # Images per batch of the parity check, whatever the stages' batch size. The views multiply a batch
-# by eight, and onnxruntime's arena keeps the largest batch's activations while its session lives:
-# 32 images at 192 px held 3.0 GiB, 8 held 0.7 GiB and ran no slower (BENCHMARKS.md, "Memory").
+# by eight, and each runtime keeps its largest batch's buffers while it lives: 64 images at 192 px
+# held 4.4 GiB in onnxruntime and 2.3 in LiteRT, 8 held 0.7 and 0.3, and ran faster (make bench-parity).
 PARITY_BATCH = 8
 # The files in an export folder, by runtime; the spec beside them.
 FILES = {runtime: export.file for runtime, export in serving.EXPORTS.items()}
