@@ -236,6 +236,7 @@ def test_a_network_trained_in_mixed_precision_is_scored_logged_and_exported_in_f
     assert model_module.float32_copy(copy) is copy
 
 
+@pytest.mark.slow  # two trainings, 13 s: make test only
 def test_an_average_of_the_weights_is_what_validation_scores_and_fit_returns():
     """With ``ema`` the optimiser keeps an average of the weights: training follows the same steps,
     validation scores the average, and the network returned is the best epoch's average."""

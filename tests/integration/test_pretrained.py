@@ -118,7 +118,8 @@ def test_a_changed_file_or_a_missing_package_is_refused_naming_the_cause(monkeyp
 
 @pytest.mark.model
 @pytest.mark.parametrize(
-    ("arch", "size", "layers_set"), [("efficientnet_lite0", 224, 99), ("efficientnet_lite1", 240, 129)]
+    ("arch", "size", "layers_set"),
+    [("efficientnet_lite0", 224, 99), pytest.param("efficientnet_lite1", 240, 129, marks=pytest.mark.slow)],
 )
 def test_the_port_reproduces_imagenet_on_a_known_photo(arch, size, layers_set):
     """matplotlib ships grace_hopper.jpg; ImageNet class 652 is "military uniform". Every layer of the
