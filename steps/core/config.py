@@ -88,6 +88,10 @@ class HParams:
     # average, so the best epoch and the logged model are the average's; 0.99 averages about the
     # last 100 steps.
     ema: float = 0.0
+    # Progressive resolution: the first start_epochs epochs train at start_size px, cheaper steps while the
+    # head settles; the rest, validation and the logged model at image_size (0: every epoch at image_size).
+    start_size: int = 0
+    start_epochs: int = 0
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, "arch", f"one of {', '.join(ARCHS)}", self.arch)
@@ -116,6 +120,18 @@ class HParams:
         _check(self.tta in AUGMENTATIONS, "tta", f"one of {', '.join(AUGMENTATIONS)}", self.tta)
         _check(self.patience >= 0, "patience", "an integer >= 0", self.patience)
         _check(0.0 <= self.ema < 1.0, "ema", "a number in [0, 1)", self.ema)
+        _check(
+            self.start_size == 0 or 16 <= self.start_size < self.image_size,
+            "start_size",
+            f"0 (off) or an integer in [16, image_size {self.image_size})",
+            self.start_size,
+        )
+        _check(
+            self.start_epochs == 0 if not self.start_size else 1 <= self.start_epochs < self.epochs,
+            "start_epochs",
+            "0 without start_size" if not self.start_size else f"an integer in [1, epochs {self.epochs})",
+            self.start_epochs,
+        )
 
 
 @dataclass(frozen=True)

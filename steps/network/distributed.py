@@ -94,13 +94,18 @@ def resolve(config: Config, environ: Mapping[str, str] = os.environ) -> Cluster 
     None for one worker, which trains exactly as without this module."""
     text = environ.get("TF_CONFIG", "")
     cluster = _resolve(config, text)
-    averaged = [name for name, hp in config.selected_hparams().items() if hp.ema]
-    if cluster is not None and averaged:
-        raise ConfigError(
-            "train.hparams",
-            f"set {', '.join(map(repr, averaged))} keeps an average of its weights (ema), which training "
-            f"on {len(cluster.workers)} workers does not; train it on one, or set its ema to 0",
-        )
+    if cluster is None:
+        return None
+    # What a worker's fit loop does not do: (field, what it does).
+    unsupported = (("ema", "keeps an average of its weights"), ("start_size", "trains its first epochs smaller"))
+    for field, does in unsupported:
+        sets = [name for name, hp in config.selected_hparams().items() if getattr(hp, field)]
+        if sets:
+            raise ConfigError(
+                "train.hparams",
+                f"set {', '.join(map(repr, sets))} {does} ({field}), which training on {len(cluster.workers)} "
+                f"workers does not; train it on one, or set its {field} to 0",
+            )
     return cluster
 
 

@@ -119,6 +119,42 @@ def weight_average(hp: HParams) -> list[keras.callbacks.Callback]:
     return [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if hp.ema else []
 
 
+class Resolution(keras.callbacks.Callback):
+    """Progressive resolution: the first ``hp.start_epochs`` epochs train at ``hp.start_size`` px, the rest at
+    ``hp.image_size``; validation, and the network kept at the end, always at ``hp.image_size``.
+
+    The size is the ``resize`` layer's (``make_model``). A traced step keeps the size it was traced with, so
+    the training step is traced again when the size changes, and the test step, traced at its first call,
+    sees the full size."""
+
+    def __init__(self, hp: HParams) -> None:
+        super().__init__()
+        self.hp = hp
+        self.traced = 0  # the size of the current training step's trace
+
+    def _resize(self, size: int) -> None:
+        layer = self.model.get_layer("resize")
+        layer.height = layer.width = size
+
+    def on_epoch_begin(self, epoch, logs=None):
+        size = self.hp.start_size if epoch < self.hp.start_epochs else self.hp.image_size
+        self._resize(size)
+        if size != self.traced:
+            self.model.make_train_function(force=True)
+            self.traced = size
+            logger.info("epoch %d on: training at %d px", epoch + 1, size)
+
+    def on_test_begin(self, logs=None):
+        self._resize(self.hp.image_size)
+
+    def on_train_end(self, logs=None):
+        self._resize(self.hp.image_size)
+
+
+def resolution(hp: HParams) -> list[keras.callbacks.Callback]:
+    return [Resolution(hp)] if hp.start_size else []
+
+
 def fit(
     hp: HParams,
     seed: int,
@@ -147,7 +183,7 @@ def fit(
         validation_data=eval_batches(*val_xy, eval_batch_size),
         epochs=hp.epochs,
         shuffle=False,  # the input pipeline shuffles, seeded
-        callbacks=[StopOnSignal(), schedule(hp), *callbacks, *weight_average(hp), best],
+        callbacks=[StopOnSignal(), schedule(hp), *resolution(hp), *callbacks, *weight_average(hp), best],
         verbose=1 if sys.stdout.isatty() else 2,  # a progress bar on a terminal, a line per epoch in logs
     )
     return float32_copy(model), best.best_epoch + 1, len(history.epoch)

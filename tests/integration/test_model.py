@@ -270,3 +270,40 @@ def test_an_average_of_the_weights_is_what_validation_scores_and_fit_returns():
     assert not np.allclose([e["val_loss"] for e in averaged], [e["val_loss"] for e in plain], rtol=1e-4)
     val_loss, _ = keras_loss_and_accuracy(yv, network.predict(xv, verbose=0).reshape(-1), 0.0)
     assert val_loss == pytest.approx(averaged[best_epoch - 1]["val_loss"], rel=1e-4)
+
+
+def test_progressive_resolution_trains_the_first_epochs_smaller_and_validates_at_full_size(monkeypatch):
+    """``start_size``: the training step is traced at the small size for the first ``start_epochs`` epochs and
+    again at ``image_size`` after; the test step, and the network returned, are at ``image_size`` throughout."""
+    from steps.network import training
+
+    seen: list[tuple[str, int]] = []  # (the step being traced, the size the resize layer gave it)
+    phase = [""]
+
+    def recording_model(hp, seed):
+        model = make_model(hp, seed)
+        layer = model.get_layer("resize")
+        call = layer.call
+
+        def resized(*args, **kwargs):  # runs only while a step is traced
+            out = call(*args, **kwargs)
+            seen.append((phase[0], int(out.shape[1])))
+            return out
+
+        layer.call = resized
+        for name in ("train_step", "test_step"):
+            step = getattr(model, name)
+            setattr(model, name, lambda data, step=step, name=name: phase.__setitem__(0, name) or step(data))
+        return model
+
+    monkeypatch.setattr(training, "make_model", recording_model)
+    rng = np.random.default_rng(0)
+    x, xv = (rng.integers(0, 256, (n, 32, 32, 1)).astype("float32") for n in (16, 8))
+    y, yv = ((np.arange(n) % 2).astype("float32") for n in (16, 8))
+    hp = dataclasses.replace(HP, image_size=32, stem_filters=4, filters=(8,), epochs=3, patience=0, start_size=16,
+                             start_epochs=2)  # fmt: skip
+    network, _, epochs_run = training.fit(hp, 0, "float32", (x, y), (xv, yv), 8)
+    assert epochs_run == 3
+    assert seen == [("train_step", 16), ("test_step", 32), ("train_step", 32)]
+    assert network.get_layer("resize").height == network.get_layer("resize").width == 32
+    assert network.predict(xv, verbose=0).shape == (8, 1)

@@ -32,14 +32,21 @@ def test_tf_config_is_checked_and_not_given_with_local_workers():
     assert distributed.is_worker({"TF_CONFIG": local.tf_config(2)}) and not distributed.is_worker({})
 
 
-def test_a_set_that_averages_its_weights_is_refused_on_several_workers_only():
+@pytest.mark.parametrize(
+    ("changes", "refusal"),
+    [
+        ({"ema": 0.99}, "keeps an average of its weights (ema)"),
+        ({"start_size": 96, "start_epochs": 1}, "trains its first epochs smaller (start_size)"),
+    ],
+)
+def test_a_set_the_workers_cannot_train_is_refused_on_several_workers_only(changes, refusal):
     import dataclasses
 
     config = load_config({"train.workers": "2"})
     name = config.train.hparams[0]
-    averaged = dataclasses.replace(config.hparam_sets[name], ema=0.99)
-    config = dataclasses.replace(config, hparam_sets={**config.hparam_sets, name: averaged})
-    with pytest.raises(ConfigError, match=f"train.hparams: set '{name}' keeps an average of its weights"):
+    changed = dataclasses.replace(config.hparam_sets[name], **changes)
+    config = dataclasses.replace(config, hparam_sets={**config.hparam_sets, name: changed})
+    with pytest.raises(ConfigError, match=re.escape(f"train.hparams: set '{name}' {refusal}")):
         distributed.resolve(config, {})
     one = dataclasses.replace(config, train=dataclasses.replace(config.train, workers=1))
     assert distributed.resolve(one, {}) is None

@@ -121,6 +121,8 @@ def test_unknown_key_in_a_conf_file_is_rejected(conf_copy):
         ("image_size", 8, "hparams.yaml: small.image_size: expected an integer in [16, 1024], got 8"),
         ("freeze_blocks", 17, "hparams.yaml: small.freeze_blocks: expected an integer in [-1, 16], got 17"),
         ("ema", 1.0, "hparams.yaml: small.ema: expected a number in [0, 1), got 1.0"),
+        ("start_size", 128, "hparams.yaml: small.start_size: expected 0 (off) or an integer in [16, image_size 128)"),
+        ("start_epochs", 2, "hparams.yaml: small.start_epochs: expected 0 without start_size, got 2"),
         ("warmup", 2, "hparams.yaml: small.warmup: unknown key; expected one of arch, augment, batch_size,"),
     ],
 )
@@ -132,6 +134,16 @@ def test_bad_value_in_a_hparam_set_names_the_set_and_the_key(conf_copy, key, val
     with pytest.raises(ConfigError) as err:
         load_config(conf_dir=conf_copy)
     assert str(err.value).startswith(message)
+
+
+def test_progressive_resolution_must_leave_epochs_at_full_size(conf_copy):
+    path = conf_copy / "hparams.yaml"
+    sets = yaml.safe_load(path.read_text())
+    sets["small"] |= {"start_size": 64, "start_epochs": sets["small"]["epochs"]}
+    path.write_text(yaml.safe_dump(sets))
+    message = "small.start_epochs: expected an integer in [1, epochs 30), got 30"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(conf_dir=conf_copy)
 
 
 def test_cli_rejects_a_bad_parameter_before_the_step_runs(capsys, tmp_path, monkeypatch):
