@@ -92,6 +92,9 @@ class HParams:
     # head settles; the rest, validation and the logged model at image_size (0: every epoch at image_size).
     start_size: int = 0
     start_epochs: int = 0
+    # A pairwise ranking term added to the cross-entropy with this weight (0: none): it scores the order of
+    # the defect probabilities, which precision at a high recall depends on (steps.network.model).
+    rank_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, "arch", f"one of {', '.join(ARCHS)}", self.arch)
@@ -120,6 +123,7 @@ class HParams:
         _check(self.tta in AUGMENTATIONS, "tta", f"one of {', '.join(AUGMENTATIONS)}", self.tta)
         _check(self.patience >= 0, "patience", "an integer >= 0", self.patience)
         _check(0.0 <= self.ema < 1.0, "ema", "a number in [0, 1)", self.ema)
+        _check(0.0 <= self.rank_weight <= 100.0, "rank_weight", "a number in [0, 100]", self.rank_weight)
         _check(
             self.start_size == 0 or 16 <= self.start_size < self.image_size,
             "start_size",

@@ -104,8 +104,11 @@ def pick(runs: dict[str, list[dict[str, Any]]], members: list[str], val_labels: 
 
 
 def cache_file(hp: HParams, seed: int, data_key: str) -> Path:
-    """Where one training's probabilities are kept: named by everything that decides them."""
-    key = json.dumps([dataclasses.asdict(hp), seed, data_key, machine()], sort_keys=True, default=str)
+    """Where one training's probabilities are kept: named by everything that decides them. Of the set, the
+    fields that differ from ``HParams``' defaults, so that a field added later leaves the names as they were."""
+    defaults = {f.name: f.default for f in dataclasses.fields(HParams) if f.default is not dataclasses.MISSING}
+    fields = {k: v for k, v in dataclasses.asdict(hp).items() if k not in defaults or v != defaults[k]}
+    key = json.dumps([fields, seed, data_key, machine()], sort_keys=True, default=str)
     return CACHE / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
