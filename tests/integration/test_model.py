@@ -307,3 +307,18 @@ def test_progressive_resolution_trains_the_first_epochs_smaller_and_validates_at
     assert seen == [("train_step", 16), ("test_step", 32), ("train_step", 32)]
     assert network.get_layer("resize").height == network.get_layer("resize").width == 32
     assert network.predict(xv, verbose=0).shape == (8, 1)
+
+
+def test_a_set_with_a_ranking_term_compiles_with_it_and_learns_one_batch():
+    from steps.network.model import RankedCrossentropy
+
+    hp = dataclasses.replace(HP, image_size=16, stem_filters=4, filters=(8,), dropout=0.0, warmup_epochs=0,
+                             rank_weight=1.0)  # fmt: skip
+    set_seed(0)
+    model = make_model(hp, seed=0)
+    assert isinstance(model.loss, RankedCrossentropy) and model.loss.rank_weight == 1.0
+    x = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 1)).astype("float32")
+    y = (np.arange(8) % 2).astype("float32")
+    x[y == 1] += 40
+    losses = model.fit(x, y, batch_size=8, epochs=30, verbose=0).history["loss"]
+    assert losses[-1] < 0.5 * losses[0]
