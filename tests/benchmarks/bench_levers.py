@@ -142,12 +142,27 @@ def train_or_load(hp: HParams, seed: int, config: Config, data: dict[str, Any], 
     return result | {"cached": False}
 
 
-def figures(labels: np.ndarray, val_labels: np.ndarray, run: dict[str, Any]) -> dict[str, float]:
-    """The test figures of one trained model (or ensemble)."""
+def figures(
+    labels: np.ndarray, val_labels: np.ndarray, run: dict[str, Any], sure: np.ndarray | None
+) -> dict[str, float]:
+    """The test figures of one trained model (or ensemble). ``sure``: per test image, whether the experts
+    gave it probability 0 or 1 (None: the data has no manifest)."""
     at_half, _ = score(labels, run["test_prob"])
     point = operating_point(val_labels, run["val_prob"], TARGET)
     at_point, _ = score(labels, run["test_prob"], point.cutoff)
-    return {
+    called, good = run["test_prob"] >= point.cutoff, labels == 0
+    where_errors = {}
+    if sure is not None:
+        # At that cut-off: the false alarms on the cells the experts were sure were good and on those they
+        # gave 1/3, and the precision and recall on the sure cells alone.
+        found = called[sure & ~good].sum()
+        where_errors = {
+            "alarms_sure": float((called & good & sure).sum()),
+            "alarms_unsure": float((called & good & ~sure).sum()),
+            "sure_precision": float(found / max(called[sure].sum(), 1)),
+            "sure_recall": float(found / max((sure & ~good).sum(), 1)),
+        }
+    return where_errors | {
         "accuracy": at_half[contract.METRIC_TEST_ACCURACY],
         "balanced": at_half[contract.METRIC_BALANCED_ACCURACY],
         "recall": at_half[contract.METRIC_RECALL],
@@ -217,7 +232,7 @@ def measure(
     first = names[0]
     rows = []
     for name, seeded in runs.items():
-        per_seed = [figures(labels, val_labels, r) for r in seeded]
+        per_seed = [figures(labels, val_labels, r, data.get("sure")) for r in seeded]
         paired = [
             mcnemar((r["test_prob"] >= 0.5) == (labels == 1), (base["test_prob"] >= 0.5) == (labels == 1))
             for r, base in zip(seeded, runs[first], strict=False)  # the seeds both have
@@ -245,11 +260,14 @@ def report(result: dict[str, Any], command: str) -> str:
         f"Test figures on the {n} test images; accuracy at cut-off 0.5 with its 95% interval; "
         f'"at recall 0.85": the cut-off chosen on validation for {TARGET}, then test recall and precision there; '
         f"McNemar: exact paired test against `{result['first']}` at the same training seed "
-        f"(right only here / right only there, p).",
+        f"(right only here / right only there, p). False alarms there: on the good cells the experts were sure "
+        f"of (probability 0) / on those they gave 1/3; then precision and recall there on the cells the experts "
+        f"were sure of alone.",
         "",
         "| variant | seed | training time | best epoch | test accuracy [95%] | balanced | recall | ROC-AUC "
-        "| cut-off | recall, precision at recall 0.85 | McNemar vs first |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| cut-off | recall, precision at recall 0.85 | false alarms there: sure / 1/3 | sure cells: precision, recall "
+        "| McNemar vs first |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["rows"]:
         label = row["name"] + (f" ({row['members']})" if row["members"] else "")
@@ -265,7 +283,7 @@ def report(result: dict[str, Any], command: str) -> str:
                 f"| {label} | +{k}{shipped} | {row['seconds'][k]:.0f} s | {epoch} "
                 f"| **{f['accuracy']:.4f}** [{low:.3f}, {high:.3f}] "
                 f"| {f['balanced']:.4f} | {f['recall']:.4f} | {f['roc_auc']:.4f} | {f['cutoff']:.3f} "
-                f"| {f['recall_at']:.3f}, {f['precision_at']:.3f} | {versus} |"
+                f"| {f['recall_at']:.3f}, {f['precision_at']:.3f} | {errors(f)} | {versus} |"
             )
         if len(row["per_seed"]) > 1:
             mean = {key: float(np.mean([f[key] for f in row["per_seed"]])) for key in row["per_seed"][0]}
@@ -273,10 +291,17 @@ def report(result: dict[str, Any], command: str) -> str:
             lines.append(
                 f"| {label}, **mean of {len(row['per_seed'])}** | | {np.mean(row['seconds']):.0f} s | "
                 f"| **{mean['accuracy']:.4f}** (range {spread:.4f}) | {mean['balanced']:.4f} | {mean['recall']:.4f} "
-                f"| {mean['roc_auc']:.4f} | | {mean['recall_at']:.3f}, {mean['precision_at']:.3f} | |"
+                f"| {mean['roc_auc']:.4f} | | {mean['recall_at']:.3f}, {mean['precision_at']:.3f} | {errors(mean)} | |"
             )
     lines.append(END)
     return "\n".join(lines)
+
+
+def errors(f: dict[str, float]) -> str:
+    """The two columns on where the errors are, or dashes without the experts' probabilities."""
+    if "alarms_sure" not in f:
+        return "- | -"
+    return f"{f['alarms_sure']:.0f} / {f['alarms_unsure']:.0f} | {f['sure_precision']:.3f}, {f['sure_recall']:.3f}"
 
 
 def main() -> None:
