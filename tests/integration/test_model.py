@@ -160,6 +160,7 @@ def test_the_learning_rate_warms_up_then_decays_towards_zero():
     assert 0 < rates[-1] < 0.001
 
 
+@pytest.mark.slow  # 7 s on 2 cores: make test only
 def test_test_time_augmentation_is_the_mean_over_the_views_and_loads_in_safe_mode(tmp_path):
     import keras
 
@@ -272,6 +273,7 @@ def test_an_average_of_the_weights_is_what_validation_scores_and_fit_returns():
     assert val_loss == pytest.approx(averaged[best_epoch - 1]["val_loss"], rel=1e-4)
 
 
+@pytest.mark.slow  # three epochs, two traces of the step: make test only
 def test_progressive_resolution_trains_the_first_epochs_smaller_and_validates_at_full_size(monkeypatch):
     """``start_size``: the training step is traced at the small size for the first ``start_epochs`` epochs and
     again at ``image_size`` after; the test step, and the network returned, are at ``image_size`` throughout."""
@@ -309,6 +311,7 @@ def test_progressive_resolution_trains_the_first_epochs_smaller_and_validates_at
     assert network.predict(xv, verbose=0).shape == (8, 1)
 
 
+@pytest.mark.slow  # 30 epochs; the term's formula is unit-tested (tests/unit/test_losses.py)
 def test_a_set_with_a_ranking_term_compiles_with_it_and_learns_one_batch():
     from steps.network.model import RankedCrossentropy
 

@@ -65,6 +65,7 @@ def test_the_registered_version_carries_its_reference_profile(world):
     assert set(profile.reference["width"]) == {48.0} and set(profile.reference["channels"]) == {1.0}
 
 
+@pytest.mark.slow  # 8 s on 2 cores: make test only
 def test_a_darkened_batch_raises_an_alert_with_its_figures_and_drift_fail_exits_6_after_writing(world, tmp_path):
     images = shifted(world, tmp_path / "dark", 0.3)
     run = infer_run(world, tmp_path, **{"infer.input": str(images)})
@@ -100,6 +101,7 @@ def test_an_export_is_checked_on_its_statistics_and_scores_and_says_it_left_the_
     assert {t["feature"] for t in report["tests"]} == {*STATISTICS, SCORE}
 
 
+@pytest.mark.slow  # 6 s on 2 cores: make test only
 def test_a_model_logged_without_a_profile_gets_the_verdict_unavailable(world, tmp_path, monkeypatch):
     from steps.network import training
     from steps.served import packaging
@@ -122,6 +124,7 @@ def test_drift_off_skips_the_check_and_a_wrong_mode_is_refused(world, tmp_path):
         world_config(world, tmp_path, **{"infer.drift": "loud"})
 
 
+@pytest.mark.slow  # 6 s on 2 cores: make test only
 def test_monitor_checks_a_folder_without_writing_predictions(world, tmp_path, monkeypatch):
     from steps import monitor
 

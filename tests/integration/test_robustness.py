@@ -119,7 +119,7 @@ def test_each_bad_file_meets_each_entry_point(kind, entry, store_copy, data, tmp
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("entry", ["train", "evaluate"])
+@pytest.mark.parametrize("entry", [pytest.param("train", marks=pytest.mark.slow), "evaluate"])  # train: 11 s
 def test_skip_bad_images_leaves_them_out_counted_and_listed(entry, store_copy, data, tmp_path):
     client, parent = store_copy
     split = "train" if entry == "train" else "test"
@@ -421,6 +421,7 @@ def test_infer_writes_only_its_output_and_follows_no_link_out_of_the_input(store
 
 
 @pytest.mark.model
+@pytest.mark.slow  # trains and logs: 9 s on 2 cores
 def test_no_secret_reaches_a_param_tag_metric_or_artifact(store_copy, data, tmp_path, monkeypatch):
     """Credentials in the environment and in .env (which configure() reads) are never logged."""
     client, _ = store_copy

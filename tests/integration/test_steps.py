@@ -267,6 +267,7 @@ def test_infer_writes_one_row_per_image_and_survives_a_bad_file(trained_store, t
     assert "predictions.csv" in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
 
 
+@pytest.mark.slow  # a whole main in-process: 7 s on 2 cores
 def test_main_with_no_model_over_the_bar_registers_in_testing_and_skips_infer(store, tiny_data, monkeypatch):
     """main's own logic, in-process: each stage runs from the command line main builds for it, in a
     thread of its own (MLflow's active run is per thread, as it is per process under mlflow run)."""
