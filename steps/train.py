@@ -47,7 +47,7 @@ from steps.mlflow_io.runs import name_run, stage_run
 from steps.monitoring.profile import image_statistics, stack
 from steps.network import accelerator, distributed
 from steps.network.model import resolve_precision
-from steps.network.training import check_split, fit_one, pick_best, split_samples, split_train_val
+from steps.network.training import check_split, fit_one, pick_best, split_samples, split_train_val, training_targets
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class Prepared(NamedTuple):
 
     def xy(self, hp: HParams) -> tuple[tuple[Rows, np.ndarray], tuple[Rows, np.ndarray]]:
         """One set's training and validation images (rows of the decoded file) and targets."""
-        targets = self.soft if hp.soft_labels and self.soft is not None else self.labels
+        targets = training_targets(hp, self.labels, self.soft)
         images = self.at_size[hp.image_size]
         return (images.take(self.fit_rows), targets[self.fit_rows]), (
             images.take(self.val_rows),

@@ -84,6 +84,9 @@ class HParams:
     # (ELPV: 0, 1/3, 2/3, 1) instead of the 0/1 folder label; the folder labels where it has none.
     # Validation, the cut-off and every score still use the folder labels.
     soft_labels: bool = False
+    # With soft_labels: how much of the target is the experts' probability, the rest the folder label (1: the
+    # probability alone; 0.3 puts the cells they gave 1/3 at 0.1 and those they gave 2/3 at 0.9).
+    soft_weight: float = 1.0
     # The momentum of an average of the weights kept at every step (0: none). Validation scores the
     # average, so the best epoch and the logged model are the average's; 0.99 averages about the
     # last 100 steps.
@@ -123,6 +126,7 @@ class HParams:
         _check(self.tta in AUGMENTATIONS, "tta", f"one of {', '.join(AUGMENTATIONS)}", self.tta)
         _check(self.patience >= 0, "patience", "an integer >= 0", self.patience)
         _check(0.0 <= self.ema < 1.0, "ema", "a number in [0, 1)", self.ema)
+        _check(0.0 <= self.soft_weight <= 1.0, "soft_weight", "a number in [0, 1]", self.soft_weight)
         _check(0.0 <= self.rank_weight <= 100.0, "rank_weight", "a number in [0, 100]", self.rank_weight)
         _check(
             self.start_size == 0 or 16 <= self.start_size < self.image_size,

@@ -55,6 +55,14 @@ def split_samples(samples: Sequence[Sample], config: Config) -> tuple[list[Sampl
     return [samples[i] for i in fit_rows], [samples[i] for i in val_rows]
 
 
+def training_targets(hp: HParams, labels: np.ndarray, soft: np.ndarray | None) -> np.ndarray:
+    """What a set trains on: the folder labels, or with ``hp.soft_labels`` and the experts' probabilities
+    (``soft``; None when the data has none) their mix, ``soft_weight`` of the probability."""
+    if not hp.soft_labels or soft is None:
+        return labels
+    return (hp.soft_weight * soft + (1.0 - hp.soft_weight) * labels).astype("float32")
+
+
 def check_split(fit: Sequence[Sample], val: Sequence[Sample], config: Config, data_dir: Path) -> None:
     """Every class in both the training and the validation part, or a ``DataError`` naming the counts."""
     hint = (

@@ -53,7 +53,7 @@ from steps.datasets.data import expert_probabilities  # noqa: E402
 from steps.network.model import resolve_precision, with_tta  # noqa: E402
 from steps.network.scoring import keras_loss_and_accuracy, operating_point, score  # noqa: E402
 from steps.network.statistics import accuracy_interval, mcnemar  # noqa: E402
-from steps.network.training import fit, pick_best, split_train_val  # noqa: E402
+from steps.network.training import fit, pick_best, split_train_val, training_targets  # noqa: E402
 
 BEGIN, END = "<!-- levers:begin -->", "<!-- levers:end -->"
 CACHE = PROJECT_DIR / "bench-out" / "levers"
@@ -120,7 +120,7 @@ def train_or_load(hp: HParams, seed: int, config: Config, data: dict[str, Any], 
         return {k: kept[k] for k in kept.files} | {"cached": True}
     train_x, test_x = data["images"](hp.image_size)
     fit_rows, val_rows = data["fit_rows"], data["val_rows"]
-    targets = data["soft"] if hp.soft_labels and data["soft"] is not None else data["labels"]
+    targets = training_targets(hp, data["labels"], data["soft"])
     val_xy = (train_x[val_rows], data["labels"][val_rows])
     started = time.perf_counter()
     model, best_epoch, epochs_run = fit(

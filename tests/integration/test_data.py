@@ -187,10 +187,17 @@ def test_a_set_with_soft_labels_trains_on_the_experts_probabilities(tiny_data, t
         return f"{len(seen):032x}", 0.5, 0.5
 
     monkeypatch.setattr(train, "fit_one", fake_fit_one)
-    config = load_config({"data.dir": str(data), "train.hparams": "small,medium", "experiment": "soft"})
-    sets = dict(config.hparam_sets, small=dataclasses.replace(config.hparam_sets["small"], soft_labels=True))
+    config = load_config({"data.dir": str(data), "train.hparams": "small,medium,wide", "experiment": "soft"})
+    sets = dict(
+        config.hparam_sets,
+        small=dataclasses.replace(config.hparam_sets["small"], soft_labels=True),
+        wide=dataclasses.replace(config.hparam_sets["wide"], soft_labels=True, soft_weight=0.3),
+    )
     train.train(dataclasses.replace(config, hparam_sets=sets))
-    (soft, soft_val), (hard, hard_val) = seen["small"], seen["medium"]
+    (soft, soft_val), (hard, hard_val), (mixed, _) = seen["small"], seen["medium"], seen["wide"]
+    # soft_weight 0.3: 0.3 of the experts' 2/3 and 0.7 of the folder's 1.
+    np.testing.assert_allclose(mixed, 0.3 * soft + 0.7 * hard, rtol=1e-6)
+    assert np.isclose(mixed[np.isclose(soft, 2 / 3)], 0.9).all()
     assert set(np.unique(hard)) == {0.0, 1.0} and set(np.unique(hard_val)) <= {0.0, 1.0}
     assert np.isclose(soft, 2 / 3).sum() >= 1  # those in the fitting part keep the experts' doubt
     assert ((soft >= 0.5) == (hard == 1)).all() and (soft_val == hard_val).all()  # validation: folder labels

@@ -121,6 +121,7 @@ def test_unknown_key_in_a_conf_file_is_rejected(conf_copy):
         ("image_size", 8, "hparams.yaml: small.image_size: expected an integer in [16, 1024], got 8"),
         ("freeze_blocks", 17, "hparams.yaml: small.freeze_blocks: expected an integer in [-1, 16], got 17"),
         ("ema", 1.0, "hparams.yaml: small.ema: expected a number in [0, 1), got 1.0"),
+        ("soft_weight", 1.5, "hparams.yaml: small.soft_weight: expected a number in [0, 1], got 1.5"),
         ("rank_weight", -1.0, "hparams.yaml: small.rank_weight: expected a number in [0, 100], got -1.0"),
         ("start_size", 128, "hparams.yaml: small.start_size: expected 0 (off) or an integer in [16, image_size 128)"),
         ("start_epochs", 2, "hparams.yaml: small.start_epochs: expected 0 without start_size, got 2"),
